@@ -1,0 +1,110 @@
+"""binarize(model, recipe): a full-precision spiking transformer in, a binary BESTformer out."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+from .passes.base import PassContext, Pipeline
+from .recipe import Recipe, load_recipe
+from .trace import TraceReport, trace_model
+
+
+def model_time_steps(model: nn.Module) -> int | None:
+    for attr in ("T", "time_steps", "timesteps", "num_steps"):
+        value = getattr(model, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def model_input_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """Per-sample input shape (no batch axis) the model declares, or that its zoo entry gives."""
+    shape = getattr(model, "bc_input_shape", None) or getattr(model, "input_shape", None)
+    if shape is None:
+        spec = getattr(model, "bc_spec", None)
+        if spec and spec.get("arch"):
+            from .zoo import get_entry
+            entry = get_entry(spec["arch"])
+            cfg = {**entry.default_cfg, **spec.get("kwargs", {})}
+            shape = entry.input_shape(cfg)
+    return tuple(int(s) for s in shape) if shape is not None else None
+
+
+def example_input_for(model: nn.Module, input_shape=None, batch: int = 2, seed: int = 0) -> torch.Tensor | None:
+    """A seeded random batch for shape propagation and checks (None when the shape is unknown)."""
+    shape = tuple(input_shape) if input_shape else model_input_shape(model)
+    if shape is None:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    return torch.rand((batch,) + shape, generator=g).to(device)
+
+
+@dataclass
+class BinarizeResult:
+    model: nn.Module
+    recipe: Recipe
+    notes: list[str] = field(default_factory=list)
+    trace: TraceReport = field(default_factory=TraceReport)
+
+
+def build_pipeline(recipe: Recipe, ctx: PassContext) -> list:
+    """The recipe's passes, in order (module-tree passes run before tracing, graph passes after)."""
+    from .passes import BinarizeAttention, BinarizeWeights, CanonicalizeNeurons, InsertReversibleCouplings
+    pre = [CanonicalizeNeurons(ctx)] if recipe.neurons.canonicalize else []
+    graph = []
+    a = recipe.attention
+    if a.binarize:
+        graph.append(BinarizeAttention(ctx, map=a.map, v_threshold=a.v_threshold, tau=a.tau,
+                                       learnable_scale=a.learnable_scale, softmax=a.softmax))
+    if recipe.reversible.enabled and InsertReversibleCouplings is not None:
+        graph.append(InsertReversibleCouplings(ctx, eval_heads=recipe.reversible.eval_heads))
+    if recipe.weights.binarize:
+        graph.append(BinarizeWeights(ctx, keep_full_precision=recipe.weights.keep_full_precision,
+                                     scaled=recipe.weights.quantizer == "sign_scaled"))
+    return pre, graph
+
+
+def binarize(model: nn.Module, recipe: str | Recipe | None = "bestformer", example_input: torch.Tensor | None = None,
+             input_shape=None, overrides: dict | None = None) -> BinarizeResult:
+    """Turn a full-precision spiking transformer into a binary BESTformer.
+
+    Args:
+        model: the full-precision model (left unchanged: a copy is transformed).
+        recipe: a recipe name, YAML path or Recipe.
+        example_input: a batch the model accepts; made from `input_shape` or the model's zoo entry if None.
+        input_shape: per-sample input shape used when `example_input` is None.
+        overrides: dotted recipe overrides, e.g. {'attention.map': 'qk'}.
+    Returns:
+        BinarizeResult with the binary model (a torch.fx GraphModule, or an eager root holding traced
+        children), the resolved recipe and notes on what each pass did.
+    """
+    recipe = load_recipe(recipe, overrides)
+    if not any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) for m in model.modules()):
+        raise ModelError("the model has no Conv1d, Conv2d or Linear layer to binarize.")
+    work = copy.deepcopy(model)
+    was_training = work.training
+    work.eval()
+    if example_input is None:
+        example_input = example_input_for(work, input_shape)
+    ctx = PassContext(recipe=recipe, example_input=example_input, time_steps=model_time_steps(model))
+    pre, graph_passes = build_pipeline(recipe, ctx)
+    work = Pipeline(pre).apply(work) if pre else work
+    traced, report = trace_model(work)
+    ctx.notes.extend(f"trace: {line}" for line in report.lines())
+    for attr in ("bc_spec", "bc_input_shape", "T"):
+        if hasattr(work, attr) and not hasattr(traced, attr):
+            setattr(traced, attr, getattr(work, attr))
+    if getattr(traced, "bc_input_shape", None) is None and example_input is not None:
+        traced.bc_input_shape = tuple(example_input.shape[1:])
+    result = Pipeline(graph_passes).apply(traced)
+    result.train(was_training)
+    result.bc_recipe = recipe.to_dict()
+    return BinarizeResult(result, recipe, list(ctx.notes), report)

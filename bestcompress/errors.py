@@ -1,0 +1,25 @@
+"""Errors a user can cause. The CLI prints their message (one sentence) and exits with code 2."""
+
+
+class BestcompressError(Exception):
+    """Base class: the message says what was wrong, where, and what to do."""
+
+
+class CheckpointError(BestcompressError):
+    """A checkpoint file is missing, unreadable, unsafe or does not fit the architecture."""
+
+
+class RecipeError(BestcompressError):
+    """A recipe file or override has an unknown key, a wrong type or a bad value."""
+
+
+class ModelError(BestcompressError):
+    """The model cannot be built, traced or transformed as asked."""
+
+
+class DataError(BestcompressError):
+    """A dataset is missing, empty or does not fit the model."""
+
+
+class ExportError(BestcompressError):
+    """An export failed, or the exported graph does not compute what PyTorch computes."""

@@ -1,0 +1,113 @@
+"""1-bit weight layers: IR-Net standardize-then-sign as a Brevitas weight quantizer.
+
+W_hat = (W - mean_c(W)) / std_c(W) per output channel c, W_b = sign(W_hat) in {-1, +1} (0 maps to +1),
+identity straight-through gradient. Optionally scaled per output channel by alpha_c = mean|W_hat_c|.
+The layers subclass Brevitas' QuantConv1d/QuantConv2d/QuantLinear and keep the parameter names
+`weight`/`bias`, so full-precision state_dicts load into them unchanged.
+"""
+from __future__ import annotations
+
+import torch
+from brevitas.core.quant import BinaryQuant
+from brevitas.core.scaling import ScalingImplType, ScalingPerOutputType
+from brevitas.core.stats import StatsOp
+from brevitas.nn import QuantConv1d, QuantConv2d, QuantLinear
+from brevitas.quant import SignedBinaryWeightPerTensorConst
+from torch import nn
+
+EPS = 1e-8
+
+
+class SignWeightQuant(SignedBinaryWeightPerTensorConst):
+    """sign(W) in {-1, +1}, no scale (the BatchNorm that follows absorbs it); identity STE."""
+
+    scaling_const = 1.0
+    tensor_quant = BinaryQuant
+
+
+class ChannelScaledSignWeightQuant(SignedBinaryWeightPerTensorConst):
+    """alpha_c * sign(W) with alpha_c = mean|W_c| per output channel; identity STE."""
+
+    scaling_impl_type = ScalingImplType.STATS
+    scaling_stats_op = StatsOp.AVE
+    scaling_per_output_type = ScalingPerOutputType.CHANNEL
+    tensor_quant = BinaryQuant
+
+
+WEIGHT_QUANTIZERS = {"sign": SignWeightQuant, "sign_scaled": ChannelScaledSignWeightQuant}
+
+
+def standardize_per_channel(w: torch.Tensor) -> torch.Tensor:
+    """(W - mean_c) / std_c over every axis but the first (the output channels)."""
+    flat = w.flatten(1)
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    mean = flat.mean(1).view(shape)
+    std = flat.std(1, unbiased=flat.shape[1] > 1).view(shape)
+    return (w - mean) / (std + EPS)
+
+
+class _BinaryWeightMixin:
+    """Standardizes `self.weight` per output channel before Brevitas quantizes it to one bit."""
+
+    binary_scaled: bool = False
+
+    def quant_weight(self, quant_input=None, subtensor_slice_list=None):
+        return self.weight_quant(standardize_per_channel(self.weight))
+
+    def binary_weight(self) -> torch.Tensor:
+        """The weight this layer computes with: exactly two values per output channel."""
+        with torch.no_grad():
+            return self.quant_weight().value.detach()
+
+    @classmethod
+    def from_float(cls, module: nn.Module, scaled: bool = False):
+        """A binary copy of a float Conv/Linear with the same weight, bias and hyper-parameters."""
+        kwargs = cls._float_kwargs(module)
+        quant = ChannelScaledSignWeightQuant if scaled else SignWeightQuant
+        new = cls(**kwargs, bias=module.bias is not None, weight_quant=quant, return_quant_tensor=False,
+                  device=module.weight.device, dtype=module.weight.dtype)
+        new.binary_scaled = scaled
+        with torch.no_grad():
+            new.weight.copy_(module.weight)
+            if module.bias is not None:
+                new.bias.copy_(module.bias)
+        new.train(module.training)
+        return new
+
+
+def _conv_kwargs(m: nn.Module) -> dict:
+    return dict(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=m.kernel_size,
+                stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
+                padding_mode=m.padding_mode)
+
+
+class BinaryConv1d(_BinaryWeightMixin, QuantConv1d):
+    """Conv1d with 1-bit weights (IR-Net sign of the standardized weight)."""
+
+    _float_kwargs = staticmethod(_conv_kwargs)
+
+
+class BinaryConv2d(_BinaryWeightMixin, QuantConv2d):
+    """Conv2d with 1-bit weights (IR-Net sign of the standardized weight)."""
+
+    _float_kwargs = staticmethod(_conv_kwargs)
+
+
+class BinaryLinear(_BinaryWeightMixin, QuantLinear):
+    """Linear with 1-bit weights (IR-Net sign of the standardized weight)."""
+
+    _float_kwargs = staticmethod(lambda m: dict(in_features=m.in_features, out_features=m.out_features))
+
+
+# Swap rules are data: a new layer type is one row.
+BINARY_SWAP_RULES: dict[type, type] = {
+    nn.Conv1d: BinaryConv1d,
+    nn.Conv2d: BinaryConv2d,
+    nn.Linear: BinaryLinear,
+}
+
+BINARY_LAYERS = tuple(BINARY_SWAP_RULES.values())
+
+
+def is_binary_layer(module: nn.Module) -> bool:
+    return isinstance(module, BINARY_LAYERS)

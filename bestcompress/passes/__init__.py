@@ -1,0 +1,13 @@
+"""Graph passes: each a small class with `apply(model) -> model`, looked up by name in the registry."""
+from .base import Pass, PassContext, PassError, Pipeline, get_pass, list_passes, register_pass
+from .binarize_attention import BinarizeAttention
+from .binarize_weights import BinarizeWeights
+from .canonicalize_neurons import CanonicalizeNeurons
+
+try:  # written by the CIE work; absent until then
+    from .reversible import InsertReversibleCouplings
+except ImportError:  # pragma: no cover
+    InsertReversibleCouplings = None
+
+__all__ = ["Pass", "PassContext", "PassError", "Pipeline", "get_pass", "list_passes", "register_pass",
+           "BinarizeAttention", "BinarizeWeights", "CanonicalizeNeurons", "InsertReversibleCouplings"]
