@@ -68,6 +68,11 @@ def split_tb3(y: torch.Tensor, T, B) -> torch.Tensor:
     return y.reshape(T, B, X, Y)
 
 
+def split_heads(s: torch.Tensor, T, B, num_heads: int, head_dim: int) -> torch.Tensor:
+    """Channel-major [T, B, C, N] -> per-head token-major [T, B, heads, N, head_dim]."""
+    return s.transpose(-1, -2).reshape(T, B, -1, num_heads, head_dim).permute(0, 1, 3, 2, 4)
+
+
 def init_linear_trunc_normal(m: nn.Module) -> None:
     """The public Spikformer init: Linear weights ~ trunc_normal(std 0.02), Linear biases zero."""
     if isinstance(m, nn.Linear):
@@ -122,6 +127,15 @@ def check_image_size(arch: str, img_size, downsample: int) -> int:
     return img_size
 
 
+def check_patch_size(arch: str, patch_size, downsample: int) -> int:
+    """patch_size is informational in the public code (the max-pools fix the downsampling); accept only the
+    value that matches, so a config never silently means something else."""
+    if patch_size != downsample:
+        raise ModelError(f"Model '{arch}' has a fixed patch size of {downsample} (set by its max-pools), "
+                         f"got {patch_size!r}.")
+    return patch_size
+
+
 def image_input_shape(cfg: Mapping) -> tuple[int, ...]:
     """Per-sample input shape: (C, H, W), or (T, C, H, W) for event frames."""
     shape = (cfg["in_channels"], cfg["img_size"], cfg["img_size"])
@@ -151,6 +165,25 @@ def count_blocks(state_dict: Mapping, prefix: str = "block.") -> int:
             if head.isdigit():
                 indices.add(int(head))
     return max(indices) + 1 if indices else 0
+
+
+def infer_sizes(state_dict: Mapping, *, first_conv: str, width: str, mlp_in: str, markers: tuple[str, ...] = (),
+                default_heads: int = 8) -> dict | None:
+    """Options readable from a Spikformer-style state_dict, or None when a needed key is missing.
+
+    Args:
+        first_conv: key of the first conv weight (dim 1 = in_channels).
+        width: key of a weight whose dim 0 is embed_dims.
+        mlp_in: key of the first MLP weight (dim 0 = hidden width).
+        markers: further keys that must exist (they tell the families apart).
+        default_heads: heads to assume (heads leave no trace in shapes), see guess_heads.
+    """
+    first, dim, hidden, head = (shape_of(state_dict, k) for k in (first_conv, width, mlp_in, "head.weight"))
+    if None in (first, dim, hidden, head) or any(shape_of(state_dict, k) is None for k in markers):
+        return None
+    d = dim[0]
+    return {"embed_dims": d, "depths": count_blocks(state_dict), "num_heads": guess_heads(d, default_heads),
+            "mlp_ratios": mlp_ratio_from(hidden[0], d), "num_classes": head[0], "in_channels": first[1]}
 
 
 def guess_heads(embed_dims: int, default: int = 8) -> int:

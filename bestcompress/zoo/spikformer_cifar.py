@@ -14,10 +14,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from bestcompress.errors import ModelError
 from bestcompress.zoo._common import (
-    UnusedParameters, check_image_size, check_input_mode, check_transformer_dims, count_blocks, guess_heads,
-    image_input_shape, init_linear_trunc_normal, lif, mlp_ratio_from, shape_of, split_tb4, time_first_image,
+    UnusedParameters, check_image_size, check_input_mode, check_patch_size, check_transformer_dims, image_input_shape,
+    infer_sizes, init_linear_trunc_normal, lif, split_tb4, time_first_image,
 )
 from bestcompress.zoo.registry import register_model
 
@@ -131,16 +130,8 @@ class Block(nn.Module):
 
 
 def detect(state_dict: Mapping) -> dict | None:
-    proj = shape_of(state_dict, "patch_embed.proj_conv.weight")
-    rpe = shape_of(state_dict, "patch_embed.rpe_conv.weight")
-    head = shape_of(state_dict, "head.weight")
-    fc1 = shape_of(state_dict, "block.0.mlp.fc1_linear.weight")
-    if (proj is None or len(proj) != 4 or rpe is None or head is None or fc1 is None
-            or shape_of(state_dict, "block.0.attn.q_linear.weight") is None):
-        return None
-    dim = rpe[0]
-    return {"embed_dims": dim, "depths": count_blocks(state_dict), "num_heads": guess_heads(dim),
-            "mlp_ratios": mlp_ratio_from(fc1[0], dim), "num_classes": head[0], "in_channels": proj[1]}
+    return infer_sizes(state_dict, first_conv="patch_embed.proj_conv.weight", width="patch_embed.rpe_conv.weight",
+                       mlp_in="block.0.mlp.fc1_linear.weight", markers=("block.0.attn.q_linear.weight",))
 
 
 @register_model(
@@ -167,8 +158,7 @@ class SpikformerCifar(nn.Module):
         super().__init__()
         hidden = check_transformer_dims(ARCH, embed_dims, num_heads, mlp_ratios, depths, T, num_classes,
                                         in_channels)
-        if patch_size != 4:
-            raise ModelError(f"Model '{ARCH}' has a fixed patch size of 4 (two max-pools), got {patch_size}.")
+        check_patch_size(ARCH, patch_size, 4)
         check_image_size(ARCH, img_size, 4)
         self.T = T
         self.input_mode = check_input_mode(ARCH, input_mode)
