@@ -35,8 +35,30 @@ def weight_layers_in_call_order(model: nn.Module, example_input: torch.Tensor | 
     return order + [n for n in names.values() if n not in order]
 
 
+def _output_layers(gm: fx.GraphModule, kinds: tuple) -> list[str]:
+    """Weight layers nearest the graph output: walk back from the output through non-weight ops."""
+    found, seen = [], set()
+    stack = [n for n in gm.graph.nodes if n.op == "output"]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), kinds):
+            found.append(node.target)
+            continue
+        stack.extend(node.all_input_nodes)
+    return found
+
+
 def head_layers(model: nn.Module, order: list[str]) -> list[str]:
-    """Classifier heads: Linear layers named like a head, else the last weight layer called."""
+    """Classifier heads: the weight layers that feed the output with no other weight layer in between
+    (both heads of a dual-head model); else Linear layers named like a head; else the last layer called."""
+    kinds = tuple(BINARY_SWAP_RULES) + tuple(BINARY_SWAP_RULES.values())
+    if isinstance(model, fx.GraphModule):
+        found = _output_layers(model, kinds)
+        if found:
+            return sorted(found, key=lambda n: order.index(n) if n in order else len(order))
     named = [n for n in order if isinstance(model.get_submodule(n), (nn.Linear,) + tuple(BINARY_SWAP_RULES.values()))
              and n.rpartition(".")[2].startswith("head")]
     if named:

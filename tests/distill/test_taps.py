@@ -1,0 +1,79 @@
+"""feature_taps: matching block outputs of student and teacher, and no hook left behind."""
+import pytest
+import torch
+
+from bestcompress.binarize import binarize, example_input_for
+from bestcompress.distill import feature_alignment_loss, feature_taps
+from bestcompress.errors import ModelError
+from bestcompress.zoo import tiny_model
+from bestcompress.zoo._common import time_first_sequence
+
+
+def _hooks(*models):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for model in models for m in model.modules())
+
+
+def _block_outputs(model, x):
+    z = model.patch_embed(time_first_sequence(x, model.T, "static"))
+    outs = []
+    for blk in model.block:
+        z = blk(z)
+        outs.append(z)
+    return outs
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    return tiny_model("spikformer_seq", depths=2).eval()
+
+
+def test_coupled_student_and_eager_teacher(teacher):
+    student = binarize(teacher, "bestformer").model.train()
+    x = example_input_for(teacher, batch=2)
+    with torch.no_grad():
+        reference = _block_outputs(teacher, x)
+    before = _hooks(student, teacher)
+    with feature_taps(student, teacher) as taps:
+        assert _hooks(student, teacher) == before + 6  # two blocks each, and one list reset per model
+        with torch.no_grad():
+            teacher(x)
+            student(x)
+            assert len(taps.student) == 2 and len(taps.teacher) == 2
+            for got, want in zip(taps.teacher, reference):
+                torch.testing.assert_close(got, want, atol=0, rtol=0)
+            assert [s.shape for s in taps.student] == [t.shape for t in taps.teacher]
+            student(x)  # a second forward replaces the student's list instead of growing it
+            assert len(taps.student) == 2 and len(taps.teacher) == 2
+        taps.clear()
+        assert taps.student == [] and taps.teacher == []
+    assert _hooks(student, teacher) == before
+    student(x)
+    teacher(x)
+    assert taps.student == [] and taps.teacher == []  # nothing records after the with block
+
+
+def test_uncoupled_graph_student_equal_to_teacher_has_zero_feature_loss(teacher):
+    student = binarize(teacher, "identity").model.eval()  # one traced graph, no couplings, same function
+    x = example_input_for(teacher, batch=2)
+    with feature_taps(student, teacher) as taps:
+        assert "forward" in student.__dict__  # its forward records through an fx Interpreter meanwhile
+        with torch.no_grad():
+            torch.testing.assert_close(student(x), teacher(x))
+        assert len(taps.student) == len(taps.teacher) == 2
+        assert feature_alignment_loss(taps.student, taps.teacher).item() < 1e-6
+    assert "forward" not in student.__dict__
+
+
+def test_hooks_removed_on_error_and_count_mismatch(teacher):
+    student = binarize(teacher, "bestformer").model
+    before = _hooks(student, teacher)
+    with pytest.raises(RuntimeError):
+        with feature_taps(student, teacher):
+            raise RuntimeError("interrupted")
+    assert _hooks(student, teacher) == before
+    shallow = tiny_model("spikformer_seq", depths=1)
+    with pytest.raises(ModelError, match="student has 2 transformer blocks but the teacher has 1"):
+        with feature_taps(student, shallow):
+            pass
+    assert _hooks(student, teacher, shallow) == before

@@ -1,0 +1,251 @@
+"""InsertReversibleCouplings: the documented two-stream equations, the inverse, idempotence and clear errors."""
+import pytest
+import torch
+from torch import fx, nn
+
+from bestcompress.binarize import binarize, example_input_for
+from bestcompress.errors import ModelError
+from bestcompress.nn.lif import LIF
+from bestcompress.nn.reversible import DualHeadOutput, ReversibleCoupling, reconstruct_previous
+from bestcompress.passes.base import PassContext, Pipeline
+from bestcompress.passes.reversible import (
+    InsertReversibleCouplings, coupling_nodes, find_trunk, reconstruct_streams, subblock_functions,
+)
+from bestcompress.trace import trace_model
+from bestcompress.zoo import list_models, tiny_model
+from bestcompress.zoo._common import time_first_image
+
+# the ops between the residual stream and the head, per family (written out by hand for the reference)
+POOL = {
+    "spikformer_cifar": lambda z: z.mean(2).mean(0),
+    "spikingformer": lambda z: z.flatten(3).mean(3).mean(0),
+}
+
+
+def _coupled(name, dtype=torch.float64, **kw):
+    torch.manual_seed(0)
+    model = tiny_model(name, **kw).to(dtype)
+    gm, _ = trace_model(model)  # gm shares its leaf modules with `model`
+    ctx = PassContext()
+    gm = Pipeline([InsertReversibleCouplings(ctx)]).apply(gm)
+    x = example_input_for(model, batch=3).to(dtype)
+    return model, gm, x, ctx
+
+
+def _reference(model, gm, x, name):
+    """z_1 = A_1(z_0) + z_0; z_k = F_k(z_{k-1}) + ½(z_{k-2} + z_{k-1}); head(z_{K-1}), head2(z_K)."""
+    z = [model.patch_embed(time_first_image(x, model.T, "static"))]
+    subs = [m for blk in model.block for m in (blk.attn, blk.mlp)]
+    for k, F in enumerate(subs, start=1):
+        f = F(z[k - 1])
+        z.append(f + z[0] if k == 1 else f + 0.5 * (z[k - 2] + z[k - 1]))
+    pool = POOL[name]
+    return model.head(pool(z[-2])), gm.head2(pool(z[-1]))
+
+
+@pytest.mark.parametrize("name", sorted(POOL))
+def test_coupled_forward_matches_two_stream_equations(name):
+    model, gm, x, ctx = _coupled(name)
+    assert any("couplings" in n for n in ctx.notes)
+    assert torch.equal(gm.head2.weight, gm.head.weight) and gm.head2 is not gm.head
+    for training in (True, False):
+        model.train(training)
+        gm.train(training)
+        with torch.no_grad():
+            head, head2 = _reference(model, gm, x, name)
+            out = gm(x)
+        if training:
+            assert isinstance(out, tuple) and len(out) == 2
+            torch.testing.assert_close(out[0], head, atol=1e-6, rtol=0)
+            torch.testing.assert_close(out[1], head2, atol=1e-6, rtol=0)
+            assert not torch.allclose(out[0], out[1])  # the heads read different streams
+        else:
+            torch.testing.assert_close(out, (head + head2) / 2, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(POOL))
+def test_inverse_reconstructs_previous_stream(name):
+    model, gm, x, _ = _coupled(name)
+    gm.eval()
+    seen = []  # (z_{k-2}, z_{k-1}, z_k) at every coupling
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append((mod.index, args[1], args[2], out)))
+             for m in gm.modules() if isinstance(m, ReversibleCoupling)]
+    with torch.no_grad():
+        gm(x)
+        fs = subblock_functions(gm)
+        assert len(fs) == 2 * len(model.block)
+        for k, z_km2, z_km1, z_k in seen:
+            rec = reconstruct_previous(z_k, z_km1, fs[k - 1](z_km1))
+            assert (rec - z_km2).abs().max().item() < 1e-4
+        # the whole trunk from its last two streams alone
+        seen.sort(key=lambda t: t[0])
+        streams = reconstruct_streams(gm, seen[-1][3], seen[-1][2])
+        expected = [seen[0][1], seen[0][2]] + [t[3] for t in seen]
+        assert len(streams) == len(expected)
+        for got, want in zip(streams, expected):
+            assert (got - want).abs().max().item() < 1e-4
+    for h in hooks:
+        h.remove()
+
+
+def test_idempotent_and_check():
+    model, gm, x, _ = _coupled("spikformer_cifar", dtype=torch.float32)
+    code, n_modules = gm.code, len(list(gm.modules()))
+    ctx = PassContext()
+    p = InsertReversibleCouplings(ctx)
+    gm2 = p.apply(gm)
+    p.check(gm2)
+    assert gm2 is gm and gm.code == code and len(list(gm.modules())) == n_modules
+    assert "already" in ctx.notes[0]
+    assert [gm.get_submodule(n.target).index for n in coupling_nodes(gm)] == [2, 3, 4]
+    assert [gm.get_submodule(n.target).kind for n in coupling_nodes(gm)] == ["mlp", "attention", "mlp"]
+
+
+def test_eval_heads_option():
+    d = DualHeadOutput("head2").eval()
+    a, b = torch.zeros(2, 3), torch.ones(2, 3)
+    assert torch.equal(d(a, b), b)
+    assert torch.equal(DualHeadOutput("head").eval()(a, b), a)
+    assert torch.equal(DualHeadOutput().eval()(a, b), torch.full((2, 3), 0.5))
+    assert DualHeadOutput().train()(a, b) == (a, b)
+    r = binarize(tiny_model("spikformer_seq"), "bestformer", overrides={"reversible.eval_heads": "head"})
+    duals = [m for m in r.model.modules() if isinstance(m, DualHeadOutput)]
+    assert len(duals) == 1 and duals[0].eval_heads == "head"
+    with pytest.raises(ModelError):
+        InsertReversibleCouplings(eval_heads="both")
+
+
+class _Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.q, self.k, self.v, self.fc = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.lif = LIF()
+
+    def forward(self, x):
+        x = x + self.lif(self.q(x) @ self.k(x).transpose(-1, -2) @ self.v(x))
+        return x + self.lif(self.fc(x))
+
+
+class _TokenResidualNet(nn.Module):
+    """A user model whose tokenizer residual feeds the first block directly (no reshape in between)."""
+
+    def __init__(self, d=8, depth=2):
+        super().__init__()
+        self.embed, self.rpe, self.lif = nn.Linear(4, d), nn.Linear(d, d), LIF()
+        self.blocks = nn.ModuleList([_Block(d) for _ in range(depth)])
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):  # [B, N, 4]
+        x = self.embed(x)
+        x = x + self.lif(self.rpe(x))
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x.mean(1))
+
+
+def test_tokenizer_residual_and_flat_blocks_are_found():
+    torch.manual_seed(0)
+    net = _TokenResidualNet()
+    gm, _ = trace_model(net)
+    trunk = find_trunk(gm)
+    assert [b.attention for b in trunk.blocks] == [True, False, True, False]
+    assert [b.where for b in trunk.blocks] == ["blocks.0", "blocks.0", "blocks.1", "blocks.1"]
+    assert len(trunk.skipped) == 1  # the tokenizer's x + rpe(x)
+    ctx = PassContext()
+    gm = InsertReversibleCouplings(ctx).apply(gm)
+    assert "is not part of the trunk" in ctx.notes[0]
+    gm.train()
+    out = gm(torch.rand(2, 5, 4))
+    assert isinstance(out, tuple) and out[0].shape == (2, 3)
+
+
+def test_merged_subblocks_sdt_inner_residual():
+    model, gm, x, _ = _coupled("sdt_v1", mlp_ratios=1)  # its MLP has an inner residual: two adds
+    gm.eval()
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append((mod.index, args[1], args[2], out)))
+             for m in gm.modules() if isinstance(m, ReversibleCoupling)]
+    with torch.no_grad():
+        gm(x)
+        fs = subblock_functions(gm)
+        for k, z_km2, z_km1, z_k in seen:
+            assert (reconstruct_previous(z_k, z_km1, fs[k - 1](z_km1)) - z_km2).abs().max().item() < 1e-4
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 3
+
+
+def test_model_without_residual_blocks_is_refused():
+    net = nn.Sequential(nn.Linear(4, 8), LIF(), nn.Linear(8, 3))
+    gm, _ = trace_model(net)
+    with pytest.raises(ModelError, match="no residual sub-blocks"):
+        InsertReversibleCouplings().apply(gm)
+    with pytest.raises(ModelError, match="reversible.enabled=false"):
+        binarize(net, "bestformer", input_shape=(2, 4))
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = _TokenResidualNet()
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: the root cannot be traced
+            return self.body(x)
+        return self.body(-x)
+
+
+def test_untraceable_root_names_the_part():
+    model, _ = trace_model(_Untraceable())
+    assert not isinstance(model, fx.GraphModule)
+    with pytest.raises(ModelError, match="_Untraceable.*'body'"):
+        InsertReversibleCouplings().apply(model)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_binarize_every_zoo_model_with_couplings(name):
+    torch.manual_seed(0)
+    model = tiny_model(name)
+    r = binarize(model, "bestformer")
+    assert any(isinstance(m, ReversibleCoupling) for m in r.model.modules())
+    x = example_input_for(model, batch=2)
+    classes = model.num_classes if hasattr(model, "num_classes") else model.head.out_features
+    r.model.eval()
+    with torch.no_grad():
+        assert r.model(x).shape == (2, classes)
+    r.model.train()
+    out = r.model(x)
+    assert isinstance(out, tuple) and len(out) == 2 and all(o.shape == (2, classes) for o in out)
+
+
+class _AttnOnly(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.q, self.k = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.q(x) @ self.k(x).transpose(-1, -2) @ x
+
+
+class _Odd(nn.Module):
+    """Two attention sub-blocks in a row, then two towers of equal length."""
+
+    def __init__(self, d=8, towers=False):
+        super().__init__()
+        self.towers = towers
+        self.a = nn.ModuleList([_Block(d), _Block(d)] if towers else [_AttnOnly(d), _AttnOnly(d)])
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        if self.towers:
+            return self.head(self.a[0](x).mean(1) * self.a[1](x).mean(1))
+        return self.head(self.a[1](self.a[0](x)).mean(1))
+
+
+def test_non_alternating_and_ambiguous_chains_are_refused():
+    gm, _ = trace_model(_Odd())
+    with pytest.raises(ModelError, match=r"sub-block 2 \('a.1'\) is attention"):
+        InsertReversibleCouplings().apply(gm)
+    gm, _ = trace_model(_Odd(towers=True))
+    with pytest.raises(ModelError, match="2 equally long chains"):
+        InsertReversibleCouplings().apply(gm)
