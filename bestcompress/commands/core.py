@@ -1,0 +1,222 @@
+"""Core commands: binarize, inspect, recipes, zoo. Each parses its options, calls one API function, prints."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import yaml
+
+from ..errors import CheckpointError, ModelError
+
+PATH = click.Path(dir_okay=False, path_type=Path)  # existence is checked by the loaders (one-sentence errors)
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+def _console():
+    from rich.console import Console
+    return Console()
+
+
+def _say(console, text: str = "") -> None:
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _table(console, headers: list[str], rows: list[list[str]], title: str | None = None) -> None:
+    """A rich table in a terminal, aligned plain text when piped."""
+    if console.is_terminal:
+        from rich.table import Table
+        table = Table(title=title)
+        for h in headers:
+            table.add_column(h)
+        for r in rows:
+            table.add_row(*r)
+        console.print(table)
+        return
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    if title:
+        _say(console, title)
+    for r in [headers, ["-" * w for w in widths]] + rows:
+        _say(console, "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
+    """'3,32,32' (or '3x32x32') -> (3, 32, 32)."""
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        shape = ()
+    if not shape or any(s <= 0 for s in shape):
+        raise ModelError(f"--input-shape expects positive integers separated by commas, such as 3,32,32; "
+                         f"got '{text}'.")
+    return shape
+
+
+def parse_model_kwargs(text: str | None) -> dict:
+    """A JSON object ('{"num_classes": 100}') or k=v pairs ('num_classes=100,T=2'; values parsed as YAML)."""
+    if not text:
+        return {}
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ModelError(f"--model-kwargs is not valid JSON ({e.msg} at character {e.pos}).") from None
+        if not isinstance(value, dict):
+            raise ModelError("--model-kwargs must be a JSON object such as {\"num_classes\": 100}.")
+        return value
+    out = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ModelError(f"--model-kwargs expects key=value pairs separated by commas or a JSON object; "
+                             f"got '{item}'.")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def _model_options(f):
+    """Options shared by the commands that build a source model."""
+    for decorator in reversed([
+        click.option("--arch", help="Zoo architecture (see `bestcompress zoo`); sizes are read from the checkpoint."),
+        click.option("--model", "model_factory", metavar="FILE.py:FN",
+                     help="Your own model: a factory 'path/to/file.py:fn' or 'package.module:fn'."),
+        click.option("--model-kwargs", metavar="JSON|k=v,...", help="Options for --arch or --model."),
+        click.option("--input-shape", metavar="C,H,W", help="Per-sample input shape, e.g. 3,32,32."),
+        click.option("--trust-checkpoint", is_flag=True,
+                     help="Allow pickled Python objects (a whole saved model). Only for files you trust."),
+    ]):
+        f = decorator(f)
+    return f
+
+
+# ------------------------------------------------------------------------------------------------ binarize
+
+@click.command()
+@click.argument("checkpoint", type=PATH)
+@_model_options
+@click.option("--recipe", default="bestformer", show_default=True, help="Recipe name or YAML path.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
+@click.option("-o", "--output", type=PATH, help="Output file [default: <checkpoint stem>_binary.pt].")
+def binarize(checkpoint, arch, model_factory, model_kwargs, input_shape, trust_checkpoint, recipe, overrides,
+             output):
+    """Make a full-precision checkpoint binary (BESTformer) and save it."""
+    from ..binarize import binarize as run_binarize, model_input_shape
+    from ..checkpoint import load_model, save_binary
+    from ..recipe import load_recipe, parse_overrides
+    from ..summary import summarize
+
+    shape = parse_input_shape(input_shape)
+    kwargs = parse_model_kwargs(model_kwargs)
+    resolved = load_recipe(recipe, parse_overrides(overrides))  # recipe errors before any heavy work
+    output = output or checkpoint.with_name(f"{checkpoint.stem}_binary.pt")
+    if not output.parent.is_dir():
+        raise CheckpointError(f"Cannot write '{output}': the folder '{output.parent}' does not exist.")
+    source = load_model(checkpoint, arch=arch, model=model_factory, model_kwargs=kwargs, trust=trust_checkpoint,
+                        allow_binary=False)
+    if shape is not None:
+        source.bc_input_shape = shape
+    elif model_input_shape(source) is None:
+        raise ModelError("The model's input shape is unknown; pass --input-shape (e.g. 3,32,32).")
+    result = run_binarize(source, recipe=resolved, input_shape=shape)
+    summary = summarize(result.model, input_shape=shape)
+    save_binary(result.model, source, output)
+    console = _console()
+    _say(console, f"Binarized {checkpoint} with recipe '{resolved.name}':")
+    for note in result.notes:
+        _say(console, f"  - {note}")
+    for line in summary.totals_lines():
+        _say(console, f"  {line}")
+    _say(console, f"Saved {output}")
+
+
+# ------------------------------------------------------------------------------------------------- inspect
+
+@click.command()
+@click.argument("file", type=PATH)
+@_model_options
+@click.option("--csv", "as_csv", is_flag=True, help="Print the per-layer table as CSV.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(file, arch, model_factory, model_kwargs, input_shape, trust_checkpoint, as_csv, as_json):
+    """Per-layer bits, memory and MACs of a binary or full-precision checkpoint."""
+    from ..checkpoint import load_any
+    from ..summary import summarize
+
+    shape = parse_input_shape(input_shape)
+    kind, net, info = load_any(file, trust=trust_checkpoint, arch=arch, model=model_factory,
+                               model_kwargs=parse_model_kwargs(model_kwargs))
+    summary = summarize(net, input_shape=shape)
+    console = _console()
+    if as_csv:
+        click.echo(summary.to_csv(), nl=False)
+        return
+    if as_json:
+        click.echo(json.dumps({"kind": kind, "spec": info.get("spec"), **summary.to_dict()}, indent=2, default=str))
+        return
+    what = "binary" if kind == "binary" else "full-precision"
+    recipe = f", recipe '{info['recipe'].name}'" if info.get("recipe") is not None else ""
+    spec = info.get("spec") or {}
+    origin = spec.get("arch") or spec.get("factory") or spec.get("pickle") or "unknown"
+    _say(console, f"{file}: {what} model ({origin}{recipe})")
+    summary.render(console)
+
+
+# ------------------------------------------------------------------------------------------------- recipes
+
+@click.group(invoke_without_command=True)
+@click.pass_context
+def recipes(ctx):
+    """List the recipes (`recipes show NAME` prints one)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(recipes_list)
+
+
+@recipes.command("list")
+def recipes_list():
+    """List the recipes with their descriptions."""
+    from ..recipe import list_recipes, load_recipe
+    rows = [[name, load_recipe(name).description] for name in list_recipes()]
+    _table(_console(), ["recipe", "description"], rows)
+
+
+@recipes.command("show")
+@click.argument("name")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
+def recipes_show(name, overrides):
+    """Print a recipe (name or YAML path), fully resolved, as YAML."""
+    from ..recipe import load_recipe, parse_overrides
+    recipe = load_recipe(name, parse_overrides(overrides))
+    click.echo(yaml.safe_dump(recipe.to_dict(), sort_keys=False, width=120), nl=False)
+
+
+# ----------------------------------------------------------------------------------------------------- zoo
+
+def _param_count(name: str, cfg: dict) -> int:
+    import torch
+    from ..zoo import create_model
+    with torch.device("meta"):  # counts shapes without allocating weights
+        model = create_model(name, **cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+@click.command()
+def zoo():
+    """The full-precision reference models: name, family, parameters, input shape."""
+    from ..zoo import get_entry, list_models
+    rows = []
+    for name in list_models():
+        entry = get_entry(name)
+        cfg = entry.resolve()
+        tiny = {**entry.default_cfg, **entry.tiny_cfg}
+        rows.append([name, entry.family, f"{_param_count(name, {}) / 1e6:.2f} M", f"{_param_count(name, tiny):,}",
+                     "x".join(map(str, entry.input_shape(cfg)))])
+    _table(_console(), ["model", "family", "params (default)", "params (tiny)", "input"], rows)
+
+
+COMMANDS = [binarize, inspect, recipes, zoo]
