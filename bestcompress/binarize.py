@@ -1,7 +1,6 @@
 """binarize(model, recipe): a full-precision spiking transformer in, a binary BESTformer out."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -9,6 +8,7 @@ from torch import nn
 
 from .errors import ModelError
 from .passes.base import PassContext, Pipeline
+from .passes.neuron_check import deepcopy_module
 from .recipe import Recipe, load_recipe
 from .trace import TraceReport, trace_model
 
@@ -89,7 +89,7 @@ def binarize(model: nn.Module, recipe: str | Recipe | None = "bestformer", examp
     recipe = load_recipe(recipe, overrides)
     if not any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) for m in model.modules()):
         raise ModelError("the model has no Conv1d, Conv2d or Linear layer to binarize.")
-    work = copy.deepcopy(model)
+    work = deepcopy_module(model)  # copy.deepcopy fails on a neuron state left by a forward with autograd
     was_training = work.training
     work.eval()
     if example_input is None:

@@ -4,6 +4,7 @@ Every fallback is written to the TraceReport: nothing is handled silently.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ def _optional_classes(spec: list[tuple[str, str]]) -> tuple[type, ...]:
 
 
 _NEURON_SPECS = [
+    ("bestcompress.nn.leaky", "Leaky"),  # the snntorch-form neuron CanonicalizeNeurons puts in
     ("spikingjelly.activation_based.base", "MemoryModule"),
     ("spikingjelly.clock_driven.base", "MemoryModule"),
     ("spikingjelly.clock_driven.neuron", "BaseNode"),
@@ -124,11 +126,28 @@ def _none_default_args(module: nn.Module) -> dict[str, object]:
             if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def _rename_placeholders(gm: fx.GraphModule, concrete: dict[str, object]) -> None:
-    # fx renames a placeholder that clashes with a concrete arg name (`hook` -> `hook_1`): restore it.
+def _rename_placeholders(gm: fx.GraphModule, model: nn.Module) -> None:
+    # fx renames the placeholder of a concrete arg (`hook` -> `hook_1`), so `gm(x, hook=None)` would fail:
+    # give every placeholder its forward-argument name back.
+    try:
+        params = set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return
+    taken = {n.name for n in gm.graph.nodes}
     for node in gm.graph.nodes:
-        if node.op == "placeholder" and node.target not in concrete and node.name != node.target:
-            node.name = node.target
+        if node.op != "placeholder" or str(node.target).startswith("*"):
+            continue
+        base, sep, suffix = str(node.target).rpartition("_")
+        if not (sep and suffix.isdigit() and base in params and node.target not in params):
+            continue
+        if base in taken and node.name != base:
+            continue
+        node.target = base
+        node.name = base
+        taken.add(base)
+        namespace = getattr(gm.graph, "_graph_namespace", None)
+        if namespace is not None and hasattr(namespace, "_used_names"):
+            namespace._used_names.add(base)  # nodes added later must not take the name
     gm.recompile()
 
 
@@ -137,14 +156,64 @@ def _short(e: Exception) -> str:
     return f"{type(e).__name__}: {msg}"[:200]
 
 
+_GRAPH_MODULE_NAMES = set(dir(fx.GraphModule))
+_traced_classes: dict[type, type] = {}
+
+
+def _plain_attrs(module: nn.Module) -> dict[str, object]:
+    """Public non-module, non-tensor instance attributes (heads, T, bc_spec, bc_recipe, ...)."""
+    return {k: v for k, v in vars(module).items()
+            if not k.startswith("_") and k != "training" and not isinstance(v, (nn.Module, torch.Tensor))}
+
+
+def _keep_attrs_deepcopy(self, memo):
+    # GraphModule's deepcopy rebuilds from the graph and drops plain attributes; copy them over.
+    res = fx.GraphModule.__deepcopy__(self, memo)
+    type(res).__name__ = type(self).__name__  # GraphModule.__init__ renamed the per-instance class
+    for k, v in _plain_attrs(self).items():
+        if k not in res.__dict__:
+            res.__dict__[k] = copy.deepcopy(v, memo)
+    return res
+
+
+def _traced_class(source: type) -> type:
+    """A GraphModule class that also carries `source`'s own methods and class attributes (not forward).
+
+    An eager parent keeps calling helpers of its traced children (e.g. `blk.init_mems()`), and user code calls
+    helpers of the root; a plain GraphModule has lost them. GraphModule's per-instance subclassing keeps
+    this class through deepcopy.
+    """
+    if source not in _traced_classes:
+        ns: dict[str, object] = {}
+        for klass in reversed(source.__mro__):
+            if klass in (object, nn.Module) or issubclass(fx.GraphModule, klass):
+                continue
+            for name, value in vars(klass).items():
+                if (name.startswith("__") and name.endswith("__")) or name == "forward" or name in _GRAPH_MODULE_NAMES:
+                    continue
+                ns[name] = value
+        ns["__deepcopy__"] = _keep_attrs_deepcopy
+        ns["bc_source_class"] = source
+        ns["__module__"] = source.__module__
+        _traced_classes[source] = type(source.__name__, (fx.GraphModule,), ns)
+    return _traced_classes[source]
+
+
+def _make_graph_module(model: nn.Module, root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    gm = _traced_class(type(model))(root, graph, model.__class__.__name__)
+    for k, v in _plain_attrs(model).items():  # attributes the copied methods and user code may read
+        if k not in gm.__dict__:
+            gm.__dict__[k] = v
+    return gm
+
+
 def _trace_once(model: nn.Module, leaves: set[str], concrete: dict[str, object]):
     tracer = SNNTracer(leaves)
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:  # record which module failed; the caller decides the fallback
         return None, tracer.failed_module, e
-    name = model.__class__.__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
+    gm = _make_graph_module(model, tracer.root, graph)
     return gm, None, None
 
 
@@ -168,7 +237,7 @@ def trace_model(model: nn.Module, report: TraceReport | None = None, prefix: str
         gm, failed, err = _trace_once(model, leaves, concrete)
         if gm is not None:
             if concrete:
-                _rename_placeholders(gm, concrete)
+                _rename_placeholders(gm, model)
                 for k, v in concrete.items():
                     report.concrete_args[f"{prefix}.{k}" if prefix else k] = v
             gm.bc_trace_leaves = sorted(leaves)
@@ -180,8 +249,14 @@ def trace_model(model: nn.Module, report: TraceReport | None = None, prefix: str
         break
     # The root's own forward cannot be traced: keep it eager and trace its children.
     report.eager.append((prefix, _short(err)))
+    leaf_check = SNNTracer()
     for name, child in list(model.named_children()):
-        if is_neuron(child) or len(list(child.parameters())) == 0 and not list(child.children()):
+        if len(list(child.parameters())) == 0 and not list(child.children()):
+            continue
+        # Leaves stay the modules they are: tracing an nn.Conv2d would turn it into a GraphModule calling
+        # F.conv2d, which weight swaps and call-order hooks no longer recognise. Containers are recursed into.
+        if leaf_check.is_leaf_module(child, name) and not isinstance(child, (nn.ModuleList, nn.ModuleDict,
+                                                                               nn.Sequential)):
             continue
         child_prefix = f"{prefix}.{name}" if prefix else name
         traced, _ = trace_model(child, report, child_prefix)

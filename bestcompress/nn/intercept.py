@@ -86,17 +86,17 @@ class _BinarizeMode(TorchFunctionMode):
 
 
 class _Suspend:
-    """Leaves the mode while the inserted modules run, so their own ops are not intercepted."""
+    """Marks where the inserted modules run. Nothing to do: torch already takes a TorchFunctionMode off the
+    stack while its own __torch_function__ runs, so their ops are not intercepted (popping it again here
+    raised 'trying to pop from empty mode stack')."""
 
     def __init__(self, mode: TorchFunctionMode) -> None:
         self.mode = mode
 
     def __enter__(self):
-        self.mode.__exit__(None, None, None)
         return self
 
     def __exit__(self, *exc):
-        self.mode.__enter__()
         return False
 
 

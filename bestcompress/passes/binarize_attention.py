@@ -112,6 +112,60 @@ def _free_name(gm: fx.GraphModule, base: str) -> str:
     return f"{base}_{i}"
 
 
+class StepAttentionScale(AttentionScale):
+    """λ for attention that runs one time step per call (the model loops over time): call t of every T
+    consecutive calls multiplies by λ[t] (shape [1, heads, 1, 1]); reset() restarts at step 0."""
+
+    def __init__(self, time_steps: int, heads: int) -> None:
+        super().__init__(time_steps, heads, time_merged=False)
+        self._steps = 0
+
+    def extra_repr(self) -> str:
+        return f"time_steps={self.time_steps}, heads={self.heads}, per_step=True"
+
+    def reset(self) -> None:
+        self._steps = 0
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        t = self._steps % self.time_steps
+        self._steps = t + 1
+        shape = y.shape
+        return (y.reshape((-1, self.heads) + tuple(shape[-2:])) * self.lam[t]).reshape(shape)
+
+
+def _call_counts(model: nn.Module, modules: dict[str, nn.Module], example_input) -> dict[str, int]:
+    """How many times each of `modules` runs in one forward of `model` (T times when the model loops over time)."""
+    counts = {name: 0 for name in modules}
+
+    def hook(name):
+        def fn(mod, args):
+            counts[name] += 1
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
+class _DelegatingInterceptedAttention(InterceptedAttention):
+    """InterceptedAttention that also answers the wrapped block's own attributes and helper methods (e.g. a
+    snntorch block's `init_mems()`), which an eager parent keeps calling after the swap."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            block = self.__dict__.get("_modules", {}).get("block")
+            if block is None:
+                raise
+            return getattr(block, name)
+
+
 @register_pass
 class BinarizeAttention(Pass):
     """Insert the binary map neuron (LIF, soft reset, V_th 1) on every Q·Kᵀ·V chain and scale its output by λ.
@@ -119,6 +173,8 @@ class BinarizeAttention(Pass):
     Requires: a traced model and an example input (for shapes); `ctx.time_steps` when maps merge T and B.
     Ensures: every activation×activation matmul chain reads a binary {0,1} map; its product is scaled by
     λ of shape [T, 1, heads, 1, 1]; Hadamard-style attention (no matmul) is left alone with a note.
+    Attention that a model calls once per time step (it loops over time, eagerly or unrolled in a graph) gets a
+    single-step map neuron that keeps its membrane over the T calls of one forward and a per-step λ.
     """
 
     def __init__(self, ctx: PassContext | None = None, map: str = "auto", v_threshold: float = 1.0,
@@ -132,6 +188,9 @@ class BinarizeAttention(Pass):
         self.learnable_scale = learnable_scale
         self.softmax = softmax
         self.binarized: list[str] = []
+        self._per_step = False
+        self._unrolled: set[str] = set()
+        self._shared_names: dict[str, tuple[str, str | None]] = {}
 
     # -- graph path -------------------------------------------------------------------------------------
     def _layout(self, shape: tuple[int, ...] | None) -> tuple[int, int, bool]:
@@ -139,6 +198,8 @@ class BinarizeAttention(Pass):
         if shape is None:
             raise ModelError("could not infer the attention map's shape; give an example input.")
         T = self.ctx.time_steps
+        if self._per_step and len(shape) != 5:  # one time step per call: [B, h, a, b] or [B, a, b]
+            return T, (shape[-3] if len(shape) >= 4 else 1), False
         if len(shape) == 5:
             return shape[0], shape[2], False
         if T is None:
@@ -156,6 +217,18 @@ class BinarizeAttention(Pass):
         target = self.map if self.map != "auto" else chain.form
         owner = _owner_path(chain.mm2)
         prefix = f"{owner}." if owner else ""
+        # A loop over time unrolled into this graph: the T chains of one attention module share one stateful
+        # map neuron and one λ, called once per step in graph order.
+        shared = owner in self._unrolled and mm2_shape is not None and len(mm2_shape) != 5
+        per_step, self._per_step = self._per_step, self._per_step or shared
+        try:
+            self._rewrite_chain(gm, chain, target, owner, prefix, mm2_shape, softmaxes, shared)
+        finally:
+            self._per_step = per_step
+
+    def _rewrite_chain(self, gm, chain, target, owner, prefix, mm2_shape, softmaxes, shared) -> None:
+        graph = gm.graph
+        names = self._shared_names.get(owner) if shared else None
         with graph.inserting_before(chain.mm2):
             if target == chain.form:
                 first = chain.mm1
@@ -165,9 +238,11 @@ class BinarizeAttention(Pass):
                 c = chain.mm2.args[1 - chain.side]
                 first = graph.call_function(torch.matmul, (c, a) if target == "qk" else (b, c))
             T, heads, merged = self._layout(mm2_shape)
-            neuron_name = _free_name(gm, f"{prefix}attn_map_lif")
-            gm.add_submodule(neuron_name, AttentionMapNeuron(T, tau=self.tau, v_threshold=self.v_threshold,
-                                                             time_merged=merged))
+            if names:
+                neuron_name = names[0]
+            else:
+                neuron_name = _free_name(gm, f"{prefix}attn_map_lif")
+                gm.add_submodule(neuron_name, self._map_neuron(T, merged))
             if target == chain.form:
                 with graph.inserting_after(first):
                     spikes = graph.call_module(neuron_name, (first,))
@@ -193,21 +268,50 @@ class BinarizeAttention(Pass):
                     graph.erase_node(op)
                 graph.erase_node(chain.mm1)
                 product = last
+        scale_name = None
         if self.learnable_scale:
-            scale_name = _free_name(gm, f"{prefix}attn_scale")
-            gm.add_submodule(scale_name, AttentionScale(T, heads, time_merged=merged))
+            if names:
+                scale_name = names[1]
+            else:
+                scale_name = _free_name(gm, f"{prefix}attn_scale")
+                gm.add_submodule(scale_name, self._map_scale(T, heads, merged))
             with graph.inserting_after(product):
                 scaled = graph.call_module(scale_name, (product,))
             product.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
-        self.binarized.append(f"{owner or gm.__class__.__name__}:{chain.form}->{target}")
+        if shared and not names:
+            self._shared_names[owner] = (neuron_name, scale_name)
+        if not names:
+            self.binarized.append(f"{owner or gm.__class__.__name__}:{chain.form}->{target}"
+                                  + (" (per step)" if self._per_step else ""))
+
+    # -- per-step models (the model loops over time and calls the attention once per step) -------------
+    def _is_per_step(self, calls: int) -> bool:
+        """Called a multiple of T times in one forward: the model loops over time and this runs once per step."""
+        T = self.ctx.time_steps
+        return bool(T and T > 1 and calls >= T and calls % T == 0)
+
+    def _map_neuron(self, T: int, merged: bool) -> AttentionMapNeuron:
+        neuron = AttentionMapNeuron(T, tau=self.tau, v_threshold=self.v_threshold, time_merged=merged)
+        if self._per_step:  # keep the membrane across the T calls of one forward, then start afresh
+            neuron.step_mode, neuron.period = "s", T
+        return neuron
+
+    def _map_scale(self, T: int, heads: int, merged: bool) -> AttentionScale:
+        return StepAttentionScale(T, heads) if self._per_step else AttentionScale(T, heads, time_merged=merged)
 
     def _apply_graph(self, gm: fx.GraphModule) -> int:
         count = 0
-        for chain in find_attention_chains(gm):
-            if _already_binary(gm, chain):
-                continue
+        chains = [c for c in find_attention_chains(gm) if not _already_binary(gm, c)]
+        owners: dict[str, int] = {}
+        for c in chains:
+            owners[_owner_path(c.mm2)] = owners.get(_owner_path(c.mm2), 0) + 1
+        T = self.ctx.time_steps
+        self._unrolled = {o for o, k in owners.items() if T and T > 1 and k == T and not self._per_step}
+        self._shared_names = {}
+        for chain in chains:
+            shared_before = _owner_path(chain.mm2) in self._shared_names
             self._rewrite(gm, chain)
-            count += 1
+            count += 0 if shared_before else 1
         gm.graph.eliminate_dead_code()
         gm.recompile()
         return count
@@ -228,6 +332,7 @@ class BinarizeAttention(Pass):
         if not candidates or self.ctx.example_input is None:
             return 0
         inputs = capture_inputs(model, candidates, self.ctx.example_input)
+        calls = _call_counts(model, candidates, self.ctx.example_input)
         count = 0
         for qualname, module in candidates.items():
             if qualname not in inputs:
@@ -238,11 +343,11 @@ class BinarizeAttention(Pass):
             if has_softmax and self.softmax != "replace":
                 raise ModelError(f"attention in '{qualname}' uses softmax, which a binary spiking map cannot "
                                  "reproduce; set attention.softmax: replace to swap it for the spiking map.")
+            self._per_step = self._is_per_step(calls.get(qualname, 1))
             heads, T, merged = self._probe_layout(module, inputs[qualname])
-            wrapped = InterceptedAttention(module, AttentionMapNeuron(T, tau=self.tau, v_threshold=self.v_threshold,
-                                                                      time_merged=merged),
-                                           AttentionScale(T, heads, time_merged=merged) if self.learnable_scale
-                                           else nn.Identity(), softmax=self.softmax)
+            scale = self._map_scale(T, heads, merged) if self.learnable_scale else nn.Identity()
+            wrapped = _DelegatingInterceptedAttention(module, self._map_neuron(T, merged), scale,
+                                                      softmax=self.softmax)
             parent, _, attr = qualname.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, wrapped)
             note = "" if self.map == "auto" else f" (attention.map={self.map} cannot re-associate an untraced block)"
@@ -272,8 +377,14 @@ class BinarizeAttention(Pass):
         gms = graph_modules(model)
         if self.ctx.example_input is not None and gms:
             propagate_shapes(model, self.ctx.example_input)
-        count = sum(self._apply_graph(gm) for _, gm in gms)
+        calls = (_call_counts(model, dict(gms), self.ctx.example_input)
+                 if self.ctx.example_input is not None and gms else {})
+        count = 0
+        for name, gm in gms:
+            self._per_step = self._is_per_step(calls.get(name, 1))
+            count += self._apply_graph(gm)
         count += self._apply_opaque(model)
+        self._per_step = False
         already = sum(isinstance(m, AttentionMapNeuron) for m in model.modules())
         if not count and not already:
             self.ctx.note("BinarizeAttention: no activation×activation matmul found (Hadamard-style or "

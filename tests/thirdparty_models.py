@@ -1,0 +1,233 @@
+"""Small spiking transformers written the way spikingjelly and snntorch users write them (for the tests).
+
+- `SJSpikformer`: Spikformer-CIFAR-like, spikingjelly multi-step neurons (LIFNode step_mode='m', one
+  ParametricLIFNode, IFNode in the MLP), time-first [T, B, ...] inside, Q·Kᵀ·V spiking self-attention.
+  spikingjelly neurons keep their membrane between calls: call `functional.reset_net(model)` before each run.
+- `SnnTorchSpikformer`: snntorch style: the root loops over the time steps of a batch-first [B, T, C, L] input
+  (`for t in range(x.size(1))`, untraceable), single-step `snn.Leaky` neurons with explicit membranes
+  (`init_leaky()` at the start of forward) and one `init_hidden=True` neuron reset by its block; the attention
+  checks `x.dim()` (untraceable, so it becomes a leaf and its matmuls are intercepted).
+
+Both import their library lazily: tests call `pytest.importorskip` first.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+# ------------------------------------------------------------------------------------------------ spikingjelly
+
+def _sj_lif(v_threshold: float = 1.0):
+    from spikingjelly.activation_based import neuron
+    return neuron.LIFNode(tau=2.0, v_threshold=v_threshold, detach_reset=True, step_mode="m")
+
+
+class SJTokenizer(nn.Module):
+    def __init__(self, in_channels: int, dim: int) -> None:
+        super().__init__()
+        from spikingjelly.activation_based import neuron
+        self.proj_conv = nn.Conv2d(in_channels, dim // 2, 3, padding=1, bias=False)
+        self.proj_bn = nn.BatchNorm2d(dim // 2)
+        self.proj_lif = neuron.ParametricLIFNode(init_tau=2.0, detach_reset=True, step_mode="m")
+        self.proj_conv1 = nn.Conv2d(dim // 2, dim, 3, padding=1, bias=False)
+        self.proj_bn1 = nn.BatchNorm2d(dim)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.rpe_lif = _sj_lif()
+        self.rpe_conv = nn.Conv2d(dim, dim, 3, padding=1, bias=False)
+        self.rpe_bn = nn.BatchNorm2d(dim)
+
+    def forward(self, x):  # [T, B, C, H, W] -> [T, B, N, D]
+        T, B, C, H, W = x.shape
+        x = self.proj_bn(self.proj_conv(x.flatten(0, 1)))
+        x = self.proj_lif(x.reshape(T, B, -1, H, W))
+        x = self.maxpool(self.proj_bn1(self.proj_conv1(x.flatten(0, 1))))
+        _, D, H2, W2 = x.shape
+        x = x.reshape(T, B, D, H2, W2)
+        feat = x
+        x = self.rpe_bn(self.rpe_conv(self.rpe_lif(x).flatten(0, 1))).reshape(T, B, D, H2, W2)
+        x = x + feat
+        return x.flatten(3).transpose(-1, -2)
+
+
+class SJSelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.scale = 0.125
+        for name in ("q", "k", "v"):
+            setattr(self, f"{name}_linear", nn.Linear(dim, dim))
+            setattr(self, f"{name}_bn", nn.BatchNorm1d(dim))
+            setattr(self, f"{name}_lif", _sj_lif())
+        self.attn_lif = _sj_lif(v_threshold=0.5)
+        self.proj_linear = nn.Linear(dim, dim)
+        self.proj_bn = nn.BatchNorm1d(dim)
+        self.proj_lif = _sj_lif()
+
+    def _branch(self, x, name: str):
+        T, B, N, D = x.shape
+        y = getattr(self, f"{name}_linear")(x.flatten(0, 1))
+        y = getattr(self, f"{name}_bn")(y.transpose(-1, -2)).transpose(-1, -2).reshape(T, B, N, D).contiguous()
+        y = getattr(self, f"{name}_lif")(y)
+        return y.reshape(T, B, N, self.heads, D // self.heads).permute(0, 1, 3, 2, 4).contiguous()
+
+    def forward(self, x):  # [T, B, N, D]
+        T, B, N, D = x.shape
+        q, k, v = self._branch(x, "q"), self._branch(x, "k"), self._branch(x, "v")
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        y = (attn @ v).transpose(2, 3).reshape(T, B, N, D).contiguous()
+        y = self.attn_lif(y)
+        y = self.proj_bn(self.proj_linear(y.flatten(0, 1)).transpose(-1, -2)).transpose(-1, -2)
+        return self.proj_lif(y.reshape(T, B, N, D))
+
+
+class SJMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        from spikingjelly.activation_based import neuron
+        self.fc1_linear = nn.Linear(dim, hidden)
+        self.fc1_bn = nn.BatchNorm1d(hidden)
+        self.fc1_lif = _sj_lif()
+        self.fc2_linear = nn.Linear(hidden, dim)
+        self.fc2_bn = nn.BatchNorm1d(dim)
+        self.fc2_lif = neuron.IFNode(detach_reset=True, step_mode="m")
+
+    def forward(self, x):
+        T, B, N, D = x.shape
+        y = self.fc1_bn(self.fc1_linear(x.flatten(0, 1)).transpose(-1, -2)).transpose(-1, -2)
+        y = self.fc1_lif(y.reshape(T, B, N, -1))
+        y = self.fc2_bn(self.fc2_linear(y.flatten(0, 1)).transpose(-1, -2)).transpose(-1, -2)
+        return self.fc2_lif(y.reshape(T, B, N, D))
+
+
+class SJBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.attn = SJSelfAttention(dim, heads)
+        self.mlp = SJMLP(dim, dim * mlp_ratio)
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+class SJSpikformer(nn.Module):
+    """Spikformer-like classifier built from spikingjelly neurons; input [B, C, H, W] (static image)."""
+
+    def __init__(self, in_channels: int = 3, img_size: int = 8, dim: int = 16, heads: int = 2, depth: int = 1,
+                 mlp_ratio: int = 2, num_classes: int = 5, T: int = 2) -> None:
+        super().__init__()
+        self.T = T
+        self.input_shape = (in_channels, img_size, img_size)
+        self.patch_embed = SJTokenizer(in_channels, dim)
+        self.block = nn.ModuleList(SJBlock(dim, heads, mlp_ratio) for _ in range(depth))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = x.unsqueeze(0).repeat(self.T, 1, 1, 1, 1)
+        x = self.patch_embed(x)
+        for blk in self.block:
+            x = blk(x)
+        return self.head(x.mean(2)).mean(0)
+
+
+# ---------------------------------------------------------------------------------------------------- snntorch
+
+class SnnSelfAttention(nn.Module):
+    """One time step of spiking self-attention; membranes are passed in and returned (snntorch style)."""
+
+    def __init__(self, dim: int, heads: int, beta: float) -> None:
+        super().__init__()
+        import snntorch as snn
+        self.heads = heads
+        self.scale = 0.125
+        self.q_linear, self.k_linear, self.v_linear = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.q_lif, self.k_lif, self.v_lif = snn.Leaky(beta=beta), snn.Leaky(beta=beta), snn.Leaky(beta=beta)
+        self.attn_lif = snn.Leaky(beta=beta, threshold=0.5)
+        self.proj_linear = nn.Linear(dim, dim)
+
+    def init_mems(self):
+        return (self.q_lif.init_leaky(), self.k_lif.init_leaky(), self.v_lif.init_leaky(),
+                self.attn_lif.init_leaky())
+
+    def forward(self, x, mems):
+        if x.dim() == 2:  # one unbatched sample
+            x = x.unsqueeze(0)
+        B, N, D = x.shape
+        q, mq = self.q_lif(self.q_linear(x), mems[0])
+        k, mk = self.k_lif(self.k_linear(x), mems[1])
+        v, mv = self.v_lif(self.v_linear(x), mems[2])
+        q = q.reshape(B, N, self.heads, D // self.heads).transpose(1, 2)
+        k = k.reshape(B, N, self.heads, D // self.heads).transpose(1, 2)
+        v = v.reshape(B, N, self.heads, D // self.heads).transpose(1, 2)
+        attn = q @ k.transpose(-2, -1) * self.scale
+        y = (attn @ v).transpose(1, 2).reshape(B, N, D)
+        y, ma = self.attn_lif(y, mems[3])
+        return self.proj_linear(y), (mq, mk, mv, ma)
+
+
+class SnnBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, beta: float) -> None:
+        super().__init__()
+        import snntorch as snn
+        self.attn = SnnSelfAttention(dim, heads, beta)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc1_lif = snn.Leaky(beta=beta, init_hidden=True)  # state kept in the neuron, reset in init_mems
+        self.fc2 = nn.Linear(2 * dim, dim)
+
+    def init_mems(self):
+        self.fc1_lif.reset_mem()
+        return self.attn.init_mems()
+
+    def forward(self, x, mems):
+        y, mems = self.attn(x, mems)
+        x = x + y
+        return x + self.fc2(self.fc1_lif(self.fc1(x))), mems
+
+
+class SnnTorchSpikformer(nn.Module):
+    """A spiking transformer in snntorch style; input [B, T, C, L] (T frames of a C-channel sequence)."""
+
+    def __init__(self, in_channels: int = 1, seq_len: int = 8, dim: int = 16, heads: int = 2, depth: int = 1,
+                 num_classes: int = 4, num_steps: int = 3, beta: float = 0.8) -> None:
+        super().__init__()
+        import snntorch as snn
+        self.num_steps = num_steps
+        self.input_shape = (num_steps, in_channels, seq_len)
+        self.embed = nn.Conv1d(in_channels, dim, 3, padding=1)
+        self.embed_lif = snn.Leaky(beta=beta)
+        self.blocks = nn.ModuleList(SnnBlock(dim, heads, beta) for _ in range(depth))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        mem = self.embed_lif.init_leaky()
+        mems = [blk.init_mems() for blk in self.blocks]
+        out = 0
+        for t in range(x.size(1)):
+            s, mem = self.embed_lif(self.embed(x[:, t]), mem)
+            h = s.transpose(1, 2)
+            for i, blk in enumerate(self.blocks):
+                h, mems[i] = blk(h, mems[i])
+            out = out + self.head(h.mean(1))
+        return out / x.size(1)
+
+
+# -------------------------------------------------------------------------------------------- softmax attention
+
+class SoftmaxAttentionNet(nn.Module):
+    """A tiny ANN-style attention (softmax): binarizing its map must be refused unless softmax=replace."""
+
+    def __init__(self, dim: int = 8, T: int = 2) -> None:
+        super().__init__()
+        from bestcompress.nn.lif import LIF
+        self.T = T
+        self.input_shape = (4, dim)
+        self.inp = nn.Linear(dim, dim)
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.lif = LIF()
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):  # [B, N, D]
+        x = self.lif(self.inp(x).unsqueeze(0).repeat(self.T, 1, 1, 1))
+        attn = torch.softmax(self.q(x) @ self.k(x).transpose(-2, -1), dim=-1)
+        return self.head((attn @ self.v(x)).mean(2)).mean(0)
