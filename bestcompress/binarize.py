@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch import nn
 
 from .errors import ModelError
@@ -89,11 +90,41 @@ def binarize(model: nn.Module, recipe: str | Recipe | None = "bestformer", examp
     recipe = load_recipe(recipe, overrides)
     if not any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) for m in model.modules()):
         raise ModelError("the model has no Conv1d, Conv2d or Linear layer to binarize.")
+    if example_input is None:
+        example_input = example_input_for(model, input_shape)
+    fake = _fake_copy(example_input)
+    if fake is not None:
+        # The passes read only shapes and call order from the example input: a FakeTensor gives both without
+        # computing anything (seconds instead of minutes on a 224-px model). A pass that needs real values, or
+        # fake state left in the model, falls back to the real input below.
+        try:
+            result = _binarize_once(model, recipe, fake)
+            if not holds_fake(result.model):
+                return result
+        except Exception:  # the real run below raises the real error, if there is one
+            pass
+    return _binarize_once(model, recipe, example_input)
+
+
+def _fake_copy(x: torch.Tensor | None):
+    if x is None or isinstance(x, FakeTensor):
+        return None
+    return FakeTensorMode(allow_non_fake_inputs=True).from_tensor(x)
+
+
+def holds_fake(model: nn.Module) -> bool:
+    """True if a FakeTensor was left in a parameter, buffer or attribute of any module."""
+    for m in model.modules():
+        values = list(m._parameters.values()) + list(m._buffers.values()) + list(vars(m).values())
+        if any(isinstance(t, FakeTensor) for t in values):
+            return True
+    return False
+
+
+def _binarize_once(model: nn.Module, recipe: Recipe, example_input) -> BinarizeResult:
     work = deepcopy_module(model)  # copy.deepcopy fails on a neuron state left by a forward with autograd
     was_training = work.training
     work.eval()
-    if example_input is None:
-        example_input = example_input_for(work, input_shape)
     ctx = PassContext(recipe=recipe, example_input=example_input, time_steps=model_time_steps(model))
     pre, graph_passes = build_pipeline(recipe, ctx)
     work = Pipeline(pre).apply(work) if pre else work

@@ -460,36 +460,15 @@ def structure_of(model: nn.Module) -> list[str]:
     return out
 
 
-def _holds_fake(model: nn.Module) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-    for m in model.modules():
-        tensors = list(m._parameters.values()) + list(m._buffers.values()) + list(vars(m).values())
-        if any(isinstance(t, FakeTensor) for t in tensors):
-            return True
-    return False
-
-
 def _rebuild_binary(source: nn.Module, recipe, shape, state_dict: Mapping, structure, source_name: str):
-    """binarize(source, recipe) with the stored weights loaded strictly.
-
-    The passes use the example input only for shapes and every value is then overwritten by the stored
-    state_dict, so the passes first run on a FakeTensor input (no real forward: seconds instead of minutes on a
-    large model). If that fails, leaves fake tensors behind, or builds a different structure than the one
-    saved, the model is built again with a real input.
-    """
+    """binarize(source, recipe) with the stored weights loaded strictly (binarize runs its passes on a
+    FakeTensor input, so rebuilding a large model takes seconds)."""
     from .binarize import binarize, example_input_for
     example = example_input_for(source, shape) if shape is not None else None
-    if example is not None:
-        try:
-            from torch._subclasses.fake_tensor import FakeTensorMode
-            fake = FakeTensorMode(allow_non_fake_inputs=True).from_tensor(example)
-            model = binarize(source, recipe=recipe, example_input=fake).model
-            if not _holds_fake(model) and (structure is None or structure_of(model) == list(structure)):
-                load_state_dict_checked(model, state_dict, source_name, "the binarized model")
-                return model
-        except Exception:  # a pass needed real values: the real build below decides (and raises real errors)
-            pass
     model = binarize(source, recipe=recipe, example_input=example, input_shape=shape).model
+    if structure is not None and structure_of(model) != list(structure):
+        raise CheckpointError(f"{source_name} was saved by a bestcompress whose passes built a different "
+                              "model structure; binarize the source model again with this version.")
     load_state_dict_checked(model, state_dict, source_name, "the binarized model")
     return model
 

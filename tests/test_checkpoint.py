@@ -275,29 +275,35 @@ def test_load_binary_rejects_other_files(tmp_path):
         load_binary(path)
 
 
-def test_load_binary_rebuilds_on_fake_input_and_falls_back(tmp_path, monkeypatch):
+def test_binarize_runs_passes_on_fake_input_and_falls_back(monkeypatch):
     import bestcompress.binarize as bz
     from torch._subclasses.fake_tensor import FakeTensor
 
     src = small_model().eval()
-    model = binarize(src).model.eval()
-    path = save_binary(model, src, tmp_path / "bin.pt")
     calls = []
-    real = bz.binarize
+    real = bz._binarize_once
 
-    def spy(*args, **kwargs):
-        calls.append(isinstance(kwargs.get("example_input"), FakeTensor))
-        return real(*args, **kwargs)
+    def spy(model, recipe, example_input):
+        calls.append(isinstance(example_input, FakeTensor))
+        return real(model, recipe, example_input)
 
-    monkeypatch.setattr(bz, "binarize", spy)
+    monkeypatch.setattr(bz, "_binarize_once", spy)
     x = torch.rand(2, 3, 16, 16)
-    binary, _, _ = load_binary(path)
-    assert calls == [True]  # the structure matched: no real forward was needed
-    obj = torch.load(path, weights_only=True)
-    obj["structure"] = obj["structure"][:-1]  # as if the fake build had differed
-    torch.save(obj, path)
+    fast = bz.binarize(src).model.eval()
+    assert calls == [True]  # shapes came from a FakeTensor: no real forward was needed
     calls.clear()
-    again, _, _ = load_binary(path)
+    monkeypatch.setattr(bz, "holds_fake", lambda model: True)  # as if a pass had kept fake state
+    slow = bz.binarize(src).model.eval()
     assert calls == [True, False]
     with torch.no_grad():
-        assert torch.equal(binary(x), model(x)) and torch.equal(again(x), model(x))
+        assert torch.equal(fast(x), slow(x))
+
+
+def test_load_binary_rejects_a_different_structure(tmp_path):
+    src = small_model().eval()
+    path = save_binary(binarize(src).model, src, tmp_path / "bin.pt")
+    obj = torch.load(path, weights_only=True)
+    obj["structure"] = obj["structure"][:-1]  # as if another version's passes had built another model
+    torch.save(obj, path)
+    with pytest.raises(CheckpointError, match="different model structure"):
+        load_binary(path)

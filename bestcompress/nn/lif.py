@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch import nn
 
 
@@ -162,6 +163,8 @@ class LIF(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if getattr(self, "step_mode", "m") == "s":
             return self.single_step_forward(x)
+        if isinstance(x, FakeTensor):  # shape inference (binarize's passes): spikes have the input's shape
+            return torch.empty_like(x)
         v = self.initial_membrane(x[0])
         out = []
         for t in range(x.shape[0]):
