@@ -70,10 +70,10 @@ class _BinarizeMode(TorchFunctionMode):
         if func in MATMUL_FUNCS and len(tensors) == 2 and all(_is_activation(t) for t in tensors):
             out = func(*args, **kwargs)
             if any(self._tracked(t) for t in tensors):
-                with _Suspend(self):
-                    return self.owner.map_scale(out)
-            with _Suspend(self):
-                spikes = self.owner.map_neuron(out)
+                # torch takes this mode off the stack while __torch_function__ runs: the inserted modules'
+                # own ops are not intercepted.
+                return self.owner.map_scale(out)
+            spikes = self.owner.map_neuron(out)
             self.maps.append(spikes)
             return spikes
         if tensors and self._tracked(tensors[0]) and func in SOFTMAX_FUNCS:
@@ -83,21 +83,6 @@ class _BinarizeMode(TorchFunctionMode):
         if tensors and self._tracked(tensors[0]) and func in PASS_THROUGH:
             self.maps.append(out)
         return out
-
-
-class _Suspend:
-    """Marks where the inserted modules run. Nothing to do: torch already takes a TorchFunctionMode off the
-    stack while its own __torch_function__ runs, so their ops are not intercepted (popping it again here
-    raised 'trying to pop from empty mode stack')."""
-
-    def __init__(self, mode: TorchFunctionMode) -> None:
-        self.mode = mode
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class InterceptedAttention(nn.Module):
@@ -116,3 +101,14 @@ class InterceptedAttention(nn.Module):
     def forward(self, *args, **kwargs):
         with _BinarizeMode(self):
             return self.block(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        # Answer the wrapped block's own attributes and helper methods (e.g. a snntorch block's `init_mems()`),
+        # which an eager parent keeps calling after the swap.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            block = self.__dict__.get("_modules", {}).get("block")
+            if block is None:
+                raise
+            return getattr(block, name)

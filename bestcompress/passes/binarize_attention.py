@@ -152,20 +152,6 @@ def _call_counts(model: nn.Module, modules: dict[str, nn.Module], example_input)
     return counts
 
 
-class _DelegatingInterceptedAttention(InterceptedAttention):
-    """InterceptedAttention that also answers the wrapped block's own attributes and helper methods (e.g. a
-    snntorch block's `init_mems()`), which an eager parent keeps calling after the swap."""
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            block = self.__dict__.get("_modules", {}).get("block")
-            if block is None:
-                raise
-            return getattr(block, name)
-
-
 @register_pass
 class BinarizeAttention(Pass):
     """Insert the binary map neuron (LIF, soft reset, V_th 1) on every Q·Kᵀ·V chain and scale its output by λ.
@@ -346,8 +332,7 @@ class BinarizeAttention(Pass):
             self._per_step = self._is_per_step(calls.get(qualname, 1))
             heads, T, merged = self._probe_layout(module, inputs[qualname])
             scale = self._map_scale(T, heads, merged) if self.learnable_scale else nn.Identity()
-            wrapped = _DelegatingInterceptedAttention(module, self._map_neuron(T, merged), scale,
-                                                      softmax=self.softmax)
+            wrapped = InterceptedAttention(module, self._map_neuron(T, merged), scale, softmax=self.softmax)
             parent, _, attr = qualname.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, wrapped)
             note = "" if self.map == "auto" else f" (attention.map={self.map} cannot re-associate an untraced block)"
