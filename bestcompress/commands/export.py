@@ -1,0 +1,93 @@
+"""Export commands: `export` (qonnx | onnx | finn | packed, verified before writing) and `verify`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import ExportError
+
+PATH = click.Path(path_type=Path)  # existence is checked by the loaders (one-sentence errors)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _parse_shape(text: str | None):
+    from .core import parse_input_shape
+    return parse_input_shape(text)
+
+
+def _load(path: Path, trust: bool, input_shape):
+    from ..export import load_exported
+
+    model, info = load_exported(path, trust=trust)
+    if input_shape is not None:
+        model.bc_input_shape = tuple(input_shape)
+    return model, info
+
+
+def _verification_line(report) -> str:
+    return "verified: " + report.message("the export")
+
+
+@click.command("export")
+@click.argument("checkpoint", type=PATH)
+@click.option("-f", "--format", "fmt", required=True, metavar="FORMAT",
+              help="qonnx, onnx, finn (a folder) or packed (.bcz).")
+@click.option("-o", "--output", required=True, type=PATH, help="Output file (a folder for --format finn).")
+@click.option("--input-shape", help="Per-sample input shape, e.g. 3,32,32 [default: from the checkpoint].")
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Batch size fixed in ONNX graphs.")
+@click.option("--data", type=PATH, help="An .npz file with an array x of real inputs to verify on.")
+@click.option("--samples", type=click.IntRange(min=1), help="How many inputs to verify on [default: one batch].")
+@click.option("--tolerance", default=1e-4, show_default=True, type=float, help="Largest allowed output difference.")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow a pickled source model (runs code: trusted files only).")
+def export(checkpoint, fmt, output, input_shape, batch_size, data, samples, tolerance, trust_checkpoint):
+    """Export a binary checkpoint (or .bcz) to FORMAT; the export is verified against PyTorch before it is written."""
+    from ..export import check_output_path, export_model
+
+    check_output_path(output, fmt)  # unknown format / missing folder: fail before loading anything
+    shape = _parse_shape(input_shape)
+    model, _ = _load(checkpoint, trust_checkpoint, shape)
+    result = export_model(model, fmt, output, input_shape=shape, batch_size=batch_size, data=data, samples=samples,
+                          tolerance=tolerance)
+    size = (f"{result.ratio:.1f}× smaller than" if result.ratio >= 1 else f"{1 / result.ratio:.2f}× the size of")
+    click.echo(f"wrote {result.path} ({fmt}): {_mb(result.bytes)}, {size} the fp32 weights "
+               f"({_mb(result.fp32_bytes)}); {result.seconds:.1f} s")
+    if result.verification is not None:
+        click.echo(_verification_line(result.verification))
+    finn = result.extra.get("finn")
+    if finn:
+        t = finn["totals"]
+        click.echo(f"FINN: {t['hw']} of {t['nodes']} nodes became hardware layers ({100 * t['hw_fraction']:.1f} %); "
+                   f"per-node report in {Path(result.path) / 'report.txt'}")
+        for reason, n in list(t["by_reason"].items())[:6]:
+            click.echo(f"  {n:>5} not mapped: {reason}")
+
+
+@click.command("verify")
+@click.argument("file", type=PATH)
+@click.option("--against", required=True, type=PATH, help="The binary checkpoint (or .bcz) the file was exported from.")
+@click.option("--data", type=PATH, help="An .npz file with an array x of real inputs.")
+@click.option("--samples", type=click.IntRange(min=1), help="How many inputs to compare [default: one batch].")
+@click.option("--tolerance", default=1e-4, show_default=True, type=float, help="Largest allowed output difference.")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow a pickled source model (runs code: trusted files only).")
+def verify(file, against, data, samples, tolerance, trust_checkpoint):
+    """Re-check an exported FILE (.onnx, .bcz or a FINN folder) against the PyTorch model."""
+    from ..export.verify import verify_file
+
+    if not Path(file).exists():
+        raise ExportError(f"'{file}' does not exist.")
+    model, _ = _load(against, trust_checkpoint, None)
+    report = verify_file(file, model, data=data, samples=samples, tolerance=tolerance)
+    if not report.passed:
+        raise ExportError(report.message(f"'{file}'"))
+    click.echo(report.message(f"'{file}'"))
+    worst = sorted((n for n in report.neurons if n.flipped), key=lambda n: -n.flip_fraction)[:5]
+    for n in worst:
+        click.echo(f"  {n.path}: {100 * n.flip_fraction:.3g} % spikes differ")
+
+
+COMMANDS = [export, verify]

@@ -1,0 +1,85 @@
+"""Shared fixtures for the export tests: tiny binary models, built once per session (seeded)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bestcompress.binarize import binarize
+from bestcompress.nn.lif import LIF
+from bestcompress.zoo import create_model, get_entry, list_models
+
+FAMILIES = list_models()
+
+
+class TinySpikingMLP(nn.Module):
+    """[B, F] repeated over T -> fc0 (kept fp) -> LIF -> fc1 (binary) -> BN -> LIF -> mean over T -> head."""
+
+    def __init__(self, features: int = 16, hidden: int = 32, classes: int = 4, T: int = 2) -> None:
+        super().__init__()
+        self.T = T
+        self.fc0 = nn.Linear(features, hidden)
+        self.lif0 = LIF()
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.bn1 = nn.BatchNorm1d(hidden)
+        self.lif1 = LIF()
+        self.head = nn.Linear(hidden, classes)
+        self.bc_input_shape = (features,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.unsqueeze(0).repeat(self.T, 1, 1)
+        T, B, F = x.shape
+        s = self.lif0(self.fc0(x.flatten(0, 1)).reshape(T, B, -1) * 4.0)
+        s = self.lif1(self.bn1(self.fc1(s.flatten(0, 1))).reshape(T, B, -1))
+        return self.head(s.mean(0))
+
+
+def make_it_fire(model: nn.Module, input_shape, batches: int = 2) -> nn.Module:
+    """Re-estimate every BatchNorm on random inputs with weight 2 and bias 0.5, so that roughly a fifth of the
+    neurons fire: a freshly initialised network is silent (no spike anywhere), which would make spike checks
+    vacuous."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the calibration batches
+        with torch.no_grad():
+            bn.weight.fill_(2.0)
+            bn.bias.fill_(0.5)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.rand((8,) + tuple(input_shape), generator=g))
+    for bn in bns:
+        bn.momentum = 0.1
+    return model.eval()
+
+
+def tiny_binary(name: str, **overrides):
+    """binarize(zoo tiny model) with the BESTformer recipe (reversible couplings on unless overridden), with
+    BatchNorms calibrated so that the neurons fire."""
+    torch.manual_seed(0)
+    model = create_model(name, **get_entry(name).tiny_cfg).eval()
+    binary = binarize(model, "bestformer", overrides=overrides or None).model
+    return make_it_fire(binary, binary.bc_input_shape), model
+
+
+_cache: dict = {}
+
+
+@pytest.fixture(scope="session")
+def binary_models():
+    """name -> (binary model, fp source) for every zoo family, built lazily."""
+    def get(name: str, **overrides):
+        key = (name, tuple(sorted(overrides.items())))
+        if key not in _cache:
+            _cache[key] = tiny_binary(name, **overrides)
+        return _cache[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_mlp_binary():
+    torch.manual_seed(0)
+    binary = binarize(TinySpikingMLP().eval(), "bestformer", overrides={"reversible.enabled": False}).model
+    return make_it_fire(binary, binary.bc_input_shape)

@@ -1,0 +1,81 @@
+"""`bestcompress export` and `bestcompress verify` through click's CliRunner."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from bestcompress.checkpoint import save_binary
+from bestcompress.cli import cli
+
+from .conftest import tiny_binary
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_user_error(result, *needles):
+    """Exit code 2, one 'Error: ...' line naming the problem, no traceback."""
+    out = result.output
+    assert result.exit_code == 2, out
+    assert "Traceback" not in out
+    lines = [line for line in out.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), out
+    for needle in needles:
+        assert needle in lines[0], out
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    binary, source = tiny_binary("spikformer_seq")
+    path = tmp_path_factory.mktemp("ckpt") / "bin.pt"
+    save_binary(binary, source, path)
+    return path
+
+
+def test_export_and_verify(tmp_path, ckpt):
+    out = tmp_path / "m.bcz"
+    r = invoke("export", ckpt, "--format", "packed", "-o", out)
+    assert r.exit_code == 0, r.output
+    assert out.is_file() and "smaller than the fp32 weights" in r.output and "matches PyTorch" in r.output
+    r = invoke("verify", out, "--against", ckpt)
+    assert r.exit_code == 0 and "matches PyTorch" in r.output, r.output
+    onnx_out = tmp_path / "m.onnx"
+    r = invoke("export", ckpt, "-f", "onnx", "-o", onnx_out, "--batch-size", "2")
+    assert r.exit_code == 0 and onnx_out.is_file(), r.output
+    r = invoke("verify", onnx_out, "--against", ckpt, "--samples", "2")
+    assert r.exit_code == 0 and "onnxruntime" in r.output, r.output
+
+
+def test_not_a_bestcompress_model(tmp_path):
+    bad = tmp_path / "notes.pt"
+    bad.write_text("just some text")
+    assert_user_error(invoke("export", bad, "-f", "qonnx", "-o", tmp_path / "m.onnx"), "notes.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.pt"]
+
+
+def test_unknown_format(tmp_path, ckpt):
+    assert_user_error(invoke("export", ckpt, "-f", "tflite", "-o", tmp_path / "m.x"), "tflite", "qonnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_in_missing_folder(tmp_path, ckpt):
+    assert_user_error(invoke("export", ckpt, "-f", "packed", "-o", tmp_path / "nope" / "m.bcz"), "does not exist")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_finn_without_finn_plus(tmp_path, ckpt, monkeypatch):
+    for name in [m for m in sys.modules if m == "finn" or m.startswith("finn.")] + ["finn"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    r = invoke("export", ckpt, "-f", "finn", "-o", tmp_path / "finn_dir")
+    assert_user_error(r, "FINN+", "pip install --no-deps finn-plus==1.6.1")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_bad_inputs(tmp_path, ckpt):
+    assert_user_error(invoke("verify", tmp_path / "missing.onnx", "--against", ckpt), "does not exist")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00\x01garbage")
+    assert_user_error(invoke("verify", junk, "--against", ckpt), "junk.onnx")
