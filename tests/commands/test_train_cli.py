@@ -1,0 +1,109 @@
+"""`bestcompress train / distill / evaluate` through click's CliRunner on a tiny model and a digits subset."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bestcompress.checkpoint import load_binary, load_model
+from bestcompress.cli import cli
+from bestcompress.distill.run_state import read_metrics
+
+KW = "img_size=8,embed_dims=16,num_heads=2,depths=1,T=2"
+QUICK = ["--subset", "48", "--limit-batches", "2", "--set", "train.batch_size=16", "--no-progress"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_user_error(result, *needles):
+    out = result.output
+    assert result.exit_code == 2, out
+    assert "Traceback" not in out
+    lines = [line for line in out.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), out
+    for n in needles:
+        assert n in out, out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """fp.pt from `train`, bin.pt from `binarize`, in one folder."""
+    root = tmp_path_factory.mktemp("cli")
+    r = invoke("train", "--arch", "spikformer_cifar", "--model-kwargs", KW, "--data", "digits", "--epochs", "1",
+               *QUICK, "--run-dir", root / "runs" / "fp", "-o", root / "fp.pt")
+    assert r.exit_code == 0, r.output
+    assert "Saved" in r.output and "epoch 1/1" in r.output
+    r = invoke("binarize", root / "fp.pt", "-o", root / "bin.pt")
+    assert r.exit_code == 0, r.output
+    return root
+
+
+def test_train_output_and_run_folder(trained):
+    model = load_model(trained / "fp.pt")
+    assert model.bc_spec["arch"] == "spikformer_cifar" and model.embed_dims == 16
+    assert len(read_metrics(trained / "runs" / "fp" / "metrics.jsonl")) == 1
+
+
+def test_distill_resume_and_evaluate(trained):
+    run = trained / "runs" / "bin"
+    out = trained / "bin_cie.pt"
+    r = invoke("distill", trained / "bin.pt", "--data", "digits", "--epochs", "1", *QUICK, "--run-dir", run,
+               "-o", out)  # teacher: the FP source recorded in bin.pt
+    assert r.exit_code == 0, r.output
+    assert "head2" in r.output and out.exists()
+    r = invoke("distill", trained / "bin.pt", "--teacher", trained / "fp.pt", "--data", "digits", "--epochs", "2",
+               *QUICK, "--resume", run / "last.pt", "-o", out)
+    assert r.exit_code == 0, r.output
+    epochs_run = [line.split()[1] for line in r.output.splitlines() if line.startswith("epoch ")]
+    assert "resumed from" in r.output and epochs_run == ["2/2"]
+    assert [m["epoch"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2]
+    binary, source, info = load_binary(out)
+    assert info["extra"]["epochs"] == 2
+    r = invoke("evaluate", out, "--data", "digits", "--subset", "48")
+    assert r.exit_code == 0, r.output
+    assert "top-1" in r.output and "head2 (last MLP stream)" in r.output
+    r = invoke("evaluate", trained / "fp.pt", "--data", "digits", "--subset", "48", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output)
+    assert result["kind"] == "fp" and result["n"] == 48 and 0 <= result["top1"] <= 100
+
+
+def test_train_with_poisson_encoding(tmp_path):
+    r = invoke("train", "--arch", "spikformer_cifar", "--model-kwargs", KW, "--data", "digits", "--encoding",
+               "poisson", "--epochs", "1", *QUICK, "--run-dir", tmp_path / "run", "-o", tmp_path / "ev.pt")
+    assert r.exit_code == 0, r.output
+    assert load_model(tmp_path / "ev.pt").input_mode == "events"
+    r = invoke("evaluate", tmp_path / "ev.pt", "--data", "digits", "--encoding", "poisson", "--subset", "16")
+    assert r.exit_code == 0, r.output
+
+
+def test_bad_inputs_are_one_sentence(trained, tmp_path):
+    assert_user_error(invoke("train", "--arch", "spikformer_cifar", "--model-kwargs", KW, "--data",
+                             tmp_path / "missing", "-o", tmp_path / "x.pt"), "neither a built-in data set")
+    np.savez(tmp_path / "bad.npz", x=np.zeros((8, 3, 8, 8), np.float32), y=np.arange(8) + 5)
+    assert_user_error(invoke("train", "--arch", "spikformer_cifar", "--model-kwargs", KW, "--data",
+                             tmp_path / "bad.npz", "-o", tmp_path / "x.pt"), "out of range")
+    assert_user_error(invoke("train", "--data", "digits"), "--arch")
+    assert_user_error(invoke("train", "--arch", "spikformer_cifar", "--data", "digits", "-o",
+                             tmp_path / "no" / "x.pt"), "does not exist")
+    assert_user_error(invoke("distill", trained / "fp.pt", "--data", "digits"), "not a binary one")
+    assert_user_error(invoke("distill", trained / "bin.pt", "--data", "mnist1d", "--run-dir", tmp_path / "r"),
+                      "model takes")
+    assert_user_error(invoke("distill", trained / "bin.pt", "--data", "digits", "--resume", trained / "fp.pt"),
+                      "not a training-run checkpoint")
+    assert_user_error(invoke("distill", trained / "bin.pt", "--data", "digits", "--teacher-arch", "spikformer_cifar"),
+                      "--teacher FILE")
+    assert_user_error(invoke("evaluate", tmp_path / "none.pt", "--data", "digits"), "does not exist")
