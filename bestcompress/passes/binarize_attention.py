@@ -12,7 +12,7 @@ from ..nn.attention import AttentionMapNeuron, AttentionScale
 from ..nn.intercept import InterceptedAttention, probe_attention
 from ..trace import graph_modules, is_neuron
 from .base import Pass, PassContext, PassError, register_pass
-from .shapes import capture_inputs, node_shape, propagate_shapes
+from .shapes import free_module_name, node_shape, propagate_shapes, record_calls
 
 _MATMUL_FUNCS = {operator.matmul, torch.matmul, torch.bmm}
 _MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
@@ -102,16 +102,6 @@ def _owner_path(node: fx.Node) -> str:
     return ""
 
 
-def _free_name(gm: fx.GraphModule, base: str) -> str:
-    names = {n for n, _ in gm.named_modules()}
-    if base not in names:
-        return base
-    i = 1
-    while f"{base}_{i}" in names:
-        i += 1
-    return f"{base}_{i}"
-
-
 class StepAttentionScale(AttentionScale):
     """λ for attention that runs one time step per call (the model loops over time): call t of every T
     consecutive calls multiplies by λ[t] (shape [1, heads, 1, 1]); reset() restarts at step 0."""
@@ -131,25 +121,6 @@ class StepAttentionScale(AttentionScale):
         self._steps = t + 1
         shape = y.shape
         return (y.reshape((-1, self.heads) + tuple(shape[-2:])) * self.lam[t]).reshape(shape)
-
-
-def _call_counts(model: nn.Module, modules: dict[str, nn.Module], example_input) -> dict[str, int]:
-    """How many times each of `modules` runs in one forward of `model` (T times when the model loops over time)."""
-    counts = {name: 0 for name in modules}
-
-    def hook(name):
-        def fn(mod, args):
-            counts[name] += 1
-        return fn
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-    return counts
 
 
 @register_pass
@@ -227,7 +198,7 @@ class BinarizeAttention(Pass):
             if names:
                 neuron_name = names[0]
             else:
-                neuron_name = _free_name(gm, f"{prefix}attn_map_lif")
+                neuron_name = free_module_name(gm, f"{prefix}attn_map_lif")
                 gm.add_submodule(neuron_name, self._map_neuron(T, merged))
             if target == chain.form:
                 with graph.inserting_after(first):
@@ -259,7 +230,7 @@ class BinarizeAttention(Pass):
             if names:
                 scale_name = names[1]
             else:
-                scale_name = _free_name(gm, f"{prefix}attn_scale")
+                scale_name = free_module_name(gm, f"{prefix}attn_scale")
                 gm.add_submodule(scale_name, self._map_scale(T, heads, merged))
             with graph.inserting_after(product):
                 scaled = graph.call_module(scale_name, (product,))
@@ -317,8 +288,8 @@ class BinarizeAttention(Pass):
                 candidates[f"{where}.{n.target}" if where else n.target] = m
         if not candidates or self.ctx.example_input is None:
             return 0
-        inputs = capture_inputs(model, candidates, self.ctx.example_input)
-        calls = _call_counts(model, candidates, self.ctx.example_input)
+        rec = record_calls(model, candidates, self.ctx.example_input)
+        inputs, calls = rec.args, rec.counts
         count = 0
         for qualname, module in candidates.items():
             if qualname not in inputs:
@@ -360,10 +331,7 @@ class BinarizeAttention(Pass):
     def apply(self, model: nn.Module) -> nn.Module:
         self.binarized = []
         gms = graph_modules(model)
-        if self.ctx.example_input is not None and gms:
-            propagate_shapes(model, self.ctx.example_input)
-        calls = (_call_counts(model, dict(gms), self.ctx.example_input)
-                 if self.ctx.example_input is not None and gms else {})
+        calls = propagate_shapes(model, self.ctx.example_input) if self.ctx.example_input is not None and gms else {}
         count = 0
         for name, gm in gms:
             self._per_step = self._is_per_step(calls.get(name, 1))

@@ -9,6 +9,7 @@ from torch import fx, nn
 from ..errors import ModelError
 from ..nn.binary import BINARY_SWAP_RULES, is_binary_layer
 from .base import Pass, PassContext, PassError, register_pass
+from .shapes import record_calls
 
 
 def _set_submodule(root: nn.Module, qualname: str, new: nn.Module) -> None:
@@ -20,19 +21,11 @@ def _set_submodule(root: nn.Module, qualname: str, new: nn.Module) -> None:
 def weight_layers_in_call_order(model: nn.Module, example_input: torch.Tensor | None) -> list[str]:
     """Qualified names of the Conv/Linear (float or binary) modules in the order the forward calls them."""
     kinds = tuple(BINARY_SWAP_RULES) + tuple(BINARY_SWAP_RULES.values())
-    names = {m: n for n, m in model.named_modules() if isinstance(m, kinds)}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
     if example_input is None:
-        return list(names.values())
-    order: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None)
-             for m, n in names.items()]
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for h in hooks:
-            h.remove()
-    return order + [n for n in names.values() if n not in order]
+        return list(layers)
+    order = record_calls(model, layers, example_input).order
+    return order + [n for n in layers if n not in order]
 
 
 def _output_layers(gm: fx.GraphModule, kinds: tuple) -> list[str]:

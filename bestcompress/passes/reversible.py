@@ -28,6 +28,7 @@ from ..errors import ModelError
 from ..nn.reversible import DualHeadOutput, ReversibleCoupling, reconstruct_previous
 from ..trace import graph_modules
 from .base import Pass, PassContext, PassError, register_pass
+from .shapes import free_module_name
 
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "__add__", "__iadd__"}
@@ -265,16 +266,6 @@ def find_trunk(gm: fx.GraphModule) -> Trunk:
 
 # ------------------------------------------------------------------------------------------------- rewrite
 
-def _free_name(gm: nn.Module, base: str) -> str:
-    names = {n for n, _ in gm.named_modules()}
-    if base not in names:
-        return base
-    i = 1
-    while f"{base}_{i}" in names:
-        i += 1
-    return f"{base}_{i}"
-
-
 def _inserted_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, nn.Module]]:
     out = []
     for n in gm.graph.nodes:
@@ -362,7 +353,7 @@ class InsertReversibleCouplings(Pass):
         z = [trunk.z0, trunk.blocks[0].out]
         for k, sb in enumerate(trunk.blocks[1:], start=2):
             kind = "mlp" if k % 2 == 0 else "attention"
-            name = _free_name(gm, f"reversible.z{k}")
+            name = free_module_name(gm, f"reversible.z{k}")
             gm.add_submodule(name, ReversibleCoupling(k, kind, sb.where))
             old = sb.out
             with graph.inserting_after(old):
@@ -381,7 +372,7 @@ class InsertReversibleCouplings(Pass):
         # 2. head reads z_{K-1}; a copy of the tail with head2 reads z_K
         z_last, z_attn = z[-1], z[-2]
         head_name = head.target
-        head2_name = _free_name(gm, f"{head_name}2")
+        head2_name = free_module_name(gm, f"{head_name}2")
         gm.add_submodule(head2_name, copy.deepcopy(gm.get_submodule(head_name)))
         env: dict[fx.Node, fx.Node] = {}
         with graph.inserting_before(out_node):
@@ -392,7 +383,7 @@ class InsertReversibleCouplings(Pass):
                 env[n] = new
         for n in tail:  # the original tail now reads the attention stream
             n.replace_input_with(z_last, z_attn)
-        dual_name = _free_name(gm, "dual_head")
+        dual_name = free_module_name(gm, "dual_head")
         gm.add_submodule(dual_name, DualHeadOutput(self.eval_heads))
         with graph.inserting_before(out_node):
             dual = graph.call_module(dual_name, (out_val, env[out_val]))
