@@ -20,6 +20,8 @@ _API = {
     "train": "bestcompress.distill.trainer",
     "evaluate": "bestcompress.distill.trainer",
     "export": "bestcompress.export",
+    "load_exported": "bestcompress.export",
+    "load_packed": "bestcompress.export.packed",
     "summarize": "bestcompress.summary",
     "load_recipe": "bestcompress.recipe",
     "list_recipes": "bestcompress.recipe",

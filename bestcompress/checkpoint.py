@@ -78,6 +78,9 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], object]) ->
         write_fn(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it a new file's permissions
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)

@@ -148,9 +148,15 @@ def inspect(file, arch, model_factory, model_kwargs, input_shape, trust_checkpoi
     from ..checkpoint import load_any
     from ..summary import summarize
 
+    from ..export import load_exported
+    from ..export.packed import is_packed
+
     shape = parse_input_shape(input_shape)
-    kind, net, info = load_any(file, trust=trust_checkpoint, arch=arch, model=model_factory,
-                               model_kwargs=parse_model_kwargs(model_kwargs))
+    if is_packed(Path(file)):
+        (net, info), kind = load_exported(file), "binary"
+    else:
+        kind, net, info = load_any(file, trust=trust_checkpoint, arch=arch, model=model_factory,
+                                   model_kwargs=parse_model_kwargs(model_kwargs))
     summary = summarize(net, input_shape=shape)
     console = _console()
     if as_csv:
@@ -160,7 +166,9 @@ def inspect(file, arch, model_factory, model_kwargs, input_shape, trust_checkpoi
         click.echo(json.dumps({"kind": kind, "spec": info.get("spec"), **summary.to_dict()}, indent=2, default=str))
         return
     what = "binary" if kind == "binary" else "full-precision"
-    recipe = f", recipe '{info['recipe'].name}'" if info.get("recipe") is not None else ""
+    stored = info.get("recipe")
+    name = stored.get("name") if isinstance(stored, dict) else getattr(stored, "name", None)
+    recipe = f", recipe '{name}'" if name else ""
     spec = info.get("spec") or {}
     origin = spec.get("arch") or spec.get("factory") or spec.get("pickle") or "unknown"
     _say(console, f"{file}: {what} model ({origin}{recipe})")

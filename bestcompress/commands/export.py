@@ -61,7 +61,9 @@ def export(checkpoint, fmt, output, input_shape, batch_size, data, samples, tole
     finn = result.extra.get("finn")
     if finn:
         t = finn["totals"]
-        click.echo(f"FINN: {t['hw']} of {t['nodes']} nodes became hardware layers ({100 * t['hw_fraction']:.1f} %); "
+        w = t["binary_weight_layers"]
+        click.echo(f"FINN: {t['hw']} of {t['nodes']} nodes became hardware layers ({100 * t['hw_fraction']:.1f} %), "
+                   f"1-bit-weight matrix layers on MVAU/VVAU: {w['mvau']} of {w['mvau'] + w['not_mapped']}; "
                    f"per-node report in {Path(result.path) / 'report.txt'}")
         for reason, n in list(t["by_reason"].items())[:6]:
             click.echo(f"  {n:>5} not mapped: {reason}")

@@ -30,6 +30,7 @@ from ..errors import ExportError
 INSTALL_HINT = ('install it with `pip install --no-deps finn-plus==1.6.1` and then `pip install pydantic rich click '
                 'pyyaml bitstring psutil "scipy>=1.17,<1.18"` (its own pins would replace the CPU torch)')
 HW_DOMAIN = "finn.custom_op.fpgadataflow"
+MATRIX_LAYERS = ("MVAU", "VVAU", "MatrixVectorActivation", "VectorVectorActivation")
 
 
 def _import_finn():
@@ -99,15 +100,19 @@ def _to_hw():
 
 
 class _Quiet:
-    """FINN prints progress and logs warnings for every node it looks at: keep them out of the user's terminal."""
+    """FINN prints progress, logs and warns for every node it looks at: keep that out of the user's terminal."""
 
     def __enter__(self):
         import contextlib
         import io
         import logging
 
+        import warnings
+
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        self._stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")
         self._loggers = [logging.getLogger(n) for n in ("finn_logger", "finn", "qonnx")]
         self._levels = [lg.level for lg in self._loggers]
         for lg in self._loggers:
@@ -146,14 +151,14 @@ def _why_not(model, node, inits: set[str], producers: dict) -> str:
     dyn = [i for i in node.input if i and i not in inits]
     if op in ("MatMul", "Gemm", "Conv") and len(dyn) >= 2:
         return "activation×activation MatMul (attention): both operands are streams"
-    if op == "Conv":
-        shape = model.get_tensor_shape(node.input[0]) or [1]
-        if shape[0] != 1:
-            return "convolution over a T·B-merged batch: FINN lowers convolutions (Im2Col) only for batch 1"
     if op in ("MatMul", "Gemm", "Conv"):
         w = next((i for i in node.input if i in inits), None)
         wdt = _dtype(model, w) if w else "?"
         idt = _dtype(model, node.input[0])
+        shape = model.get_tensor_shape(node.input[0]) or [1]
+        if op == "Conv" and shape[0] != 1:
+            kind = "1-bit-weight convolution" if wdt in ("BIPOLAR", "BINARY") else "convolution"
+            return f"{kind} over a T·B-merged batch: FINN lowers convolutions (Im2Col) only for batch 1"
         if wdt == "FLOAT32":
             return "full-precision weights (a layer the recipe keeps in fp32: first layer or head)"
         if wdt in ("BIPOLAR", "BINARY") and idt == "FLOAT32":
@@ -194,9 +199,13 @@ def coverage(model) -> dict:
                      "layer": node.op_type if hw else None,
                      "reason": None if hw else _why_not(model, node, inits, producers)})
     n_hw = sum(r["hw"] for r in rows)
+    mvau = sum(r["hw"] and r["op_type"] in MATRIX_LAYERS for r in rows)
+    unmapped_weights = sum(not r["hw"] and r["op_type"] in ("MatMul", "Gemm", "Conv") and "1-bit" in r["reason"]
+                           for r in rows)  # the reasons name 1-bit weights whenever the weights are BIPOLAR
     return {"nodes": rows,
             "totals": {"nodes": len(rows), "hw": n_hw, "not_mapped": len(rows) - n_hw,
                        "hw_fraction": n_hw / len(rows) if rows else 0.0,
+                       "binary_weight_layers": {"mvau": mvau, "not_mapped": unmapped_weights},
                        "by_layer": dict(Counter(r["layer"] for r in rows if r["hw"]).most_common()),
                        "by_reason": dict(Counter(r["reason"] for r in rows if not r["hw"]).most_common())}}
 
@@ -207,9 +216,11 @@ def format_report(report: dict) -> str:
     for r in report["nodes"]:
         lines.append(f"{r['node']:<34} {r['op_type']:<26} {r['layer'] if r['hw'] else 'not mapped: ' + r['reason']}")
     t = report["totals"]
+    w = t["binary_weight_layers"]
     lines += ["-" * 110,
               f"total nodes {t['nodes']}: {t['hw']} hardware layers ({100 * t['hw_fraction']:.1f} %), "
-              f"{t['not_mapped']} not mapped"]
+              f"{t['not_mapped']} not mapped; matrix layers with 1-bit weights on MVAU/VVAU: {w['mvau']} of "
+              f"{w['mvau'] + w['not_mapped']}"]
     for layer, n in t["by_layer"].items():
         lines.append(f"  {n:>5} × {layer}")
     for reason, n in t["by_reason"].items():

@@ -1,6 +1,7 @@
 """`bestcompress export` and `bestcompress verify` through click's CliRunner."""
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -42,6 +43,15 @@ def test_export_and_verify(tmp_path, ckpt):
     assert out.is_file() and "smaller than the fp32 weights" in r.output and "matches PyTorch" in r.output
     r = invoke("verify", out, "--against", ckpt)
     assert r.exit_code == 0 and "matches PyTorch" in r.output, r.output
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # a new file's permissions, not mkstemp's 0600
+    packed = invoke("inspect", out, "--json")
+    original = invoke("inspect", ckpt, "--json")
+    assert packed.exit_code == 0 and original.exit_code == 0, packed.output + original.output
+    import json
+    p, o = json.loads(packed.output), json.loads(original.output)
+    assert p["binary_mac_fraction"] == o["binary_mac_fraction"] > 0.5 and p["total_params"] == o["total_params"]
     onnx_out = tmp_path / "m.onnx"
     r = invoke("export", ckpt, "-f", "onnx", "-o", onnx_out, "--batch-size", "2")
     assert r.exit_code == 0 and onnx_out.is_file(), r.output
