@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODEL = dict(seq_len=40, in_channels=1, num_classes=10, embed_dims=64, num_heads=4, mlp_ratios=4, depths=2, T=4)
+MODEL = dict(seq_len=40, in_channels=1, num_classes=10, embed_dims=64, num_heads=4, mlp_ratios=4, depths=2, T=2)
 TEACHER = {"train.lr": 3e-3, "train.min_lr": 1e-5, "train.warmup_epochs": 1, "train.batch_size": 64,
            "train.weight_decay": 0.06, "train.grad_clip": 1.0, "distill.label_smoothing": 0.1}
 STUDENT = {"train.lr": 2e-3, "train.min_lr": 1e-5, "train.warmup_epochs": 0, "train.batch_size": 64,
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--teacher-epochs", type=int, default=12)
-    p.add_argument("--student-epochs", type=int, default=8)
+    p.add_argument("--student-epochs", type=int, default=6)
     p.add_argument("--workers", type=int, default=2, help="parallel processes (one thread each)")
     p.add_argument("--model", default="", help="model overrides, e.g. T=2,embed_dims=32")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
