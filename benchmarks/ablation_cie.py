@@ -173,6 +173,7 @@ def main(argv=None) -> int:
         "teacher_recipe_overrides": TEACHER, "student_recipe_overrides": student_over,
         "recipe": "bestformer (1-bit weights except first conv and heads, binary attention maps)",
         "rows": table, "runs": results, "wall_time_s": wall, "workers": args.workers,
+        "reused_teachers": args.reuse_teachers,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads per worker 1",
     }
     (args.out / f"{args.name}.json").write_text(json.dumps(summary, indent=2))
@@ -196,15 +197,23 @@ def _markdown(s: dict) -> str:
     for r in s["rows"]:
         per = ", ".join(f"{v:.1f}" for v in r["per_seed"])
         lines.append(f"| {r['label']} | {r['mean']:.2f} ± {r['std']:.2f} | {per} |")
+    so = s["student_recipe_overrides"]
+    losses = list(so.get("distill.losses", ["hard"]))
+    described = {"hard": "hard distillation CE(head2, argmax teacher)",
+                 "soft": f"soft distillation τ²·KL at τ = {so.get('distill.temperature', 1.0)}",
+                 "feature": f"feature alignment of the block outputs (weight {so.get('distill.feature_weight', 1.0)})"}
+    kd = " + ".join(described[k] for k in losses)
+    alpha = so.get("distill.alpha", 0.5)
     lines += [
         "",
         f"Teacher: {s['teacher_epochs']} epochs from scratch, AdamW lr {s['teacher_recipe_overrides']['train.lr']}, "
         "cosine, label smoothing 0.1. Every binary student starts from its seed's teacher weights binarized with "
-        f"the `bestformer` recipe and is fine-tuned for {s['student_epochs']} epochs (AdamW lr "
-        f"{s['student_recipe_overrides']['train.lr']}, cosine, same data order). No CIE: couplings off, "
-        "cross-entropy. Reversible only: couplings on, cross-entropy on both heads. Distillation only: couplings "
-        "off, hard distillation from the teacher (α = 0.5). Both (CIE): couplings on, hard distillation on head2.",
-        f"Wall time {s['wall_time_s'] / 60:.1f} min with {s['workers']} worker processes ({s['machine']}).",
+        f"the `bestformer` recipe and is fine-tuned for {s['student_epochs']} epochs (AdamW lr {so['train.lr']}, "
+        "cosine, same data order). No CIE: couplings off, label-smoothed cross-entropy. Reversible only: couplings "
+        "on, cross-entropy on both heads, no teacher. Distillation only: couplings off (one head plays both roles). "
+        f"Both (CIE): couplings on. Distillation loss: (1 − α)·CE(head, y) + α·[{kd}] with α = {alpha}.",
+        f"Wall time {s['wall_time_s'] / 60:.1f} min with {s['workers']} worker processes ({s['machine']})"
+        + ("; teachers reused from an earlier run of the same setting." if s.get("reused_teachers") else "."),
     ]
     return "\n".join(lines) + "\n"
 
