@@ -45,10 +45,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Train, binarize, distill (CIE) and export a Spikformer on digits.")
     p.add_argument("--out", type=Path, default=Path("runs/digits"), help="output folder")
     p.add_argument("--teacher-epochs", type=int, default=10)
-    p.add_argument("--student-epochs", type=int, default=8)
+    p.add_argument("--student-epochs", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's choice; 1 is faster on a busy machine)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (1: this small model's ops are too small to split, and more "
+                        "threads are far slower when other processes share the cores)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
