@@ -16,10 +16,10 @@ _API = {
     "save_binary": "bestcompress.checkpoint",
     "load_binary": "bestcompress.checkpoint",
     "binarize": "bestcompress.binarize",
-    "distill": "bestcompress.distill.trainer",
+    "distill": "bestcompress.distill",  # the subpackage, callable as distill(student, teacher, data, recipe)
     "train": "bestcompress.distill.trainer",
     "evaluate": "bestcompress.distill.trainer",
-    "export": "bestcompress.export",
+    "export": "bestcompress.export",  # the subpackage, callable as export(model, format, path)
     "load_exported": "bestcompress.export",
     "load_packed": "bestcompress.export.packed",
     "summarize": "bestcompress.summary",
@@ -38,5 +38,6 @@ __all__ = sorted(_API)
 def __getattr__(name: str):
     # Lazy: `import bestcompress` stays cheap and the CLI only loads what a command needs.
     if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
+        module = importlib.import_module(_API[name])
+        return module if module.__name__ == f"{__name__}.{name}" else getattr(module, name)
     raise AttributeError(f"module 'bestcompress' has no attribute {name!r}")

@@ -264,3 +264,7 @@ def load_exported(path: str | os.PathLike, trust: bool = False) -> tuple[nn.Modu
 
 __all__ = ["ExportFormat", "ExportResult", "export", "export_model", "get_format", "list_formats", "load_exported",
            "register_format"]
+
+from .._callable_module import make_callable  # noqa: E402
+
+make_callable(__name__, "bestcompress.export:export")  # bestcompress.export(model, format, path)

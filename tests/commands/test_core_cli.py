@@ -12,6 +12,7 @@ from bestcompress.binarize import binarize
 from bestcompress.checkpoint import load_binary, load_model, save_binary
 from bestcompress.cli import cli
 from bestcompress.zoo import create_model
+from tests.cli_helpers import assert_user_error, invoke
 
 SMALL = dict(embed_dims=32, depths=1, num_heads=2, num_classes=7)  # default img_size/T: detectable setup
 
@@ -24,21 +25,6 @@ def relu_only():
 def mlp():
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
 '''
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def assert_user_error(result, *needles):
-    """Exit code 2, a single 'Error: ...' line naming the problem, no traceback."""
-    out = result.output
-    assert result.exit_code == 2, out
-    assert "Traceback" not in out
-    lines = [line for line in out.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), out
-    for needle in needles:
-        assert needle in lines[0], out
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from bestcompress.checkpoint import load_binary, load_model
 from bestcompress.cli import cli
 from bestcompress.distill.run_state import read_metrics
+from tests.cli_helpers import assert_user_error, invoke
 
 KW = "img_size=8,embed_dims=16,num_heads=2,depths=1,T=2"
 QUICK = ["--subset", "48", "--limit-batches", "2", "--set", "train.batch_size=16", "--no-progress"]
@@ -22,20 +23,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def assert_user_error(result, *needles):
-    out = result.output
-    assert result.exit_code == 2, out
-    assert "Traceback" not in out
-    lines = [line for line in out.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), out
-    for n in needles:
-        assert n in out, out
 
 
 @pytest.fixture(scope="module")

@@ -11,21 +11,7 @@ from bestcompress.checkpoint import save_binary
 from bestcompress.cli import cli
 
 from .conftest import tiny_binary
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def assert_user_error(result, *needles):
-    """Exit code 2, one 'Error: ...' line naming the problem, no traceback."""
-    out = result.output
-    assert result.exit_code == 2, out
-    assert "Traceback" not in out
-    lines = [line for line in out.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), out
-    for needle in needles:
-        assert needle in lines[0], out
+from tests.cli_helpers import assert_user_error, invoke
 
 
 @pytest.fixture(scope="module")
