@@ -36,29 +36,11 @@ sys.path.insert(0, str(ROOT))
 
 from bestcompress.binarize import binarize  # noqa: E402
 from bestcompress.export import export_model  # noqa: E402
+from bestcompress.nn.calibrate import make_it_fire  # noqa: E402
 from bestcompress.nn.binary import is_binary_layer  # noqa: E402
 from bestcompress.zoo import create_model  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "bench_export.json"
-
-
-def make_it_fire(model: nn.Module, input_shape, batches: int = 1) -> nn.Module:
-    """BatchNorms re-estimated on random inputs (weight 2, bias 0.5): about a fifth of the neurons fire."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-        with torch.no_grad():
-            bn.weight.fill_(2.0)
-            bn.bias.fill_(0.5)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    with torch.no_grad():
-        for _ in range(batches):
-            model(torch.rand((8,) + tuple(input_shape), generator=g))
-    for bn in bns:
-        bn.momentum = 0.1
-    return model.eval()
 
 
 def trained_like(model: nn.Module) -> None:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from bestcompress.binarize import binarize
+from bestcompress.nn.calibrate import make_it_fire
 from bestcompress.nn.lif import LIF
 from bestcompress.zoo import create_model, get_entry, list_models
 
@@ -34,34 +35,13 @@ class TinySpikingMLP(nn.Module):
         return self.head(s.mean(0))
 
 
-def make_it_fire(model: nn.Module, input_shape, batches: int = 2) -> nn.Module:
-    """Re-estimate every BatchNorm on random inputs with weight 2 and bias 0.5, so that roughly a fifth of the
-    neurons fire: a freshly initialised network is silent (no spike anywhere), which would make spike checks
-    vacuous."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the calibration batches
-        with torch.no_grad():
-            bn.weight.fill_(2.0)
-            bn.bias.fill_(0.5)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    with torch.no_grad():
-        for _ in range(batches):
-            model(torch.rand((8,) + tuple(input_shape), generator=g))
-    for bn in bns:
-        bn.momentum = 0.1
-    return model.eval()
-
-
 def tiny_binary(name: str, **overrides):
     """binarize(zoo tiny model) with the BESTformer recipe (reversible couplings on unless overridden), with
     BatchNorms calibrated so that the neurons fire."""
     torch.manual_seed(0)
     model = create_model(name, **get_entry(name).tiny_cfg).eval()
     binary = binarize(model, "bestformer", overrides=overrides or None).model
-    return make_it_fire(binary, binary.bc_input_shape), model
+    return make_it_fire(binary, binary.bc_input_shape, batches=2), model
 
 
 _cache: dict = {}
@@ -82,4 +62,4 @@ def binary_models():
 def tiny_mlp_binary():
     torch.manual_seed(0)
     binary = binarize(TinySpikingMLP().eval(), "bestformer", overrides={"reversible.enabled": False}).model
-    return make_it_fire(binary, binary.bc_input_shape)
+    return make_it_fire(binary, binary.bc_input_shape, batches=2)

@@ -10,8 +10,9 @@ from bestcompress.export import export_model
 from bestcompress.export.packed import fp32_bytes, is_packed, load_packed, read_header, save_packed
 from bestcompress.export.verify import verify_file
 from bestcompress.nn.binary import is_binary_layer
+from bestcompress.nn.calibrate import make_it_fire
 
-from .conftest import make_it_fire, tiny_binary
+from .conftest import tiny_binary
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -59,7 +60,7 @@ def test_roundtrip_is_bit_exact(tmp_path, quantizer):
 
 def test_packed_export_is_verified_and_much_smaller(tmp_path):
     model, _ = tiny_binary("spikformer_seq", **{"reversible.enabled": False})
-    wide = make_it_fire(model, model.bc_input_shape)
+    wide = make_it_fire(model, model.bc_input_shape, batches=2)
     result = export_model(wide, "packed", tmp_path / "m.bcz")
     assert result.verification.passed and result.verification.weights_exact
     assert result.ratio > 3  # tiny model: the fp32 tokenizer conv and head weigh a lot here
