@@ -108,12 +108,18 @@ def train(arch, model_factory, model_kwargs, tiny, init_checkpoint, trust_checkp
     result = run_train(model, data, resolved, output, epochs=epochs, run_dir=run_dir, resume=resume,
                        encoding=encoding, subset=subset, limit_batches=limit_batches, seed=seed, progress=progress,
                        device=device, log=_log(console))
-    if _rank0():
-        final = result.final
-        if final:
-            _say(console, f"Trained {name} for {_epochs(final['epoch'])}: test top-1 {final['test_top1']:.2f}% "
-                          f"(best {result.best_top1:.2f}%)")
-        _say(console, f"Saved {output} (run folder {run_dir})")
+    _report_run(console, f"Trained {name}", result, output, run_dir)
+
+
+def _report_run(console, what: str, result, output, run_dir) -> None:
+    """On rank 0: the final test accuracy of a training run and where its files are."""
+    if not _rank0():
+        return
+    final = result.final
+    if final:
+        _say(console, f"{what} for {_epochs(final['epoch'])}: test top-1 {final['test_top1']:.2f}% "
+                      f"(best {result.best_top1:.2f}%)")
+    _say(console, f"Saved {output} (run folder {run_dir})")
 
 
 # ------------------------------------------------------------------------------------------------- distill
@@ -152,12 +158,7 @@ def distill(checkpoint, teacher, teacher_arch, teacher_model, teacher_kwargs, tr
     result = run_distill(student, teacher_net, data, resolved, output, source_model=source, epochs=epochs,
                          run_dir=run_dir, resume=resume, encoding=encoding, subset=subset,
                          limit_batches=limit_batches, seed=seed, progress=progress, device=device, log=_log(console))
-    if _rank0():
-        final = result.final
-        if final:
-            _say(console, f"Distilled {checkpoint} for {_epochs(final['epoch'])}: test top-1 {final['test_top1']:.2f}% "
-                          f"(best {result.best_top1:.2f}%)")
-        _say(console, f"Saved {output} (run folder {run_dir})")
+    _report_run(console, f"Distilled {checkpoint}", result, output, run_dir)
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
