@@ -66,7 +66,7 @@ def run_teacher(seed: int, model_cfg: dict, epochs: int, over: dict, work: str, 
             return cached["result"]
     from bestcompress.checkpoint import save_fp
     from bestcompress.data import load_dataset
-    from bestcompress.distill.trainer import train
+    from bestcompress.training.trainer import train
     from bestcompress.zoo import create_model
     torch.manual_seed(seed)
     model = create_model("spikformer_seq", **model_cfg)
@@ -85,10 +85,10 @@ def run_teacher(seed: int, model_cfg: dict, epochs: int, over: dict, work: str, 
 
 def run_student(seed: int, variant: str, teacher_path: str, epochs: int, over: dict, work: str) -> dict:
     import torch
-    from bestcompress.binarize import binarize
+    from bestcompress.convert import binarize
     from bestcompress.checkpoint import load_model
     from bestcompress.data import load_dataset
-    from bestcompress.distill.trainer import distill, evaluate, train
+    from bestcompress.training.trainer import distill, evaluate, train
     _, couplings, distillation = VARIANTS[variant]
     teacher = load_model(teacher_path)
     torch.manual_seed(seed)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bestcompress.binarize import binarize
+from bestcompress.convert import binarize
 from bestcompress.summary import summarize
 from bestcompress.zoo import create_model
 

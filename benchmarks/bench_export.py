@@ -34,8 +34,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bestcompress.binarize import binarize  # noqa: E402
-from bestcompress.export import export_model  # noqa: E402
+from bestcompress.convert import binarize  # noqa: E402
+from bestcompress.exporters import export_model  # noqa: E402
 from bestcompress.nn.calibrate import make_it_fire  # noqa: E402
 from bestcompress.nn.binary import is_binary_layer  # noqa: E402
 from bestcompress.zoo import create_model  # noqa: E402

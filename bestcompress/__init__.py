@@ -1,8 +1,9 @@
 """bestcompress: make spiking transformers binary (BESTformer), recover accuracy with CIE, export verified graphs.
 
-The spine of the API, one function per arrow:
-    load_model(...)  ->  binarize(model, recipe)  ->  distill(student, teacher, data, recipe)
-                     ->  export(model, format, path)  and  summarize(model)
+The spine of the API, one plain function per arrow:
+    load(path)  ->  binarize(model, recipe)  ->  distill(student, teacher, data, recipe)
+                ->  export(model, format, path)  and  summarize(model), evaluate(model, data), train(model, data)
+No public function shares its name with a module (the modules are convert, training/, exporters/, ...).
 """
 from __future__ import annotations
 
@@ -11,17 +12,15 @@ import importlib
 __version__ = "0.1.0"
 
 _API = {
-    "load_model": "bestcompress.checkpoint",
+    "load": "bestcompress.loading",
+    "Loaded": "bestcompress.loading",
     "save_fp": "bestcompress.checkpoint",
     "save_binary": "bestcompress.checkpoint",
-    "load_binary": "bestcompress.checkpoint",
-    "binarize": "bestcompress.binarize",
-    "distill": "bestcompress.distill",  # the subpackage, callable as distill(student, teacher, data, recipe)
-    "train": "bestcompress.distill.trainer",
-    "evaluate": "bestcompress.distill.trainer",
-    "export": "bestcompress.export",  # the subpackage, callable as export(model, format, path)
-    "load_exported": "bestcompress.export",
-    "load_packed": "bestcompress.export.packed",
+    "binarize": "bestcompress.convert",
+    "distill": "bestcompress.training.trainer",
+    "train": "bestcompress.training.trainer",
+    "evaluate": "bestcompress.training.trainer",
+    "export": "bestcompress.exporters",
     "summarize": "bestcompress.summary",
     "load_recipe": "bestcompress.recipe",
     "list_recipes": "bestcompress.recipe",
@@ -38,6 +37,7 @@ __all__ = sorted(_API)
 def __getattr__(name: str):
     # Lazy: `import bestcompress` stays cheap and the CLI only loads what a command needs.
     if name in _API:
-        module = importlib.import_module(_API[name])
-        return module if module.__name__ == f"{__name__}.{name}" else getattr(module, name)
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
     raise AttributeError(f"module 'bestcompress' has no attribute {name!r}")

@@ -414,7 +414,7 @@ def save_fp(model: nn.Module, path: str | os.PathLike, extra: Mapping | None = N
         path: the output file.
         extra: any weights_only-safe metadata (epoch, accuracy, ...).
     """
-    from .binarize import model_input_shape
+    from .model_facts import model_input_shape
     payload = {"format": FORMAT, "version": VERSION, "kind": "fp", "spec": _spec_of(model),
                "input_shape": _plain_shape(model_input_shape(model)), "state_dict": _tensors(model.state_dict()),
                "extra": dict(extra or {})}
@@ -434,7 +434,7 @@ def save_binary(binary_model: nn.Module, source_model: nn.Module, path: str | os
     recipe = getattr(binary_model, "bc_recipe", None)
     if recipe is None:
         raise ModelError("The model records no bc_recipe; save_binary takes the model that binarize() returned.")
-    from .binarize import model_input_shape
+    from .model_facts import model_input_shape
     shape = getattr(binary_model, "bc_input_shape", None) or model_input_shape(source_model)
     payload = {"format": FORMAT, "version": VERSION, "kind": "binary", "spec": _spec_of(source_model, binary_model),
                "input_shape": _plain_shape(shape), "state_dict": _tensors(binary_model.state_dict()),
@@ -466,7 +466,8 @@ def structure_of(model: nn.Module) -> list[str]:
 def _rebuild_binary(source: nn.Module, recipe, shape, state_dict: Mapping, structure, source_name: str):
     """binarize(source, recipe) with the stored weights loaded strictly (binarize runs its passes on a
     FakeTensor input, so rebuilding a large model takes seconds)."""
-    from .binarize import binarize, example_input_for
+    from .convert import binarize
+    from .model_facts import example_input_for
     example = example_input_for(source, shape) if shape is not None else None
     model = binarize(source, recipe=recipe, example_input=example, input_shape=shape).model
     if structure is not None and structure_of(model) != list(structure):
@@ -517,17 +518,17 @@ def load_any(path: str | os.PathLike, trust: bool = False, arch: str | None = No
 
     Returns:
         (kind, model, info): kind is "binary" (bestcompress binary checkpoint) or "fp"; info as in load_binary
-        (recipe None for fp).
+        (recipe None for fp), plus "source" (the full-precision source model) for a binary checkpoint.
     """
     path = Path(path)
     obj = load_checkpoint_file(path, trust=trust)
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         obj = _check_format(obj, path)
         if obj.get("kind") == "binary" and arch is None and model is None:
-            binary, _, info = _binary_from_obj(obj, path, trust)
-            return "binary", binary, info
+            binary, source, info = _binary_from_obj(obj, path, trust)
+            return "binary", binary, {**info, "source": source}
     net = _load_model_from_obj(obj, path, arch, model, model_kwargs, trust).eval()
-    from .binarize import model_input_shape
+    from .model_facts import model_input_shape
     info = {"kind": "fp", "path": str(path), "spec": getattr(net, "bc_spec", None),
             "input_shape": model_input_shape(net), "recipe": None,
             "extra": dict(obj.get("extra") or {}) if isinstance(obj, Mapping) and obj.get("format") == FORMAT else {}}

@@ -36,12 +36,7 @@ def cli() -> None:
 
 def _register() -> None:
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # that area is not written yet
-                continue
-            raise
+        module = importlib.import_module(name)  # a missing or broken command module fails loudly
         for command in getattr(module, "COMMANDS", []):
             cli.add_command(command)
 

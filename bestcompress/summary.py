@@ -218,7 +218,7 @@ def summarize(model: nn.Module, example_input: torch.Tensor | None = None, input
     Returns:
         Summary (`.to_dict()`, `.to_csv()`, `.to_text()`, `.render(console)`).
     """
-    from .binarize import example_input_for
+    from .model_facts import example_input_for
     if example_input is None:
         example_input = example_input_for(model, input_shape, batch=1)
         if example_input is None:

@@ -29,10 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from bestcompress.binarize import binarize  # noqa: E402
+from bestcompress.convert import binarize  # noqa: E402
 from bestcompress.checkpoint import save_binary  # noqa: E402
 from bestcompress.data import load_dataset  # noqa: E402
-from bestcompress.distill.trainer import distill, evaluate, train  # noqa: E402
+from bestcompress.training.trainer import distill, evaluate, train  # noqa: E402
 from bestcompress.summary import summarize  # noqa: E402
 from bestcompress.zoo import create_model  # noqa: E402
 
@@ -113,9 +113,9 @@ def main(argv=None) -> int:
 
 def export_all(model, out: Path) -> list[str]:
     try:
-        from bestcompress.export import export_model
+        from bestcompress.exporters import export_model
     except ImportError:
-        return ["export: skipped (bestcompress.export is not available in this installation)"]
+        return ["export: skipped (bestcompress.exporters is not available in this installation)"]
     from bestcompress.errors import BestcompressError
     lines = ["\nexports (each verified against PyTorch before it was written):"]
     for fmt, name in (("qonnx", "bin_cie.qonnx.onnx"), ("onnx", "bin_cie.onnx"), ("packed", "bin_cie.bcz")):

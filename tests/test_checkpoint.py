@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from bestcompress.binarize import binarize
+from bestcompress.convert import binarize
 from bestcompress.checkpoint import (
     atomic_save, atomic_write, extract_state_dict, load_any, load_binary, load_checkpoint_file, load_model, save_binary,
     save_fp,
@@ -276,7 +276,7 @@ def test_load_binary_rejects_other_files(tmp_path):
 
 
 def test_binarize_runs_passes_on_fake_input_and_falls_back(monkeypatch):
-    import bestcompress.binarize as bz
+    import bestcompress.convert as bz
     from torch._subclasses.fake_tensor import FakeTensor
 
     src = small_model().eval()

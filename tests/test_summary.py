@@ -8,7 +8,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from bestcompress.binarize import binarize
+from bestcompress.convert import binarize
 from bestcompress.errors import ModelError
 from bestcompress.nn.binary import BinaryLinear
 from bestcompress.summary import E_AC_PJ, E_MAC_PJ, summarize

@@ -107,7 +107,8 @@ def _model_options(f):
 def binarize(checkpoint, arch, model_factory, model_kwargs, input_shape, trust_checkpoint, recipe, overrides,
              output):
     """Make a full-precision checkpoint binary (BESTformer) and save it."""
-    from ..binarize import binarize as run_binarize, model_input_shape
+    from ..convert import binarize as run_binarize
+    from ..model_facts import model_input_shape
     from ..checkpoint import load_model, save_binary
     from ..recipe import load_recipe, parse_overrides
     from ..summary import summarize
@@ -148,8 +149,8 @@ def inspect(file, arch, model_factory, model_kwargs, input_shape, trust_checkpoi
     from ..checkpoint import load_any
     from ..summary import summarize
 
-    from ..export import load_exported
-    from ..export.packed import is_packed
+    from ..exporters import load_exported
+    from ..exporters.packed import is_packed
 
     shape = parse_input_shape(input_shape)
     if is_packed(Path(file)):

@@ -20,7 +20,7 @@ def _parse_shape(text: str | None):
 
 
 def _load(path: Path, trust: bool, input_shape):
-    from ..export import load_exported
+    from ..exporters import load_exported
 
     model, info = load_exported(path, trust=trust)
     if input_shape is not None:
@@ -46,7 +46,7 @@ def _verification_line(report) -> str:
 @click.option("--trust-checkpoint", is_flag=True, help="Allow a pickled source model (runs code: trusted files only).")
 def export(checkpoint, fmt, output, input_shape, batch_size, data, samples, tolerance, trust_checkpoint):
     """Export a binary checkpoint (or .bcz) to FORMAT; the export is verified against PyTorch before it is written."""
-    from ..export import check_output_path, export_model
+    from ..exporters import check_output_path, export_model
 
     check_output_path(output, fmt)  # unknown format / missing folder: fail before loading anything
     shape = _parse_shape(input_shape)
@@ -78,7 +78,7 @@ def export(checkpoint, fmt, output, input_shape, batch_size, data, samples, tole
 @click.option("--trust-checkpoint", is_flag=True, help="Allow a pickled source model (runs code: trusted files only).")
 def verify(file, against, data, samples, tolerance, trust_checkpoint):
     """Re-check an exported FILE (.onnx, .bcz or a FINN folder) against the PyTorch model."""
-    from ..export.verify import verify_file
+    from ..exporters.verify import verify_file
 
     if not Path(file).exists():
         raise ExportError(f"'{file}' does not exist.")

@@ -1,5 +1,5 @@
 """Training commands: train (a full-precision teacher), distill (CIE), evaluate. Thin wrappers over
-bestcompress.distill.trainer; under torchrun (`python -m bestcompress ...`) only rank 0 prints and writes."""
+bestcompress.training.trainer; under torchrun (`python -m bestcompress ...`) only rank 0 prints and writes."""
 from __future__ import annotations
 
 import os
@@ -84,7 +84,7 @@ def train(arch, model_factory, model_kwargs, tiny, init_checkpoint, trust_checkp
           limit_batches, device, epochs, recipe, overrides, seed, run_dir, resume, progress, output):
     """Train a full-precision model (the teacher) and save it as a bestcompress checkpoint."""
     from ..checkpoint import load_model
-    from ..distill.trainer import train as run_train
+    from ..training.trainer import train as run_train
     from ..recipe import load_recipe, parse_overrides
 
     if arch is None and model_factory is None and init_checkpoint is None:
@@ -139,7 +139,7 @@ def distill(checkpoint, teacher, teacher_arch, teacher_model, teacher_kwargs, tr
             subset, limit_batches, device, epochs, recipe, overrides, seed, run_dir, resume, progress, output):
     """Recover a binary model's accuracy with CIE (reversible couplings + distillation from the teacher)."""
     from ..checkpoint import load_binary, load_model
-    from ..distill.trainer import distill as run_distill
+    from ..training.trainer import distill as run_distill
     from ..recipe import load_recipe, parse_overrides
 
     output = output or checkpoint.with_name(f"{checkpoint.stem}_cie.pt")
@@ -178,7 +178,7 @@ def evaluate(file, arch, model_factory, model_kwargs, trust_checkpoint, data, en
     import json
 
     from ..checkpoint import load_any
-    from ..distill.trainer import evaluate as run_evaluate
+    from ..training.trainer import evaluate as run_evaluate
 
     kind, net, info = load_any(file, trust=trust_checkpoint, arch=arch, model=model_factory,
                                model_kwargs=parse_model_kwargs(model_kwargs))

@@ -150,7 +150,7 @@ def load_dataset(name_or_path: str | Path, model: nn.Module | None = None, *, in
         DataError: missing path, empty folder, non-finite values, labels out of range or samples that do not
             fit the model.
     """
-    from ..binarize import model_input_shape, model_time_steps
+    from ..model_facts import model_input_shape, model_time_steps
     source = str(name_or_path)
     if encoding not in ENCODINGS:
         raise DataError(f"Unknown encoding '{encoding}'; use one of {', '.join(ENCODINGS)}.")

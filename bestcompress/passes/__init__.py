@@ -3,11 +3,7 @@ from .base import Pass, PassContext, PassError, Pipeline, get_pass, list_passes,
 from .binarize_attention import BinarizeAttention
 from .binarize_weights import BinarizeWeights
 from .canonicalize_neurons import CanonicalizeNeurons
-
-try:  # written by the CIE work; absent until then
-    from .reversible import InsertReversibleCouplings
-except ImportError:  # pragma: no cover
-    InsertReversibleCouplings = None
+from .reversible import InsertReversibleCouplings
 
 __all__ = ["Pass", "PassContext", "PassError", "Pipeline", "get_pass", "list_passes", "register_pass",
            "BinarizeAttention", "BinarizeWeights", "CanonicalizeNeurons", "InsertReversibleCouplings"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bestcompress.binarize import binarize
+from bestcompress.convert import binarize
 from bestcompress.checkpoint import load_binary, load_model, save_binary
 from bestcompress.cli import cli
 from bestcompress.zoo import create_model

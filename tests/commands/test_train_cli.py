@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from bestcompress.checkpoint import load_binary, load_model
 from bestcompress.cli import cli
-from bestcompress.distill.run_state import read_metrics
+from bestcompress.training.run_state import read_metrics
 from tests.cli_helpers import assert_user_error, invoke
 
 KW = "img_size=8,embed_dims=16,num_heads=2,depths=1,T=2"

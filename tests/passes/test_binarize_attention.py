@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from bestcompress.binarize import binarize, example_input_for
+from bestcompress.convert import binarize
+from bestcompress.model_facts import example_input_for
 from bestcompress.errors import ModelError
 from bestcompress.nn.attention import AttentionMapNeuron, AttentionScale
 from bestcompress.nn.intercept import InterceptedAttention

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from bestcompress.binarize import binarize, example_input_for
+from bestcompress.convert import binarize
+from bestcompress.model_facts import example_input_for
 from bestcompress.nn.attention import AttentionMapNeuron
 from bestcompress.nn.binary import is_binary_layer
 from bestcompress.passes.binarize_weights import head_layers, weight_layers_in_call_order

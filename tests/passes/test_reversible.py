@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import fx, nn
 
-from bestcompress.binarize import binarize, example_input_for
+from bestcompress.convert import binarize
+from bestcompress.model_facts import example_input_for
 from bestcompress.errors import ModelError
 from bestcompress.nn.lif import LIF
 from bestcompress.nn.reversible import DualHeadOutput, ReversibleCoupling, reconstruct_previous

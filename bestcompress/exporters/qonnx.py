@@ -140,7 +140,7 @@ def get_meta(proto: onnx.ModelProto) -> dict:
 
 def model_meta(model: nn.Module, example_input: torch.Tensor) -> dict:
     """What an exported graph records about the PyTorch model it came from."""
-    from ..binarize import model_time_steps
+    from ..model_facts import model_time_steps
     recipe = getattr(model, "bc_recipe", None) or {}
     return {"version": META_VERSION, "input_shape": list(example_input.shape[1:]),
             "batch_size": int(example_input.shape[0]), "time_steps": model_time_steps(model),

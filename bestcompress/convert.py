@@ -8,44 +8,11 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch import nn
 
 from .errors import ModelError
+from .model_facts import example_input_for, model_time_steps
 from .passes.base import PassContext, Pipeline
 from .passes.neuron_check import deepcopy_module
 from .recipe import Recipe, load_recipe
 from .trace import TraceReport, trace_model
-
-
-def model_time_steps(model: nn.Module) -> int | None:
-    for attr in ("T", "time_steps", "timesteps", "num_steps"):
-        value = getattr(model, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def model_input_shape(model: nn.Module) -> tuple[int, ...] | None:
-    """Per-sample input shape (no batch axis) the model declares, or that its zoo entry gives."""
-    shape = getattr(model, "bc_input_shape", None) or getattr(model, "input_shape", None)
-    if shape is None:
-        spec = getattr(model, "bc_spec", None)
-        if spec and spec.get("arch"):
-            from .zoo import get_entry
-            entry = get_entry(spec["arch"])
-            cfg = {**entry.default_cfg, **spec.get("kwargs", {})}
-            shape = entry.input_shape(cfg)
-    return tuple(int(s) for s in shape) if shape is not None else None
-
-
-def example_input_for(model: nn.Module, input_shape=None, batch: int = 2, seed: int = 0) -> torch.Tensor | None:
-    """A seeded random batch for shape propagation and checks (None when the shape is unknown)."""
-    shape = tuple(input_shape) if input_shape else model_input_shape(model)
-    if shape is None:
-        return None
-    g = torch.Generator().manual_seed(seed)
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
-    return torch.rand((batch,) + shape, generator=g).to(device)
 
 
 @dataclass
@@ -65,7 +32,7 @@ def build_pipeline(recipe: Recipe, ctx: PassContext) -> list:
     if a.binarize:
         graph.append(BinarizeAttention(ctx, map=a.map, v_threshold=a.v_threshold, tau=a.tau,
                                        learnable_scale=a.learnable_scale, softmax=a.softmax))
-    if recipe.reversible.enabled and InsertReversibleCouplings is not None:
+    if recipe.reversible.enabled:
         graph.append(InsertReversibleCouplings(ctx, eval_heads=recipe.reversible.eval_heads))
     if recipe.weights.binarize:
         graph.append(BinarizeWeights(ctx, keep_full_precision=recipe.weights.keep_full_precision,

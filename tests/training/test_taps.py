@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from bestcompress.binarize import binarize, example_input_for
-from bestcompress.distill import feature_alignment_loss, feature_taps
+from bestcompress.convert import binarize
+from bestcompress.model_facts import example_input_for
+from bestcompress.training import feature_alignment_loss, feature_taps
 from bestcompress.errors import ModelError
 from bestcompress.zoo import tiny_model
 from bestcompress.zoo._common import time_first_sequence

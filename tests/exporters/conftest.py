@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from bestcompress.binarize import binarize
+from bestcompress.convert import binarize
 from bestcompress.nn.calibrate import make_it_fire
 from bestcompress.nn.lif import LIF
 from bestcompress.zoo import create_model, get_entry, list_models

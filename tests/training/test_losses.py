@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bestcompress.binarize import binarize, example_input_for
-from bestcompress.distill import CIELoss, ce_loss, class_loss, feature_alignment_loss, feature_taps
+from bestcompress.convert import binarize
+from bestcompress.model_facts import example_input_for
+from bestcompress.training import CIELoss, ce_loss, class_loss, feature_alignment_loss, feature_taps
 from bestcompress.errors import ModelError, RecipeError
 from bestcompress.nn.binary import is_binary_layer
 from bestcompress.recipe import DistillConfig

@@ -1,6 +1,6 @@
 """Export binary BESTformers, each export verified numerically against PyTorch before it is written.
 
-    from bestcompress.export import export
+    from bestcompress.exporters import export
     export(binary_model, "qonnx", "bin.onnx")     # QONNX: BipolarQuant weights, {0,1} spikes, T unrolled
     export(binary_model, "onnx", "bin_std.onnx")  # standard ONNX for onnxruntime
     export(binary_model, "finn", "finn_dir/")     # QONNX + FINN+ front-end + per-node coverage report
@@ -203,7 +203,7 @@ def export_model(model: nn.Module, format: str, path: str | os.PathLike, example
                  input_shape=None, batch_size: int = 1, verify: bool = True, tolerance: float = DEFAULT_TOLERANCE,
                  data: str | os.PathLike | None = None, samples: int | None = None, seed: int = 0) -> ExportResult:
     """Export and verify a binary model; see `export`. Returns the ExportResult (sizes, verification)."""
-    from ..binarize import example_input_for
+    from ..model_facts import example_input_for
     from .packed import fp32_bytes
 
     fmt = get_format(format)
@@ -264,7 +264,3 @@ def load_exported(path: str | os.PathLike, trust: bool = False) -> tuple[nn.Modu
 
 __all__ = ["ExportFormat", "ExportResult", "export", "export_model", "get_format", "list_formats", "load_exported",
            "register_format"]
-
-from .._callable_module import make_callable  # noqa: E402
-
-make_callable(__name__, "bestcompress.export:export")  # bestcompress.export(model, format, path)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from bestcompress.binarize import binarize
+from bestcompress.convert import binarize
 from bestcompress.checkpoint import load_binary, load_model
 from bestcompress.data import load_dataset
-from bestcompress.distill.run_state import read_metrics
-from bestcompress.distill.trainer import (
+from bestcompress.training.run_state import read_metrics
+from bestcompress.training.trainer import (
     distill, evaluate, make_optimizer, make_scheduler, neuron_reset_fn, train,
 )
 from bestcompress.errors import CheckpointError, DataError

@@ -220,7 +220,7 @@ def write_packed(model: nn.Module, path: str | Path, extra: dict | None = None) 
     for key, value in model.state_dict().items():
         if key not in skip:
             arrays[f"fp/{key}"] = value.detach().cpu().numpy()
-    from ..binarize import model_input_shape
+    from ..model_facts import model_input_shape
     shape = getattr(model, "bc_input_shape", None) or model_input_shape(model)
     header = {"format": FORMAT, "version": VERSION, "spec": spec, "recipe": recipe,
               "input_shape": list(shape) if shape is not None else None, "binary": layers,
@@ -277,7 +277,7 @@ def load_packed(path: str | Path) -> nn.Module:
     The source architecture is rebuilt from the stored spec, binarized with the stored recipe, and given the
     stored weights; its binary weights are bit-exact and its outputs identical to the model that was packed.
     """
-    from ..binarize import binarize
+    from ..convert import binarize
     from ..checkpoint import build_from_spec, load_state_dict_checked
     from ..recipe import recipe_from_dict
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from bestcompress.errors import CheckpointError
-from bestcompress.export import export_model
-from bestcompress.export.packed import fp32_bytes, is_packed, load_packed, read_header, save_packed
-from bestcompress.export.verify import verify_file
+from bestcompress.exporters import export_model
+from bestcompress.exporters.packed import fp32_bytes, is_packed, load_packed, read_header, save_packed
+from bestcompress.exporters.verify import verify_file
 from bestcompress.nn.binary import is_binary_layer
 from bestcompress.nn.calibrate import make_it_fire
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from bestcompress.binarize import binarize
+from bestcompress.convert import binarize
 from bestcompress.checkpoint import load_binary, save_binary
-from bestcompress.distill.run_state import read_metrics
+from bestcompress.training.run_state import read_metrics
 from bestcompress.zoo import create_model
 
 ROOT = Path(__file__).resolve().parents[2]
