@@ -22,7 +22,6 @@ import hashlib
 import os
 import re
 import sys
-import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ModelError
+from .fileio import atomic_save, atomic_write  # noqa: F401 (callers import them from here until moved)
 
 FORMAT = "bestcompress"
 VERSION = 1
@@ -52,49 +52,6 @@ except ImportError:  # pragma: no cover
 
 
 # ------------------------------------------------------------------------------------------------ writing
-
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], object]) -> Path:
-    """Write a file so that a crash never leaves a half-written `path`.
-
-    Args:
-        path: the destination; its folder must exist.
-        write_fn: called with a temporary path in the same folder (same suffix); it writes the file there.
-    Returns:
-        `path` as a Path, after the temporary file was fsynced and renamed onto it.
-    """
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise CheckpointError(f"Cannot write '{path}': the folder '{folder}' does not exist.")
-    if path.is_dir():
-        raise CheckpointError(f"Cannot write '{path}': it is a folder, give a file name.")
-    try:
-        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    except OSError as e:
-        raise CheckpointError(f"Cannot write into '{folder}': {e.strerror or e}.") from None
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it a new file's permissions
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"Writing '{path}' failed: {e.strerror or e}.") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """`torch.save(obj, path)` through `atomic_write`."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
 
 # ------------------------------------------------------------------------------------------------ reading
 

@@ -23,3 +23,9 @@ class DataError(BestcompressError):
 
 class ExportError(BestcompressError):
     """An export failed, or the exported graph does not compute what PyTorch computes."""
+
+
+def short_reason(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, cut to `limit` characters (its class name if it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
