@@ -65,6 +65,8 @@ class TrainConfig:
     warmup_epochs: int = 2
     grad_clip: float = 1.0
     seed: int = 0
+    val_fraction: float = 0.1  # part of the training set held out to pick the best epoch (0: keep the last)
+    calibrate_batches: int = 8  # distill re-estimates BatchNorm statistics on this many batches first (0: off)
 
 
 @dataclass(frozen=True)
