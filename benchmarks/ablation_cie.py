@@ -86,7 +86,7 @@ def run_teacher(seed: int, model_cfg: dict, epochs: int, over: dict, work: str, 
 def run_student(seed: int, variant: str, teacher_path: str, epochs: int, over: dict, work: str) -> dict:
     import torch
     from bestcompress.convert import binarize
-    from bestcompress.checkpoint import load_model
+    from bestcompress.loading import load_model
     from bestcompress.data import load_dataset
     from bestcompress.training.trainer import distill, evaluate, train
     _, couplings, distillation = VARIANTS[variant]

@@ -6,12 +6,17 @@ Commands live in bestcompress/commands/ (one file per area, each exporting COMMA
 from __future__ import annotations
 
 import importlib
+import logging
 
 import click
 
 from .errors import BestcompressError
 
-COMMAND_MODULES = ["bestcompress.commands.core", "bestcompress.commands.export", "bestcompress.commands.train"]
+# spikingjelly registers Triton kernels at import; without Triton torch logs "Triton not available" each time.
+logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
+
+COMMAND_MODULES = ["bestcompress.commands.core", "bestcompress.commands.export", "bestcompress.commands.train",
+                   "bestcompress.commands.report"]
 
 
 class UserError(click.ClickException):
@@ -20,12 +25,22 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
+def _sentence(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text if text.endswith((".", "?", "!")) else text + "."
+
+
 class BestcompressGroup(click.Group):
+    """Runs a command; a user error (ours, or click's usage errors) becomes one sentence and exit code 2."""
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except BestcompressError as e:
-            raise UserError(str(e)) from None
+            raise UserError(_sentence(e)) from None
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "bestcompress"
+            raise UserError(_sentence(e.format_message()).rstrip(".") + f" (see `{where} --help`).") from None
 
 
 @click.group(cls=BestcompressGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -25,6 +25,14 @@ class ExportError(BestcompressError):
     """An export failed, or the exported graph does not compute what PyTorch computes."""
 
 
+class ReportError(BestcompressError):
+    """A report cannot be made from what was given (no run folder, no metrics, nothing to show)."""
+
+
+class DeviceError(BestcompressError):
+    """The device asked for does not exist on this machine or is not a device name."""
+
+
 def short_reason(e: BaseException, limit: int = 160) -> str:
     """The first line of an exception's message, cut to `limit` characters (its class name if it has none)."""
     text = str(e).strip()

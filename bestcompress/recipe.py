@@ -6,6 +6,8 @@ Unknown keys, wrong types and values outside the allowed set are RecipeErrors na
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +15,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .errors import RecipeError
+from .errors import RecipeError, short_reason
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,13 @@ class NeuronsConfig:
 class ReversibleConfig:
     enabled: bool = True
     eval_heads: Literal["mean", "head", "head2"] = "mean"
+    form: Literal["preserving", "paper"] = "preserving"  # learnable a, b from (0, 1) | the paper's fixed ½, ½
+    stages: tuple[str, ...] = ()  # trunk stages to couple, by index or module prefix; empty: all
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    losses: tuple[str, ...] = ("hard",)  # any of hard, soft, feature
+    losses: tuple[Literal["hard", "soft", "feature"], ...] = ("hard",)  # training/losses.py KNOWN_LOSSES
     alpha: float = 0.5
     temperature: float = 1.0
     feature_weight: float = 1.0
@@ -133,8 +138,12 @@ def _coerce(value, tp, where: str):
             raise RecipeError(f"{where} must be an integer, got {value!r}.")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{where} must be a number, got {value!r}.")
+        if not math.isfinite(value):
+            raise RecipeError(f"{where} must be a finite number, got {value!r}.")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -164,8 +173,59 @@ def _build(cls, data: Any, source: str, prefix: str):
     return cls(**kwargs)
 
 
+# Allowed values of numeric keys: (lowest, lowest allowed itself, highest or None, highest allowed itself).
+LIMITS: dict[str, tuple] = {
+    "train.lr": (0, False, None, False),
+    "train.min_lr": (0, True, None, False),
+    "train.batch_size": (1, True, None, False),
+    "train.epochs": (1, True, None, False),
+    "train.warmup_epochs": (0, True, None, False),
+    "train.weight_decay": (0, True, None, False),
+    "train.grad_clip": (0, True, None, False),
+    "distill.alpha": (0, True, 1, True),
+    "distill.temperature": (0, False, None, False),
+    "distill.feature_weight": (0, True, None, False),
+    "distill.label_smoothing": (0, True, 1, False),
+    "attention.v_threshold": (0, False, None, False),
+    "attention.tau": (0, False, None, False),
+}
+
+
+def _limit_text(lo, lo_in, hi, hi_in) -> str:
+    low = f"{'>=' if lo_in else '>'} {lo}"
+    return low if hi is None else f"{low} and {'<=' if hi_in else '<'} {hi}"
+
+
+def validate(recipe: "Recipe", source: str) -> "Recipe":
+    """Check every numeric key against LIMITS; a value outside is a RecipeError naming the file and the key."""
+    plain = recipe.to_dict()
+    for key, (lo, lo_in, hi, hi_in) in LIMITS.items():
+        section, name = key.split(".")
+        if name not in plain.get(section, {}):
+            continue
+        value = plain[section][name]
+        ok = (value >= lo if lo_in else value > lo) and (hi is None or (value <= hi if hi_in else value < hi))
+        if not ok:
+            raise RecipeError(f"{source}: key '{key}' must be {_limit_text(lo, lo_in, hi, hi_in)}, got {value!r}.")
+    return recipe
+
+
 def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
-    return _build(Recipe, data, source, "")
+    return validate(_build(Recipe, data, source, ""), source)
+
+
+STRUCTURE_SECTIONS = ("neurons", "attention", "reversible", "weights")  # fixed once binarize has built the model
+
+
+def structure_changes(built: "Recipe | dict", asked: "Recipe") -> list[str]:
+    """Dotted keys of the structure sections where `asked` differs from the recipe a model was `built` with."""
+    before = built.to_dict() if isinstance(built, Recipe) else dict(built)
+    after = asked.to_dict()
+    changed = []
+    for section in STRUCTURE_SECTIONS:
+        old, new = before.get(section) or {}, after.get(section) or {}
+        changed += [f"{section}.{k}" for k in new if k in old and old[k] != new[k]]
+    return changed
 
 
 def _set_dotted(data: dict, key: str, value: Any, source: str) -> None:
@@ -189,8 +249,10 @@ def parse_overrides(items: typing.Iterable[str]) -> dict[str, Any]:
         key, raw = item.split("=", 1)
         try:
             out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            out[key.strip()] = raw
+        except yaml.YAMLError as e:
+            hint = " (a list is written [a, b])" if raw.lstrip().startswith(("[", "{")) else ""
+            raise RecipeError(f"--set {key.strip()}: the value '{raw}' is not valid YAML{hint}; "
+                              f"{short_reason(e, 80).rstrip('.')}.") from None
     return out
 
 

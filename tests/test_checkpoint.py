@@ -1,4 +1,4 @@
-"""Loading and saving: safe loading, state_dict extraction, model building, atomic writes, the bestcompress format."""
+"""The bestcompress format and state_dict extraction, and the loaders on top of them (safe reads, model building)."""
 from __future__ import annotations
 
 import argparse
@@ -9,10 +9,9 @@ import torch
 from torch import nn
 
 from bestcompress.convert import binarize
-from bestcompress.checkpoint import (
-    atomic_save, atomic_write, extract_state_dict, load_any, load_binary, load_checkpoint_file, load_model, save_binary,
-    save_fp,
-)
+from bestcompress.checkpoint import extract_state_dict, save_binary, save_fp
+from bestcompress.fileio import atomic_save, atomic_write, load_checkpoint_file
+from bestcompress.loading import load, load_binary, load_model
 from bestcompress.errors import CheckpointError, ModelError
 from bestcompress.zoo import create_model
 
@@ -232,7 +231,8 @@ def test_fp_roundtrip(tmp_path):
     path = save_fp(src, tmp_path / "fp.pt", extra={"epoch": 4})
     obj = torch.load(path, weights_only=True)
     assert obj["format"] == "bestcompress" and obj["kind"] == "fp" and obj["input_shape"] == [3, 16, 16]
-    kind, m, info = load_any(path)
+    loaded = load(path)
+    kind, m, info = loaded.kind, loaded.model, loaded.info
     assert kind == "fp" and info["extra"] == {"epoch": 4} and info["input_shape"] == (3, 16, 16)
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
@@ -259,13 +259,14 @@ def test_binary_roundtrip_gives_identical_outputs(tmp_path):
     with torch.no_grad():
         assert torch.equal(binary(x), model(x))
         assert torch.equal(source(x), src(x))
-    kind, again, _ = load_any(path)
-    assert kind == "binary"
-    teacher = load_model(path)  # a binary checkpoint's source model is its teacher
+    loaded = load(path)
+    assert loaded.kind == "binary" and loaded.is_binary
+    teacher = load_model(path, allow_binary=True)  # a binary checkpoint's source model is its teacher
     with torch.no_grad():
         assert torch.equal(teacher(x), src(x))
+        assert torch.equal(loaded.source(x), src(x))
     with pytest.raises(CheckpointError, match="already a binary"):
-        load_model(path, allow_binary=False)
+        load_model(path)
 
 
 def test_load_binary_rejects_other_files(tmp_path):

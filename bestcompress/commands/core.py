@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 import yaml
 
-from ..errors import CheckpointError, ModelError
+from ..errors import BestcompressError, CheckpointError, ModelError, short_reason
+from .options import threads_option
 
 PATH = click.Path(dir_okay=False, path_type=Path)  # existence is checked by the loaders (one-sentence errors)
 
@@ -86,14 +87,47 @@ def _model_options(f):
     for decorator in reversed([
         click.option("--arch", help="Zoo architecture (see `bestcompress zoo`); sizes are read from the checkpoint."),
         click.option("--model", "model_factory", metavar="FILE.py:FN",
-                     help="Your own model: a factory 'path/to/file.py:fn' or 'package.module:fn'."),
+                     help="Your own model: a factory 'path/to/file.py:fn' or 'package.module:fn' (the only way, "
+                          "besides --trust-checkpoint, that code runs)."),
         click.option("--model-kwargs", metavar="JSON|k=v,...", help="Options for --arch or --model."),
         click.option("--input-shape", metavar="C,H,W", help="Per-sample input shape, e.g. 3,32,32."),
         click.option("--trust-checkpoint", is_flag=True,
-                     help="Allow pickled Python objects (a whole saved model). Only for files you trust."),
+                     help="Allow pickled Python objects and model factories a file names. Only for files you trust."),
     ]):
         f = decorator(f)
     return f
+
+
+def recipe_file(recipe) -> Path | None:
+    """The YAML file a --recipe names (an input of the command), or None for a registered name."""
+    if recipe is None or not isinstance(recipe, (str, Path)):
+        return None
+    p = Path(recipe)
+    return p if p.suffix in (".yaml", ".yml") or p.is_file() else None
+
+
+def load_source(path, arch=None, model_factory=None, model_kwargs=None, trust=False, option="--model"):
+    """bc.load with the command line's model options (model_kwargs: the --model-kwargs text)."""
+    from ..loading import load
+    kwargs = parse_model_kwargs(model_kwargs) if isinstance(model_kwargs, (str, type(None))) else model_kwargs
+    return load(path, arch=arch, model=model_factory, model_kwargs=kwargs or None, trust=trust, option=option)
+
+
+def load_binary_model(path, trust=False, model_factory=None, model_kwargs=None, command="this command"):
+    """A binary model (binary checkpoint or .bcz) through bc.load; a full-precision file is one sentence."""
+    loaded = load_source(path, None, model_factory, model_kwargs, trust)
+    if not loaded.is_binary:
+        raise CheckpointError(f"'{path}' is a full-precision model; {command} takes a binary checkpoint or .bcz, "
+                              "so run `bestcompress binarize` first.")
+    return loaded
+
+
+def _check_shape_fits(error: Exception, text: str | None, shape) -> None:
+    """After binarize failed on an input of a user-given shape: that shape does not fit (one sentence)."""
+    if text is None:
+        return
+    raise ModelError(f"--input-shape {text} does not fit the model: running it on an input of shape "
+                     f"{[1, *shape]} failed ({short_reason(error, 120).rstrip('.')}).") from None
 
 
 # ------------------------------------------------------------------------------------------------ binarize
@@ -104,12 +138,19 @@ def _model_options(f):
 @click.option("--recipe", default="bestformer", show_default=True, help="Recipe name or YAML path.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
 @click.option("-o", "--output", type=PATH, help="Output file [default: <checkpoint stem>_binary.pt].")
+@click.option("--calibrate", "calibrate_data", metavar="NAME|PATH",
+              help="Re-estimate BatchNorm statistics of the binary model on training samples of this data set.")
+@click.option("--calibrate-batches", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Batches of 64 samples for --calibrate.")
+@threads_option
 def binarize(checkpoint, arch, model_factory, model_kwargs, input_shape, trust_checkpoint, recipe, overrides,
-             output):
+             output, calibrate_data, calibrate_batches):
     """Make a full-precision checkpoint binary (BESTformer) and save it."""
+    from ..building import factory_file
+    from ..checkpoint import check_finite, save_binary
     from ..convert import binarize as run_binarize
+    from ..fileio import check_output_path
     from ..model_facts import model_input_shape
-    from ..checkpoint import load_model, save_binary
     from ..recipe import load_recipe, parse_overrides
     from ..summary import summarize
 
@@ -117,15 +158,36 @@ def binarize(checkpoint, arch, model_factory, model_kwargs, input_shape, trust_c
     kwargs = parse_model_kwargs(model_kwargs)
     resolved = load_recipe(recipe, parse_overrides(overrides))  # recipe errors before any heavy work
     output = output or checkpoint.with_name(f"{checkpoint.stem}_binary.pt")
-    if not output.parent.is_dir():
-        raise CheckpointError(f"Cannot write '{output}': the folder '{output.parent}' does not exist.")
-    source = load_model(checkpoint, arch=arch, model=model_factory, model_kwargs=kwargs, trust=trust_checkpoint,
-                        allow_binary=False)
+    check_output_path(output, inputs=[checkpoint, factory_file(model_factory), recipe_file(recipe)], probe=True)
+    loaded = load_source(checkpoint, arch, model_factory, kwargs, trust_checkpoint)
+    if loaded.is_binary:
+        raise CheckpointError(f"Checkpoint '{checkpoint}' is already a binary bestcompress "
+                              f"{'artifact' if loaded.kind == 'packed' else 'checkpoint'}; give the full-precision "
+                              "one.")
+    source = loaded.model
+    check_finite(source.state_dict(), f"Checkpoint '{checkpoint}'")
     if shape is not None:
         source.bc_input_shape = shape
     elif model_input_shape(source) is None:
         raise ModelError("The model's input shape is unknown; pass --input-shape (e.g. 3,32,32).")
-    result = run_binarize(source, recipe=resolved, input_shape=shape)
+    if calibrate_data is not None:  # data errors before the work
+        from ..data import load_dataset
+        calibration = load_dataset(calibrate_data, source, input_shape=shape)
+    try:
+        result = run_binarize(source, recipe=resolved, input_shape=shape)
+    except BestcompressError as e:
+        if shape is None:
+            raise
+        _check_shape_fits(e, input_shape, shape)
+        raise
+    except Exception as e:  # a user-given shape that the model's forward rejects
+        _check_shape_fits(e, input_shape, shape)
+        raise
+    if calibrate_data is not None:
+        from ..training.calibration import calibrate
+        seen, layers = calibrate(result.model, calibration, batches=calibrate_batches, batch_size=64)
+        result.notes.append(f"calibrate: BatchNorm statistics of {layers} layers re-estimated on {seen} training "
+                            f"samples of '{calibrate_data}'")
     summary = summarize(result.model, input_shape=shape)
     save_binary(result.model, source, output)
     console = _console()
@@ -144,21 +206,15 @@ def binarize(checkpoint, arch, model_factory, model_kwargs, input_shape, trust_c
 @_model_options
 @click.option("--csv", "as_csv", is_flag=True, help="Print the per-layer table as CSV.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@threads_option
 def inspect(file, arch, model_factory, model_kwargs, input_shape, trust_checkpoint, as_csv, as_json):
-    """Per-layer bits, memory and MACs of a binary or full-precision checkpoint."""
-    from ..checkpoint import load_any
+    """Per-layer bits, memory and MACs of a binary, packed (.bcz) or full-precision checkpoint."""
     from ..summary import summarize
 
-    from ..exporters import load_exported
-    from ..exporters.packed import is_packed
-
     shape = parse_input_shape(input_shape)
-    if is_packed(Path(file)):
-        (net, info), kind = load_exported(file), "binary"
-    else:
-        kind, net, info = load_any(file, trust=trust_checkpoint, arch=arch, model=model_factory,
-                                   model_kwargs=parse_model_kwargs(model_kwargs))
-    summary = summarize(net, input_shape=shape)
+    loaded = load_source(file, arch, model_factory, model_kwargs, trust_checkpoint)
+    kind, info = ("binary" if loaded.is_binary else "fp"), loaded.info
+    summary = summarize(loaded.model, input_shape=shape)
     console = _console()
     if as_csv:
         click.echo(summary.to_csv(), nl=False)
@@ -166,7 +222,7 @@ def inspect(file, arch, model_factory, model_kwargs, input_shape, trust_checkpoi
     if as_json:
         click.echo(json.dumps({"kind": kind, "spec": info.get("spec"), **summary.to_dict()}, indent=2, default=str))
         return
-    what = "binary" if kind == "binary" else "full-precision"
+    what = {"binary": "binary", "packed": "packed binary"}.get(loaded.kind, "full-precision")
     stored = info.get("recipe")
     name = stored.get("name") if isinstance(stored, dict) else getattr(stored, "name", None)
     recipe = f", recipe '{name}'" if name else ""

@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from ..errors import ExportError
+from .options import threads_option
 
 PATH = click.Path(path_type=Path)  # existence is checked by the loaders (one-sentence errors)
 
@@ -19,17 +20,38 @@ def _parse_shape(text: str | None):
     return parse_input_shape(text)
 
 
-def _load(path: Path, trust: bool, input_shape):
-    from ..exporters import load_exported
+def _load(path: Path, trust: bool, input_shape, command: str):
+    """The binary model of a binary checkpoint or .bcz (bc.load), refusing non-finite weights."""
+    from ..checkpoint import check_finite
+    from .core import load_binary_model
 
-    model, info = load_exported(path, trust=trust)
+    loaded = load_binary_model(path, trust=trust, command=command)
+    check_finite(loaded.model.state_dict(), f"'{path}'")
     if input_shape is not None:
-        model.bc_input_shape = tuple(input_shape)
-    return model, info
+        loaded.model.bc_input_shape = tuple(input_shape)
+    return loaded
 
 
-def _verification_line(report) -> str:
-    return "verified: " + report.message("the export")
+def _same_model(file: Path, against: Path, loaded) -> None:
+    """A packed FILE must hold the model `against` holds (same tensors, same shapes), before any comparison."""
+    from ..exporters.packed import is_packed, read_header
+
+    if not is_packed(file):
+        return
+    header = read_header(file)
+    ours = loaded.model.state_dict()
+    theirs = list(header.get("state_keys") or [])
+    differ = sorted(set(theirs) ^ set(ours))
+    if not differ and header.get("input_shape") and loaded.info.get("input_shape"):
+        if list(header["input_shape"]) != list(loaded.info["input_shape"]):
+            differ = ["input shape"]
+    if not differ:
+        index = header.get("index") or {}
+        differ = [k for k in theirs if f"fp/{k}" in index and list(index[f"fp/{k}"][2]) != list(ours[k].shape)]
+    if differ:
+        raise ExportError(f"'{file}' does not hold the model in '{against}' ({len(differ)} tensor"
+                          f"{'s' if len(differ) != 1 else ''} differ, e.g. '{differ[0]}'); give the checkpoint it "
+                          "was exported from.")
 
 
 @click.command("export")
@@ -42,15 +64,20 @@ def _verification_line(report) -> str:
               help="Batch size fixed in ONNX graphs.")
 @click.option("--data", type=PATH, help="An .npz file with an array x of real inputs to verify on.")
 @click.option("--samples", type=click.IntRange(min=1), help="How many inputs to verify on [default: one batch].")
-@click.option("--tolerance", default=1e-4, show_default=True, type=float, help="Largest allowed output difference.")
-@click.option("--trust-checkpoint", is_flag=True, help="Allow a pickled source model (runs code: trusted files only).")
+@click.option("--tolerance", default=1e-4, show_default=True, type=click.FloatRange(min=0),
+              help="Largest allowed output difference.")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Allow a pickled source model or a factory the file names (runs code: trusted files only).")
+@threads_option
 def export(checkpoint, fmt, output, input_shape, batch_size, data, samples, tolerance, trust_checkpoint):
     """Export a binary checkpoint (or .bcz) to FORMAT; the export is verified against PyTorch before it is written."""
     from ..exporters import check_output_path, export_model
+    from ..fileio import check_output_path as check_writable
 
     check_output_path(output, fmt)  # unknown format / missing folder: fail before loading anything
+    check_writable(output, ExportError, inputs=[checkpoint, data], probe=True, folder_ok=fmt == "finn")
     shape = _parse_shape(input_shape)
-    model, _ = _load(checkpoint, trust_checkpoint, shape)
+    model = _load(checkpoint, trust_checkpoint, shape, "export").model
     result = export_model(model, fmt, output, input_shape=shape, batch_size=batch_size, data=data, samples=samples,
                           tolerance=tolerance)
     size = (f"{result.ratio:.1f}× smaller than" if result.ratio >= 1 else f"{1 / result.ratio:.2f}× the size of")
@@ -74,16 +101,20 @@ def export(checkpoint, fmt, output, input_shape, batch_size, data, samples, tole
 @click.option("--against", required=True, type=PATH, help="The binary checkpoint (or .bcz) the file was exported from.")
 @click.option("--data", type=PATH, help="An .npz file with an array x of real inputs.")
 @click.option("--samples", type=click.IntRange(min=1), help="How many inputs to compare [default: one batch].")
-@click.option("--tolerance", default=1e-4, show_default=True, type=float, help="Largest allowed output difference.")
-@click.option("--trust-checkpoint", is_flag=True, help="Allow a pickled source model (runs code: trusted files only).")
+@click.option("--tolerance", default=1e-4, show_default=True, type=click.FloatRange(min=0),
+              help="Largest allowed output difference.")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Allow a pickled source model or a factory the file names (runs code: trusted files only).")
+@threads_option
 def verify(file, against, data, samples, tolerance, trust_checkpoint):
     """Re-check an exported FILE (.onnx, .bcz or a FINN folder) against the PyTorch model."""
     from ..exporters.verify import verify_file
 
     if not Path(file).exists():
         raise ExportError(f"'{file}' does not exist.")
-    model, _ = _load(against, trust_checkpoint, None)
-    report = verify_file(file, model, data=data, samples=samples, tolerance=tolerance)
+    loaded = _load(against, trust_checkpoint, None, "verify --against")
+    _same_model(Path(file), against, loaded)
+    report = verify_file(file, loaded.model, data=data, samples=samples, tolerance=tolerance)
     if not report.passed:
         raise ExportError(report.message(f"'{file}'"))
     click.echo(report.message(f"'{file}'"))

@@ -257,7 +257,7 @@ def load_exported(path: str | os.PathLike, trust: bool = False) -> tuple[nn.Modu
         header = read_header(path)
         return load_packed(path), {"kind": "packed", "path": str(path), "spec": header.get("spec"),
                                     "input_shape": header.get("input_shape"), "recipe": header.get("recipe")}
-    from ..checkpoint import load_binary
+    from ..loading import load_binary
     model, _, info = load_binary(path, trust=trust)
     return model, info
 

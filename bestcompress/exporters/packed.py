@@ -27,14 +27,19 @@ from __future__ import annotations
 
 import copy
 import json
+import struct
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ExportError
+from ..errors import BestcompressError, CheckpointError, ExportError, short_reason
 from ..nn.binary import is_binary_layer, standardize_per_channel
+from .formats import ExportFormat, ExportOptions, ExportResult, path_bytes, register_format, write_verified
+from .verify import compare, torch_forward, verification_inputs
 
 FORMAT = "bestcompress-packed"
 VERSION = 1
@@ -170,19 +175,35 @@ def _unpack_layer(name: str, meta: dict, arrays) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ the file
 
+# What a damaged archive raises while it is read (zip structure, deflate stream, CRC, .npy header, JSON).
+_DAMAGE = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError, struct.error, TypeError,
+           IndexError, UnicodeDecodeError)
+
+
+def _first_member(path: Path) -> str | None:
+    """The name of the first member of a zip file, read from its first local header (works on a truncated file)."""
+    with open(path, "rb") as f:
+        head = f.read(30 + 64)
+    if len(head) < 30 or head[:4] != MAGIC:
+        return None
+    n = struct.unpack("<H", head[26:28])[0]
+    return head[30:30 + n].decode("latin-1") if 30 + n <= len(head) else None
+
+
 def is_packed(path: str | Path) -> bool:
-    """True when `path` is a .bcz archive written by save_packed."""
+    """True when `path` is (or, damaged, claims to be) a .bcz archive written by save_packed: a zip whose first
+    member is one of our arrays. A torch checkpoint is a zip too, but its members are `<name>/data.pkl`, ...;
+    reading a damaged .bcz then says it is damaged instead of calling it "not a checkpoint"."""
     path = Path(path)
     if not path.is_file():
         return False
-    with open(path, "rb") as f:
-        if f.read(4) != MAGIC:
-            return False
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return "header" in z.files
-    except Exception:
-        return False
+    name = _first_member(path)
+    return name is not None and (name == "header.npy" or (name.startswith("blob_") and name.endswith(".npy")))
+
+
+def _damaged(path: Path, e: BaseException) -> CheckpointError:
+    return CheckpointError(f"Packed artifact '{path}' is truncated or corrupted ({type(e).__name__}: "
+                           f"{short_reason(e, 100)}); export it again.")
 
 
 def save_packed(model: nn.Module, path: str | Path, extra: dict | None = None) -> Path:
@@ -196,7 +217,7 @@ def save_packed(model: nn.Module, path: str | Path, extra: dict | None = None) -
     Returns:
         The path written.
     """
-    from ..checkpoint import atomic_write
+    from ..fileio import atomic_write
 
     return atomic_write(path, lambda tmp: write_packed(model, tmp, extra))
 
@@ -246,23 +267,41 @@ def _consolidate(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], 
 
 
 def _read_arrays(path: Path, header: dict) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        blobs = {k: z[k] for k in z.files if k != "header"}
-    out = {}
-    for key, (blob, offset, shape) in header["index"].items():
-        n = int(np.prod(shape)) if shape else 1
-        if blob not in blobs or offset + n > blobs[blob].size:
-            raise CheckpointError(f"Packed artifact '{path}' is truncated or corrupted (entry '{key}').")
-        out[key] = blobs[blob][offset:offset + n].reshape(shape)
+    try:
+        with np.load(path, allow_pickle=False) as z:  # reading each member checks its CRC-32
+            blobs = {k: z[k] for k in z.files if k != "header"}
+        out = {}
+        for key, (blob, offset, shape) in header["index"].items():
+            n = int(np.prod(shape)) if shape else 1
+            if blob not in blobs or offset + n > blobs[blob].size:
+                raise CheckpointError(f"Packed artifact '{path}' is truncated or corrupted (entry '{key}').")
+            out[key] = blobs[blob][offset:offset + n].reshape(shape)
+    except BestcompressError:
+        raise
+    except _DAMAGE as e:
+        raise _damaged(path, e) from None
     return out
 
 
 def read_header(path: str | Path) -> dict:
+    """The JSON header of a .bcz file (format, version, spec, recipe, input shape, per-layer info, index).
+
+    Raises:
+        CheckpointError: not a .bcz file, or a truncated or corrupted one (one sentence).
+    """
     path = Path(path)
     if not is_packed(path):
         raise CheckpointError(f"'{path}' is not a packed bestcompress artifact (.bcz).")
-    with np.load(path, allow_pickle=False) as z:
-        header = json.loads(bytes(z["header"]).decode())
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            header = json.loads(bytes(z["header"]).decode())
+    except _DAMAGE as e:
+        raise _damaged(path, e) from None
+    if not isinstance(header, dict) or not isinstance(header.get("index"), dict) \
+            or not isinstance(header.get("binary"), dict) or not isinstance(header.get("state_keys"), list):
+        if isinstance(header, dict) and header.get("format") not in (None, FORMAT):
+            raise CheckpointError(f"'{path}' is not a packed bestcompress artifact (.bcz).")
+        raise CheckpointError(f"Packed artifact '{path}' has an incomplete header; export it again.")
     if header.get("format") != FORMAT:
         raise CheckpointError(f"'{path}' is not a packed bestcompress artifact (.bcz).")
     if header.get("version") != VERSION:
@@ -271,20 +310,23 @@ def read_header(path: str | Path) -> dict:
     return header
 
 
-def load_packed(path: str | Path) -> nn.Module:
+def load_packed(path: str | Path, *, factory: str | None = None, factory_kwargs: dict | None = None,
+                trust: bool = False) -> nn.Module:
     """Rebuild the binary model stored in a .bcz artifact (eval mode).
 
     The source architecture is rebuilt from the stored spec, binarized with the stored recipe, and given the
     stored weights; its binary weights are bit-exact and its outputs identical to the model that was packed.
     """
     from ..convert import binarize
-    from ..checkpoint import build_from_spec, load_state_dict_checked
+    from ..building import build_from_spec
+    from ..checkpoint import load_state_dict_checked
     from ..recipe import recipe_from_dict
 
     path = Path(path)
     header = read_header(path)
     shape = tuple(header["input_shape"]) if header.get("input_shape") else None
-    source = build_from_spec(header["spec"])
+    source = build_from_spec(header["spec"], factory=factory, factory_kwargs=factory_kwargs, trust=trust,
+                             source=f"Packed artifact '{path}'")  # runs no code the header names without consent
     if shape is not None:
         source.bc_input_shape = shape
     source.eval()

@@ -9,8 +9,10 @@ import torch
 from click.testing import CliRunner
 
 from bestcompress.convert import binarize
-from bestcompress.checkpoint import load_binary, load_model, save_binary
+from bestcompress.checkpoint import save_binary
+from bestcompress.loading import load_binary, load_model
 from bestcompress.cli import cli
+from bestcompress.errors import CheckpointError
 from bestcompress.zoo import create_model
 from tests.cli_helpers import assert_user_error, invoke
 
@@ -178,7 +180,9 @@ def test_binarize_factory_model_with_options(tmp_path, factory):
     obj = torch.load(out, weights_only=True)
     assert obj["input_shape"] == [4] and obj["spec"]["factory"].endswith("models.py:mlp")
     assert obj["recipe"]["attention"]["binarize"] is False
-    binary, _, _ = load_binary(out)
+    with pytest.raises(CheckpointError, match="pass --model .*models.py:mlp"):
+        load_binary(out)  # the file names a factory: it runs only when the user names it
+    binary, _, _ = load_binary(out, model=f"{factory}:mlp")
     assert sum(type(m).__name__ == "BinaryLinear" for m in binary.modules()) == 1  # first and head stay fp
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from bestcompress.convert import binarize
-from bestcompress.checkpoint import load_binary, save_binary
+from bestcompress.checkpoint import save_binary
+from bestcompress.loading import load_binary
 from bestcompress.training.run_state import read_metrics
 from bestcompress.zoo import create_model
 
