@@ -49,6 +49,8 @@ class ReversibleConfig:
     eval_heads: Literal["mean", "head", "head2"] = "mean"
     form: Literal["preserving", "paper"] = "preserving"  # learnable a, b from (0, 1) | the paper's fixed ½, ½
     stages: tuple[str, ...] = ()  # trunk stages to couple, by index or module prefix; empty: all
+    form: Literal["preserving", "paper"] = "preserving"  # learnable a, b from (0, 1) | the paper's fixed ½, ½
+    stages: tuple[str, ...] = ()  # trunk stages to couple, by index or module prefix; empty: all
 
 
 @dataclass(frozen=True)

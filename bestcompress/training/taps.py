@@ -11,9 +11,10 @@
 Where the block outputs come from, per model:
 - a coupled model (it holds ReversibleCoupling modules): the couplings of the MLP streams z_2, z_4, ..., z_K;
 - any other model: its trunk is found by the same residual-chain analysis InsertReversibleCouplings uses
-  (`find_trunk`) on a trace, and the MLP streams (the outputs of the transformer blocks) are taken from the
-  modules that return them (e.g. `block.i`), through forward hooks; when no module returns them (a model that
-  is itself one traced graph), the model's forward runs through an fx Interpreter that records them.
+  (`bestcompress.trunk.find_stages`, every stage of a hierarchical model) on a trace, and the MLP streams (the
+  outputs of the transformer blocks) are taken from the modules that return them (e.g. `block.i`), through
+  forward hooks; when no module returns them (a model that is itself one traced graph), the model's forward
+  runs through an fx Interpreter that records them.
 Everything is undone when the `with` block ends: hooks removed, forwards restored.
 """
 from __future__ import annotations
@@ -28,8 +29,9 @@ from torch import fx, nn
 
 from ..errors import ModelError
 from ..nn.reversible import ReversibleCoupling
-from ..passes.reversible import find_trunk
+from ..trunk import find_stages
 from ..trace import SNNTracer
+from .distributed import unwrap as _unwrap
 
 
 @dataclass
@@ -45,12 +47,6 @@ class FeatureTaps:
     def clear(self) -> None:
         self.student.clear()
         self.teacher.clear()
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
 
 
 class _RecordingTracer(SNNTracer):
@@ -81,8 +77,7 @@ class _Sites:
 
 
 def _mlp_streams(gm: fx.GraphModule) -> list[fx.Node]:
-    trunk = find_trunk(gm)
-    return [sb.out for sb in trunk.blocks[1::2]]
+    return [sb.out for trunk in find_stages(gm) for sb in trunk.blocks[1::2]]
 
 
 def block_output_sites(model: nn.Module, role: str = "model") -> _Sites:
@@ -90,7 +85,7 @@ def block_output_sites(model: nn.Module, role: str = "model") -> _Sites:
     model = _unwrap(model)
     couplings = [m for m in model.modules() if isinstance(m, ReversibleCoupling) and m.kind == "mlp"]
     if couplings:
-        return _Sites(modules=sorted(couplings, key=lambda m: m.index))
+        return _Sites(modules=sorted(couplings, key=lambda m: (m.stage, m.index)))
     name = type(model).__name__
     if isinstance(model, fx.GraphModule):
         try:

@@ -1,20 +1,30 @@
-"""InsertReversibleCouplings: the documented two-stream equations, the inverse, idempotence and clear errors."""
+"""InsertReversibleCouplings: the documented two-stream equations (paper and function-preserving forms), the
+inverse, every residual topology (stages, two heads, extra outputs), idempotence and clear errors."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import fx, nn
 
 from bestcompress.convert import binarize
 from bestcompress.model_facts import example_input_for
-from bestcompress.errors import ModelError
+from bestcompress.errors import ModelError, RecipeError
+from bestcompress.nn.calibrate import make_it_fire
 from bestcompress.nn.lif import LIF
 from bestcompress.nn.reversible import DualHeadOutput, ReversibleCoupling, reconstruct_previous
 from bestcompress.passes.base import PassContext, Pipeline
 from bestcompress.passes.reversible import (
-    InsertReversibleCouplings, coupling_nodes, find_trunk, reconstruct_streams, subblock_functions,
+    InsertReversibleCouplings, coupling_nodes, find_stages, find_trunk, reconstruct_streams, subblock_functions,
 )
+from bestcompress.passes.shapes import record_calls
+from bestcompress.summary import summarize
 from bestcompress.trace import trace_model
 from bestcompress.zoo import list_models, tiny_model
 from bestcompress.zoo._common import time_first_image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from topology_models import Hierarchical, LogitsAndNone, TwoHeaded, example  # noqa: E402
 
 # the ops between the residual stream and the head, per family (written out by hand for the reference)
 POOL = {
@@ -23,12 +33,15 @@ POOL = {
 }
 
 
-def _coupled(name, dtype=torch.float64, **kw):
+def _coupled(name, dtype=torch.float64, form="paper", eval_heads="mean", fire=False, **kw):
     torch.manual_seed(0)
-    model = tiny_model(name, **kw).to(dtype)
+    model = tiny_model(name, **kw)
+    if fire:  # a fresh model of this family is silent: every stream would be 0
+        make_it_fire(model, example_input_for(model, batch=1).shape[1:])
+    model = model.to(dtype)
     gm, _ = trace_model(model)  # gm shares its leaf modules with `model`
     ctx = PassContext()
-    gm = Pipeline([InsertReversibleCouplings(ctx)]).apply(gm)
+    gm = Pipeline([InsertReversibleCouplings(ctx, form=form, eval_heads=eval_heads)]).apply(gm)
     x = example_input_for(model, batch=3).to(dtype)
     return model, gm, x, ctx
 
@@ -90,7 +103,7 @@ def test_inverse_reconstructs_previous_stream(name):
 
 
 def test_idempotent_and_check():
-    model, gm, x, _ = _coupled("spikformer_cifar", dtype=torch.float32)
+    model, gm, x, _ = _coupled("spikformer_cifar", dtype=torch.float32, form="preserving")
     code, n_modules = gm.code, len(list(gm.modules()))
     ctx = PassContext()
     p = InsertReversibleCouplings(ctx)
@@ -161,7 +174,7 @@ def test_tokenizer_residual_and_flat_blocks_are_found():
 
 
 def test_merged_subblocks_sdt_inner_residual():
-    model, gm, x, _ = _coupled("sdt_v1", mlp_ratios=1)  # its MLP has an inner residual: two adds
+    model, gm, x, _ = _coupled("sdt_v1", mlp_ratios=1, fire=True)  # its MLP has an inner residual: two adds
     gm.eval()
     seen = []
     hooks = [m.register_forward_hook(lambda mod, args, out: seen.append((mod.index, args[1], args[2], out)))
@@ -171,6 +184,7 @@ def test_merged_subblocks_sdt_inner_residual():
         fs = subblock_functions(gm)
         for k, z_km2, z_km1, z_k in seen:
             assert (reconstruct_previous(z_k, z_km1, fs[k - 1](z_km1)) - z_km2).abs().max().item() < 1e-4
+            assert (reconstruct_previous(z_k, z_km1, fs[k - 1](z_km1), 0.4, 0.5) - z_km2).abs().max().item() > 1e-3
     for h in hooks:
         h.remove()
     assert len(seen) == 3
@@ -249,4 +263,176 @@ def test_non_alternating_and_ambiguous_chains_are_refused():
         InsertReversibleCouplings().apply(gm)
     gm, _ = trace_model(_Odd(towers=True))
     with pytest.raises(ModelError, match="2 equally long chains"):
+        InsertReversibleCouplings().apply(gm)
+
+
+# ------------------------------------------------------------------------------------------ the preserving form
+
+FP_CASES = ["spikformer_cifar", "spikingformer", "spikformer_seq", "sdt_v1"]
+
+
+@pytest.mark.parametrize("name", FP_CASES)
+def test_preserving_couplings_compute_the_fp_model(name):
+    """Built from an FP model with binarization off, the coupled model's output equals the FP model's."""
+    torch.manual_seed(0)
+    model = make_it_fire(tiny_model(name), example_input_for(tiny_model(name), batch=1).shape[1:]).double()
+    x = example_input_for(model, batch=3).double()
+    r = binarize(model, "identity", example_input=x,
+                 overrides={"reversible.enabled": True, "reversible.eval_heads": "head2"})
+    couplings = [m for m in r.model.modules() if isinstance(m, ReversibleCoupling)]
+    assert couplings and all(m.form == "preserving" and m.coefficients() == (0.0, 1.0) for m in couplings)
+    r.model.eval()
+    with torch.no_grad():
+        want = model(x)
+        got = r.model(x)
+        r.model.train()
+        model.train()
+        head, head2 = r.model(x)
+        want_train = model(x)
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    torch.testing.assert_close(head2, want_train, atol=1e-12, rtol=0)
+    assert not torch.allclose(head, head2)  # head reads the last attention stream
+
+
+def test_paper_form_changes_the_function_and_preserving_coefficients_train():
+    torch.manual_seed(0)
+    model = make_it_fire(tiny_model("spikformer_cifar"), example_input_for(tiny_model("spikformer_cifar"),
+                                                                         batch=1).shape[1:]).double()
+    x = example_input_for(model, batch=3).double()
+    over = {"reversible.enabled": True, "reversible.eval_heads": "head2"}
+    paper = binarize(model, "identity", example_input=x, overrides={**over, "reversible.form": "paper"}).model.eval()
+    assert all(m.form == "paper" and m.coefficients() == (0.5, 0.5)
+               for m in paper.modules() if isinstance(m, ReversibleCoupling))
+    assert not any(n.endswith((".a", ".b")) for n, _ in paper.named_parameters())  # fixed, no state
+    with torch.no_grad():
+        assert (paper(x) - model(x)).abs().max() > 1e-3
+    preserving = binarize(model, "bestformer", example_input=x).model.train()  # binary, default form
+    params = {n: p for n, p in preserving.named_parameters() if n.startswith("reversible.")}
+    assert len(params) == 2 * 3  # a_k and b_k of z_2, z_3, z_4
+    out = preserving(x)
+    (out[0].sum() + out[1].sum()).backward()
+    assert all(p.grad is not None and p.grad.abs() > 0 for p in params.values())
+
+
+def test_preserving_inverse_once_a_has_moved():
+    model, gm, x, _ = _coupled("spikformer_cifar", form="preserving")
+    gm.eval()
+    couplings = sorted((m for m in gm.modules() if isinstance(m, ReversibleCoupling)), key=lambda m: m.index)
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append((mod.index, args[1], args[2], out)))
+             for m in couplings]
+    with torch.no_grad():
+        gm(x)
+        z_km2, z_km1, z_k = seen[0][1:]
+        with pytest.raises(ValueError, match="plain residual"):  # a = 0: z_0 does not enter z_2
+            couplings[0].inverse(z_k, z_km1, z_k - z_km1)
+        for i, m in enumerate(couplings):  # as training would move them
+            m.a.fill_(0.3 + 0.1 * i)
+            m.b.fill_(0.8 - 0.1 * i)
+        seen.clear()
+        gm(x)
+        seen.sort(key=lambda t: t[0])
+        streams = reconstruct_streams(gm, seen[-1][3], seen[-1][2])
+        expected = [seen[0][1], seen[0][2]] + [t[3] for t in seen]
+        assert len(streams) == len(expected) == 5
+        for got, want in zip(streams, expected):
+            assert (got - want).abs().max().item() < 1e-4
+        fs = subblock_functions(gm)
+        k, z_km2, z_km1, z_k = seen[0]
+        assert (couplings[0].inverse(z_k, z_km1, fs[1](z_km1)) - z_km2).abs().max().item() < 1e-10
+    for h in hooks:
+        h.remove()
+
+
+# ------------------------------------------------------------------------------------------ topologies
+
+def _fp_macs_and_head(model, x):
+    s = summarize(model, example_input=x)
+    return s.macs, next(r.macs for r in s.rows if r.name == "head")
+
+
+def test_hierarchical_stages_are_coupled_stage_by_stage_without_duplicates():
+    torch.manual_seed(0)
+    model = Hierarchical().eval()
+    x = example()
+    gm, _ = trace_model(model)
+    stages = find_stages(gm)
+    assert [[b.where for b in t.blocks] for t in stages] == [
+        ["stage1.0.attn", "stage1.0.mlp"], ["stage2.0.attn", "stage2.0.mlp", "stage2.1.attn", "stage2.1.mlp"]]
+    assert [b.attention for b in stages[0].blocks] == [False, False]  # token attention has no matmul
+    fp_macs, head_macs = _fp_macs_and_head(model, x)
+    r = binarize(model, "identity", example_input=x, overrides={"reversible.enabled": True})
+    couplings = [m for m in r.model.modules() if isinstance(m, ReversibleCoupling)]
+    assert sorted((m.stage, m.index) for m in couplings) == [(0, 2), (1, 2), (1, 3), (1, 4)]
+    assert any("stage 0 ('stage1')" in n and "stage 1 ('stage2')" in n for n in r.notes)
+    r.model.eval()
+    assert summarize(r.model, example_input=x).macs == fp_macs + head_macs
+    named = {n: m for n, m in r.model.named_modules() if isinstance(m, (nn.Linear, LIF))}
+    calls = record_calls(r.model, named, x)
+    assert all(c == 1 for c in calls.counts.values()), {n: c for n, c in calls.counts.items() if c != 1}
+    with torch.no_grad():  # eval = mean of the heads; head2 alone is the FP model
+        r.model.dual_head.eval_heads = "head2"
+        torch.testing.assert_close(r.model(x), model(x), atol=1e-6, rtol=0)
+
+
+def test_recipe_names_the_stages_to_couple():
+    torch.manual_seed(0)
+    model = Hierarchical().eval()
+    x = example()
+    r = binarize(model, "identity", example_input=x,
+                 overrides={"reversible.enabled": True, "reversible.stages": ["stage2"]})
+    assert sorted((m.stage, m.index) for m in r.model.modules() if isinstance(m, ReversibleCoupling)) == \
+        [(1, 2), (1, 3), (1, 4)]
+    assert any("stage(s) 0 left uncoupled" in n for n in r.notes)
+    r = binarize(model, "identity", example_input=x, overrides={"reversible.enabled": True, "reversible.stages": ["0"]})
+    assert [(m.stage, m.index) for m in r.model.modules() if isinstance(m, ReversibleCoupling)] == [(0, 2)]
+    assert not any(isinstance(m, DualHeadOutput) for m in r.model.modules())
+    assert any("no head2" in n for n in r.notes)
+    with pytest.raises(RecipeError, match="no trunk stage is called 'stage9'.*stage1"):
+        binarize(model, "identity", example_input=x,
+                 overrides={"reversible.enabled": True, "reversible.stages": ["stage9"]})
+
+
+def test_model_with_two_heads_is_left_alone():
+    torch.manual_seed(0)
+    model = TwoHeaded().eval()
+    x = example()
+    r = binarize(model, "bestformer", example_input=x)
+    assert not any(isinstance(m, (ReversibleCoupling, DualHeadOutput)) for m in r.model.modules())
+    assert any("already has two heads ('head', 'head2')" in n for n in r.notes)
+    assert r.model.head2.weight.shape == model.head2.weight.shape  # its own second head, not a copy of ours
+
+
+@pytest.mark.parametrize("cls", [LogitsAndNone, lambda: Hierarchical(aux=True)], ids=["logits_none", "aux"])
+def test_extra_outputs_keep_their_place(cls):
+    torch.manual_seed(0)
+    model = cls().eval()
+    x = example()
+    r = binarize(model, "identity", example_input=x,
+                 overrides={"reversible.enabled": True, "reversible.eval_heads": "head2"})
+    gm = r.model.eval()
+    with torch.no_grad():
+        want, got = model(x), gm(x)
+        assert isinstance(got, tuple) and len(got) == 2
+        torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=0)
+        if want[1] is None:
+            assert got[1] is None
+        else:
+            torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=0)  # the aux logits, unchanged
+        gm.train()
+        (head, head2), second = gm(x)
+        assert head.shape == head2.shape == want[0].shape
+
+
+def test_outputs_computed_twice_from_the_last_block_are_ambiguous():
+    class TwoFromLast(LogitsAndNone):
+        def forward(self, x):
+            x = self.embed_lif(self.embed(x.unsqueeze(0).repeat(self.T, 1, 1, 1)))
+            for blk in self.block:
+                x = blk(x)
+            return self.head(x.mean(2).mean(0)), x.mean(2).mean(0)
+
+    gm, _ = trace_model(TwoFromLast().eval())
+    with pytest.raises(ModelError, match="returns 2 outputs computed from its last block"):
         InsertReversibleCouplings().apply(gm)

@@ -1,0 +1,158 @@
+"""Small spiking transformers written here in the style of public code, one per residual topology the couplings
+must handle (not copies of public code): time-first [T, B, N, D] tensors, Linear+LIF sub-blocks.
+
+- Hierarchical: QKFormer-like; stage 1 token attention (a Hadamard mask, no matmul), a patch-merging downsample,
+  stage 2 Q·Kᵀ attention; optional auxiliary logits from stage 1 (returned after the main logits).
+- TwoHeaded: the public BESTformer habit: `head` on the last attention stream, `head2` on the last MLP stream,
+  their mean in eval.
+- LogitsAndNone: Spike-driven Transformer v1's habit of returning `(logits, None)`.
+"""
+import torch
+from torch import nn
+
+from bestcompress.nn.lif import LIF
+
+
+def _lif(v=1.0):
+    return LIF(tau=2.0, v_threshold=v, v_reset=0.0, decay_input=True, detach_reset=True)
+
+
+class TokenAttention(nn.Module):
+    """Token attention without matmul: q masked by a spike of the column sums of k."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.q_linear, self.k_linear, self.proj_linear = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.q_lif, self.k_lif, self.mask_lif, self.proj_lif = _lif(), _lif(), _lif(0.5), _lif()
+
+    def forward(self, x):
+        q = self.q_lif(self.q_linear(x))
+        k = self.k_lif(self.k_linear(x))
+        mask = self.mask_lif(k.sum(dim=-2, keepdim=True))
+        return self.proj_lif(self.proj_linear(q * mask))
+
+
+class SpikingSelfAttention(nn.Module):
+    """Spikformer-style: LIF(q), LIF(k), LIF(v), (q @ kᵀ)·0.125 @ v, LIF_0.5, projection."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.q_linear, self.k_linear, self.v_linear = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.proj_linear = nn.Linear(d, d)
+        self.q_lif, self.k_lif, self.v_lif, self.attn_lif, self.proj_lif = _lif(), _lif(), _lif(), _lif(0.5), _lif()
+
+    def forward(self, x):
+        q, k, v = self.q_lif(self.q_linear(x)), self.k_lif(self.k_linear(x)), self.v_lif(self.v_linear(x))
+        y = self.attn_lif((q @ k.transpose(-2, -1)) * 0.125 @ v)
+        return self.proj_lif(self.proj_linear(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, d, hidden=None):
+        super().__init__()
+        hidden = hidden or 2 * d
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.lif1, self.lif2 = _lif(), _lif()
+
+    def forward(self, x):
+        return self.lif2(self.fc2(self.lif1(self.fc1(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, d, attn=SpikingSelfAttention):
+        super().__init__()
+        self.attn, self.mlp = attn(d), MLP(d)
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+class PatchMerge(nn.Module):
+    """Halve the tokens: neighbouring pairs concatenated, Linear(2·D -> D2), LIF."""
+
+    def __init__(self, d, d2):
+        super().__init__()
+        self.reduction, self.lif = nn.Linear(2 * d, d2), _lif()
+
+    def forward(self, x):
+        T, B, N, D = x.shape
+        return self.lif(self.reduction(x.reshape(T, B, N // 2, 2 * D)))
+
+
+def _time_first(x, T):
+    return x.unsqueeze(0).repeat(T, 1, 1, 1)
+
+
+class Hierarchical(nn.Module):
+    """[B, N, C] -> logits; two stages separated by downsampling (QKFormer-like)."""
+
+    def __init__(self, c=3, d1=8, d2=16, depths=(1, 2), classes=4, T=2, aux=False):
+        super().__init__()
+        self.T, self.aux = T, aux
+        self.embed, self.embed_lif = nn.Linear(c, d1), _lif()
+        self.stage1 = nn.ModuleList([Block(d1, TokenAttention) for _ in range(depths[0])])
+        self.down = PatchMerge(d1, d2)
+        self.stage2 = nn.ModuleList([Block(d2) for _ in range(depths[1])])
+        self.head = nn.Linear(d2, classes)
+        if aux:
+            self.aux_head = nn.Linear(d1, classes)
+
+    def forward(self, x):
+        x = self.embed_lif(self.embed(_time_first(x, self.T)))
+        for blk in self.stage1:
+            x = blk(x)
+        early = x
+        x = self.down(x)
+        for blk in self.stage2:
+            x = blk(x)
+        logits = self.head(x.mean(2).mean(0))
+        if self.aux:
+            return logits, self.aux_head(early.mean(2).mean(0))
+        return logits
+
+
+class TwoHeaded(nn.Module):
+    """A model that already has two heads (public BESTformer habit): head on the attention stream, head2 on the
+    MLP stream, (head, head2) in training and their mean in eval."""
+
+    def __init__(self, c=3, d=8, depth=2, classes=4, T=2):
+        super().__init__()
+        self.T = T
+        self.embed, self.embed_lif = nn.Linear(c, d), _lif()
+        self.attn = nn.ModuleList([SpikingSelfAttention(d) for _ in range(depth)])
+        self.mlp = nn.ModuleList([MLP(d) for _ in range(depth)])
+        self.head, self.head2 = nn.Linear(d, classes), nn.Linear(d, classes)
+
+    def forward(self, x):
+        x = self.embed_lif(self.embed(_time_first(x, self.T)))
+        a = x
+        for attn, mlp in zip(self.attn, self.mlp):
+            a = x + attn(x)
+            x = a + mlp(a)
+        h, h2 = self.head(a.mean(2).mean(0)), self.head2(x.mean(2).mean(0))
+        if self.training:
+            return h, h2
+        return (h + h2) / 2
+
+
+class LogitsAndNone(nn.Module):
+    """Returns (logits, None), as Spike-driven Transformer v1 does."""
+
+    def __init__(self, c=3, d=8, depth=2, classes=4, T=2):
+        super().__init__()
+        self.T = T
+        self.embed, self.embed_lif = nn.Linear(c, d), _lif()
+        self.block = nn.ModuleList([Block(d) for _ in range(depth)])
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        x = self.embed_lif(self.embed(_time_first(x, self.T)))
+        for blk in self.block:
+            x = blk(x)
+        return self.head(x.mean(2).mean(0)), None
+
+
+def example(batch=3, n=8, c=3, seed=0, dtype=torch.float32):
+    """A seeded input [B, N, C] that makes the small models above fire."""
+    return 2 * torch.rand(batch, n, c, generator=torch.Generator().manual_seed(seed), dtype=dtype)
