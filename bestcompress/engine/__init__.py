@@ -1,0 +1,17 @@
+"""The 1-bit inference engine: packed sign bits and popcount products for binary spiking models on CPU.
+
+    engine = bestcompress.engine.load("model.bcz")
+    logits = engine(batch)          # [B, *input_shape] -> [B, classes]
+    engine.memory()                 # packed weights + activations, in bytes
+    bestcompress.engine.verify(engine)   # spike-exact with the PyTorch binary model?
+
+Every binary Conv1d/Conv2d/Linear runs as popcounts over bit-packed inputs when those are spikes or sums of
+spikes (and ½-couplings), the spike×spike attention matmuls likewise; everything else is the model's own torch
+code. Kernels: the compiled extension (AVX-512 VPOPCNTDQ / AVX2 / NEON, built at install) or a NumPy fallback.
+"""
+from .kernels import backend, backend_description, compiled_available, use_backend
+from .runtime import Engine, from_model, load
+from .verify import verify
+
+__all__ = ["Engine", "backend", "backend_description", "compiled_available", "from_model", "load", "use_backend",
+           "verify"]

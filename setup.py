@@ -1,0 +1,39 @@
+"""Build of the engine's compiled popcount kernels (bestcompress/engine/_bitkernels.c); metadata is in pyproject.toml.
+
+Tool: a plain setuptools Extension over the CPython API (no NumPy headers, no pybind11): setuptools is already the
+build backend, so the kernels add no build dependency, and `optional=True` keeps `pip install -e .` working
+without a compiler (the engine then runs its NumPy fallback and says so). The kernels are compiled for the
+installing machine (-march=native: AVX-512 VPOPCNTDQ / AVX2 on x86, NEON on ARM) and never contract floating
+point (-ffp-contract=off) so results round exactly as documented. Set BESTCOMPRESS_NO_NATIVE=1 for a portable
+build, BESTCOMPRESS_NO_EXT=1 to skip the extension.
+"""
+import os
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math"]
+NATIVE_FLAGS = ["-march=native"]
+
+
+class OptionalNativeBuild(build_ext):
+    """Compile with -march=native; retry portably when the compiler rejects it."""
+
+    def build_extension(self, ext):
+        portable = list(ext.extra_compile_args)
+        if not os.environ.get("BESTCOMPRESS_NO_NATIVE"):
+            ext.extra_compile_args = portable + NATIVE_FLAGS
+            try:
+                return super().build_extension(ext)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: try the portable flags
+                print(f"bestcompress: native build of {ext.name} failed ({exc}); retrying without -march=native")
+        ext.extra_compile_args = portable
+        return super().build_extension(ext)
+
+
+extensions = []
+if not os.environ.get("BESTCOMPRESS_NO_EXT"):
+    extensions.append(Extension("bestcompress.engine._bitkernels", ["bestcompress/engine/_bitkernels.c"],
+                                extra_compile_args=BASE_FLAGS, optional=True))
+
+setup(ext_modules=extensions, cmdclass={"build_ext": OptionalNativeBuild})
