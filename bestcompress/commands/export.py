@@ -72,10 +72,11 @@ def _same_model(file: Path, against: Path, loaded) -> None:
 def export(checkpoint, fmt, output, input_shape, batch_size, data, samples, tolerance, trust_checkpoint):
     """Export a binary checkpoint (or .bcz) to FORMAT; the export is verified against PyTorch before it is written."""
     from ..exporters import check_output_path, export_model
-    from ..fileio import check_output_path as check_writable
+    from ..fileio import probe_writable
 
-    check_output_path(output, fmt)  # unknown format / missing folder: fail before loading anything
-    check_writable(output, ExportError, inputs=[checkpoint, data], probe=True, folder_ok=fmt == "finn")
+    # unknown format, missing or read-only folder, output == input: fail before loading anything
+    output = check_output_path(output, fmt, inputs=[checkpoint, data])
+    probe_writable(output.parent if str(output.parent) else Path("."), ExportError)
     shape = _parse_shape(input_shape)
     model = _load(checkpoint, trust_checkpoint, shape, "export").model
     result = export_model(model, fmt, output, input_shape=shape, batch_size=batch_size, data=data, samples=samples,
@@ -108,7 +109,7 @@ def export(checkpoint, fmt, output, input_shape, batch_size, data, samples, tole
 @threads_option
 def verify(file, against, data, samples, tolerance, trust_checkpoint):
     """Re-check an exported FILE (.onnx, .bcz or a FINN folder) against the PyTorch model."""
-    from ..exporters.verify import verify_file
+    from ..exporters import verify_file
 
     if not Path(file).exists():
         raise ExportError(f"'{file}' does not exist.")
