@@ -59,6 +59,7 @@ class DistillConfig:
     alpha: float = 0.5
     temperature: float = 1.0
     feature_weight: float = 1.0
+    attention_weight: float = 1.0  # the attention-relation loss
     label_smoothing: float = 0.1
 
 

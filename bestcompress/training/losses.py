@@ -8,10 +8,14 @@ the teacher's logits; α = cfg.alpha, τ = cfg.temperature, ls = cfg.label_smoot
     hard    = CE(head2, argmax teacher)                           (DeiT hard distillation)
     soft    = τ² · KL(softmax(teacher/τ) ‖ softmax(head2/τ))      (mean over the batch)
     feature = mean over blocks b of MSE(std(s_b), std(t_b))       (see feature_alignment_loss)
+    attention = mean over matmul operands X of MSE(R(X_s), R(X_t)), R(X) = n(X)·n(X)ᵀ with n the L2
+              normalisation of each row                            (see attention_relation_loss)
 
-    total   = (1−α)·ce + α·mean(selected of hard, soft) + w·feature
-            = ce_both + w·feature        when neither hard nor soft is selected, where ce_both averages
-                                          CE_ls over the heads (both heads learn the labels)
+    total   = (1−α)·ce + α·mean(selected of hard, soft) + w·feature + w_a·attention
+            = ce_both + w·feature + w_a·attention   when neither hard nor soft is selected, where ce_both
+                                          averages CE_ls over the heads (both heads learn the labels)
+
+w_a = cfg.attention_weight. The teacher side of every term is detached: gradients reach the student only.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from torch import nn
 from ..errors import ModelError, RecipeError
 from ..recipe import DistillConfig
 
-KNOWN_LOSSES = ("hard", "soft", "feature")
+KNOWN_LOSSES = ("hard", "soft", "feature", "attention")
 _EPS = 1e-5
 
 
@@ -104,6 +108,44 @@ def feature_alignment_loss(student_features, teacher_features) -> torch.Tensor:
     return total / len(student_features)
 
 
+def relation(x: torch.Tensor) -> torch.Tensor:
+    """R = n(X)·n(X)ᵀ over the last two axes, n normalising each row to unit L2 norm (an all-zero row stays 0)."""
+    x = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1, eps=_EPS)
+    return x @ x.transpose(-1, -2)
+
+
+def attention_relation_loss(student_pairs, teacher_pairs) -> torch.Tensor:
+    """Attention-relation distillation (BiBERT's direction matching, applied to spiking attention).
+
+    For every activation×activation matmul a @ b of the attention (Q·Kᵀ and A·V, or Kᵀ·V and Q·A, as the model
+    computes them; collected by `feature_taps(..., attention=True)` in call order), each operand X of the student
+    and the teacher gives a relation matrix R(X) = n(X)·n(X)ᵀ (cosine similarities of its rows: tokens of Q and V,
+    channels of Kᵀ); the loss is the mean over operands of MSE(R(X_s), R(X_t)). It is 0 when the student's
+    operands equal the teacher's up to a positive scale per row, and needs no equal magnitudes: binary spikes
+    are compared with real-valued teacher activations by direction only. Teacher operands carry no gradient.
+
+    Args:
+        student_pairs, teacher_pairs: lists of (a, b) operand pairs, one per matmul, matching one to one.
+    Returns:
+        The scalar loss.
+    """
+    if len(student_pairs) != len(teacher_pairs):
+        raise ModelError(f"the attention-relation loss got {len(student_pairs)} student attention matmuls but "
+                         f"{len(teacher_pairs)} teacher ones; it needs a teacher with the same attention.")
+    if not student_pairs:
+        raise ModelError("the attention-relation loss found no matmul of two activations (Q·Kᵀ, A·V) in the "
+                         "models' forward; use distill.losses without 'attention'.")
+    total, count = 0.0, 0
+    for i, (sp, tp) in enumerate(zip(student_pairs, teacher_pairs)):
+        for s, t in zip(sp, tp):
+            if s.shape != t.shape:
+                raise ModelError(f"attention matmul {i} has operands of shape {tuple(s.shape)} in the student but "
+                                 f"{tuple(t.shape)} in the teacher; they must match.")
+            total = total + F.mse_loss(relation(s), relation(t.detach()))
+            count += 1
+    return total / count
+
+
 def soft_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                       temperature: float) -> torch.Tensor:
     """τ²·KL(softmax(teacher/τ) ‖ softmax(student/τ)), averaged over the batch."""
@@ -125,6 +167,8 @@ def _check_cfg(cfg: DistillConfig) -> tuple[str, ...]:
         raise RecipeError(f"distill.label_smoothing must lie in [0, 1), got {cfg.label_smoothing}.")
     if cfg.feature_weight < 0:
         raise RecipeError(f"distill.feature_weight must be >= 0, got {cfg.feature_weight}.")
+    if getattr(cfg, "attention_weight", 0.0) < 0:
+        raise RecipeError(f"distill.attention_weight must be >= 0, got {cfg.attention_weight}.")
     return losses
 
 
@@ -135,7 +179,9 @@ class CIELoss(nn.Module):
         cfg: the recipe's `distill` section (losses, alpha, temperature, feature_weight, label_smoothing).
     Attributes:
         needs_teacher: True when 'hard' or 'soft' is selected (pass `teacher_logits`).
-        needs_features: True when 'feature' is selected (pass the block outputs from `feature_taps`).
+        needs_features: True when 'feature' or 'attention' is selected (pass the taps' lists from
+            `feature_taps(student, teacher, **loss.tap_options)`).
+        tap_options: the `feature_taps` keywords this loss needs (blocks, attention).
     """
 
     def __init__(self, cfg: DistillConfig) -> None:
@@ -143,7 +189,10 @@ class CIELoss(nn.Module):
         self.cfg = cfg
         self.losses = _check_cfg(cfg)
         self.needs_teacher = any(n in self.losses for n in ("hard", "soft"))
-        self.needs_features = "feature" in self.losses
+        self.needs_blocks = "feature" in self.losses
+        self.needs_attention = "attention" in self.losses
+        self.needs_features = self.needs_blocks or self.needs_attention
+        self.tap_options = {"blocks": self.needs_blocks, "attention": self.needs_attention}
 
     def forward(self, student_out, labels: torch.Tensor, teacher_logits=None, student_features=None,
                 teacher_features=None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -172,12 +221,19 @@ class CIELoss(nn.Module):
         else:
             parts["ce"] = ce_loss(student_out, labels, cfg.label_smoothing)
             total = parts["ce"]
-        if self.needs_features:
-            if student_features is None or teacher_features is None:
-                raise ModelError("the 'feature' loss needs the student's and the teacher's block outputs "
-                                 "(collect them with feature_taps).")
+        if self.needs_features and (student_features is None or teacher_features is None):
+            raise ModelError(f"the '{'feature' if self.needs_blocks else 'attention'}' loss needs the student's and "
+                             "the teacher's block outputs (collect them with feature_taps).")
+        if self.needs_blocks:
             parts["feature"] = feature_alignment_loss(student_features, teacher_features)
             total = total + cfg.feature_weight * parts["feature"]
+        if self.needs_attention:
+            s_att, t_att = getattr(student_features, "attention", None), getattr(teacher_features, "attention", None)
+            if s_att is None or t_att is None:
+                raise ModelError("the 'attention' loss needs the attention operands: collect them with "
+                                 "feature_taps(student, teacher, attention=True).")
+            parts["attention"] = attention_relation_loss(s_att, t_att)
+            total = total + cfg.attention_weight * parts["attention"]
         parts["total"] = total
         return total, {k: float(v.detach()) for k, v in parts.items()}
 

@@ -15,6 +15,10 @@ Where the block outputs come from, per model:
   outputs of the transformer blocks) are taken from the modules that return them (e.g. `block.i`), through
   forward hooks; when no module returns them (a model that is itself one traced graph), the model's forward
   runs through an fx Interpreter that records them.
+With `attention=True` the taps also record, per forward, the operands of every activation×activation matmul
+(Q and Kᵀ, the attention map and V, in call order, whatever the association; matmuls with a weight are skipped)
+into `.student.attention` / `.teacher.attention`, through a TorchFunctionMode entered for the forward of each model
+(for the attention-relation loss).
 Everything is undone when the `with` block ends: hooks removed, forwards restored.
 """
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Iterator
 
 import torch
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import ModelError
 from ..nn.reversible import ReversibleCoupling
@@ -34,15 +39,28 @@ from ..trace import SNNTracer
 from .distributed import unwrap as _unwrap
 
 
+class TapList(list):
+    """A model's block outputs (the list itself) and, in `.attention`, its attention matmul operand pairs."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.attention: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def clear(self) -> None:
+        super().clear()
+        self.attention.clear()
+
+
 @dataclass
 class FeatureTaps:
-    """Block outputs of the latest forward of each model, in forward order: `student[i]` matches `teacher[i]`.
+    """Block outputs of the latest forward of each model, in forward order: `student[i]` matches `teacher[i]`
+    (and, when tapped, `student.attention[j]` matches `teacher.attention[j]`).
 
     Each forward of a model replaces its list (so a loop that never calls `clear()` holds one batch, not all).
     """
 
-    student: list[torch.Tensor] = field(default_factory=list)
-    teacher: list[torch.Tensor] = field(default_factory=list)
+    student: TapList = field(default_factory=TapList)
+    teacher: TapList = field(default_factory=TapList)
 
     def clear(self) -> None:
         self.student.clear()
@@ -154,29 +172,82 @@ def _install(model: nn.Module, sites: _Sites, sink: list[torch.Tensor]) -> list:
     return undo
 
 
+_MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm}
+
+
+class _MatmulTap(TorchFunctionMode):
+    """Appends (a, b) for every a @ b of two activations (neither is a Parameter) to `sink`."""
+
+    def __init__(self, sink: list) -> None:
+        super().__init__()
+        self.sink = sink
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _MATMULS and len(args) >= 2:
+            a, b = args[0], args[1]
+            if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() >= 2 and b.dim() >= 2
+                    and not isinstance(a, nn.Parameter) and not isinstance(b, nn.Parameter)):
+                self.sink.append((a, b))
+        return out
+
+
+def _install_attention(model: nn.Module, sink: list) -> list:
+    target = _unwrap(model)
+    active: list[_MatmulTap] = []
+
+    def pre(mod, args):
+        sink.clear()
+        mode = _MatmulTap(sink)
+        mode.__enter__()
+        active.append(mode)
+
+    def post(mod, args, out):
+        if active:
+            active.pop().__exit__(None, None, None)
+
+    handles = [target.register_forward_pre_hook(pre), target.register_forward_hook(post, always_call=True)]
+
+    def undo():
+        for h in handles:
+            h.remove()
+        while active:  # a forward interrupted before its post hook ran
+            active.pop().__exit__(None, None, None)
+    return [undo]
+
+
 @contextmanager
-def feature_taps(student: nn.Module, teacher: nn.Module) -> Iterator[FeatureTaps]:
+def feature_taps(student: nn.Module, teacher: nn.Module, blocks: bool = True,
+                 attention: bool = False) -> Iterator[FeatureTaps]:
     """Record the matching block outputs of `student` and `teacher` at each forward inside the `with` block.
 
     Args:
         student: the binary model (coupled or not; a DDP wrapper is unwrapped).
         teacher: the full-precision model with the same number of transformer blocks.
+        blocks: record the block outputs (the feature loss).
+        attention: also record the attention matmul operands (the attention-relation loss).
     Yields:
         FeatureTaps whose `.student` / `.teacher` lists hold the block outputs of each model's latest forward
-        (`.clear()` empties them).
+        (`.clear()` empties them), and their `.attention` lists the matmul operand pairs.
     Raises:
         ModelError when the blocks cannot be found or their counts differ.
     """
-    s_sites = block_output_sites(student, "student")
-    t_sites = block_output_sites(teacher, "teacher")
-    if len(s_sites) != len(t_sites):
-        raise ModelError(f"the student has {len(s_sites)} transformer blocks but the teacher has {len(t_sites)}; "
-                         "feature alignment needs one teacher block per student block.")
+    s_sites = t_sites = None
+    if blocks:
+        s_sites = block_output_sites(student, "student")
+        t_sites = block_output_sites(teacher, "teacher")
+        if len(s_sites) != len(t_sites):
+            raise ModelError(f"the student has {len(s_sites)} transformer blocks but the teacher has "
+                             f"{len(t_sites)}; feature alignment needs one teacher block per student block.")
     taps = FeatureTaps()
     undo = []
     try:
-        undo += _install(student, s_sites, taps.student)
-        undo += _install(teacher, t_sites, taps.teacher)
+        if attention:  # first: its pre-hook opens the recording before any block-output hook runs
+            undo += _install_attention(student, taps.student.attention)
+            undo += _install_attention(teacher, taps.teacher.attention)
+        if blocks:
+            undo += _install(student, s_sites, taps.student)
+            undo += _install(teacher, t_sites, taps.teacher)
         yield taps
     finally:
         for fn in reversed(undo):

@@ -118,3 +118,51 @@ def test_gradients_reach_binary_latent_weights():
     nonzero = [n for n, m in binary if m.weight.grad.abs().sum() > 0]
     assert len(nonzero) >= len(binary) // 2
     assert student.head2.weight.grad is not None and student.head2.weight.grad.abs().sum() > 0
+
+
+def test_attention_relation_loss_zero_for_equal_directions_and_positive_otherwise():
+    from bestcompress.training.losses import attention_relation_loss, relation
+    g = torch.Generator().manual_seed(0)
+    pairs = [(torch.rand(2, 3, 2, 6, 4, generator=g), torch.rand(2, 3, 2, 4, 6, generator=g)) for _ in range(2)]
+    assert attention_relation_loss(pairs, [(a.clone(), b.clone()) for a, b in pairs]).item() < 1e-10
+    # relations compare row directions: a positive scale per row changes nothing
+    scaled = [(a * torch.rand(a.shape[:-1] + (1,), generator=g) + 0 * a, b * 3) for a, b in pairs]
+    assert attention_relation_loss(pairs, scaled).item() < 1e-10
+    other = [(torch.rand(2, 3, 2, 6, 4, generator=g), torch.rand(2, 3, 2, 4, 6, generator=g)) for _ in range(2)]
+    assert attention_relation_loss(pairs, other).item() > 1e-3
+    r = relation(pairs[0][0])
+    assert r.shape == (2, 3, 2, 6, 6) and torch.allclose(r.diagonal(dim1=-2, dim2=-1), torch.ones(2, 3, 2, 6))
+    with pytest.raises(ModelError, match="2 student attention matmuls but 1 teacher"):
+        attention_relation_loss(pairs, other[:1])
+    with pytest.raises(ModelError, match="no matmul of two activations"):
+        attention_relation_loss([], [])
+
+
+def test_distillation_gradients_reach_the_student_only():
+    """Each distillation term: 0 for a student equal to its teacher, > 0 otherwise, no gradient to the teacher."""
+    torch.manual_seed(0)
+    teacher = tiny_model("spikformer_seq", depths=2).eval()
+    from bestcompress.nn.calibrate import make_it_fire
+    make_it_fire(teacher, example_input_for(teacher, batch=1).shape[1:])
+    x = example_input_for(teacher, batch=4)
+    y = torch.tensor([0, 1, 2, 3])
+    twin = binarize(teacher, "identity").model.eval()  # the same function as the teacher
+    student = binarize(teacher, "bestformer").model.train()
+    for name in ("soft", "feature", "attention"):
+        loss = CIELoss(DistillConfig(losses=(name,), temperature=2.0))
+        assert loss.needs_teacher == (name == "soft")
+        with feature_taps(twin, teacher, **loss.tap_options) as taps:
+            with torch.no_grad():
+                t = teacher(x)
+                _, same = loss(twin(x), y, t, taps.student, taps.teacher)
+        assert abs(same[name]) < 1e-6, name
+        with feature_taps(student, teacher, **loss.tap_options) as taps:
+            t = teacher(x)  # with gradients on: the loss must still not reach the teacher
+            total, parts = loss(student(x), y, t, taps.student, taps.teacher)
+        assert parts[name] > 1e-4, name
+        teacher.zero_grad(set_to_none=True)
+        student.zero_grad(set_to_none=True)
+        total.backward()
+        assert all(p.grad is None for p in teacher.parameters()), name
+        assert sum(float(p.grad.abs().sum()) for p in student.parameters() if p.grad is not None) > 0, name
+    assert set(parts) == {"ce", "attention", "total"}

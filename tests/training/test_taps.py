@@ -78,3 +78,24 @@ def test_hooks_removed_on_error_and_count_mismatch(teacher):
         with feature_taps(student, shallow):
             pass
     assert _hooks(student, teacher, shallow) == before
+
+
+def test_attention_operands_are_tapped_in_call_order(teacher):
+    student = binarize(teacher, "bestformer").model.train()
+    x = example_input_for(teacher, batch=2)
+    before = _hooks(student, teacher)
+    with feature_taps(student, teacher, blocks=False, attention=True) as taps:
+        with torch.no_grad():
+            teacher(x)
+            student(x)
+            student(x)  # a second forward replaces the list
+        assert len(taps.student.attention) == len(taps.teacher.attention) == 4  # q·kᵀ and map·v, two blocks
+        assert taps.student == [] and taps.teacher == []  # blocks not tapped
+        for (sa, sb), (ta, tb) in zip(taps.student.attention, taps.teacher.attention):
+            assert sa.shape == ta.shape and sb.shape == tb.shape
+        q, kt = taps.teacher.attention[0]
+        assert q.shape[-1] == kt.shape[-2]  # [.., N, d] @ [.., d, N]
+        taps.clear()
+        assert taps.student.attention == []
+    assert _hooks(student, teacher) == before
+    assert not torch.overrides._get_current_function_mode_stack()  # no mode left behind
