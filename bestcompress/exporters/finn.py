@@ -25,7 +25,10 @@ import onnx
 import torch
 from torch import nn
 
-from ..errors import ExportError
+from ..errors import ExportError, short_reason
+from .formats import ExportFormat, ExportOptions, ExportResult, path_bytes, register_format
+from .graph_check import check_domains, graph_batch, graph_input_shape, read_graph, verify_graph
+from .verify import compare, verification_inputs
 
 INSTALL_HINT = ('install it with `pip install --no-deps finn-plus==1.6.1` and then `pip install pydantic rich click '
                 'pyyaml bitstring psutil "scipy>=1.17,<1.18"` (its own pins would replace the CPU torch)')
@@ -131,8 +134,7 @@ def _run_stage(model, transforms, notes: list[str], stage: str):
         try:
             model = model.transform(t)
         except Exception as e:  # FINN raises bare exceptions on graphs it cannot handle: record and go on
-            msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-            notes.append(f"{stage}: {type(t).__name__} skipped ({type(e).__name__}: {msg})")
+            notes.append(f"{stage}: {type(t).__name__} skipped ({type(e).__name__}: {short_reason(e)})")
     return model
 
 
@@ -232,7 +234,7 @@ def format_report(report: dict) -> str:
 
 # --------------------------------------------------------------------------------------------- the pipeline
 
-def finn_pipeline(qonnx_proto: onnx.ModelProto) -> tuple[dict, list[str]]:
+def finn_pipeline(qonnx_proto: onnx.ModelProto, progress=None) -> tuple[dict, list[str]]:
     """Run FINN+'s front-end on a QONNX graph.
 
     Returns:
@@ -242,17 +244,22 @@ def finn_pipeline(qonnx_proto: onnx.ModelProto) -> tuple[dict, list[str]]:
     _, ConvertQONNXtoFINN, Streamline = _import_finn()
     from qonnx.core.modelwrapper import ModelWrapper
 
+    say = progress or (lambda line: None)
     notes: list[str] = []
     with _Quiet():
         model = ModelWrapper(qonnx_proto, make_deepcopy=True)
+        say(f"FINN+: ConvertQONNXtoFINN on {len(qonnx_proto.graph.node)} nodes")
         try:
             model = model.transform(ConvertQONNXtoFINN())
         except Exception as e:
             raise ExportError(f"FINN+ could not convert the QONNX graph ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}).") from None
+                              f"{short_reason(e)}).") from None
+        say("FINN+: tidy-up")
         stages = {"finn": _run_stage(model, _tidy(), notes, "tidy-up")}
+        say("FINN+: streamline")
         stages["streamlined"] = _run_stage(stages["finn"], _streamline(Streamline, stages["finn"], notes), notes,
                                            "streamline")
+        say("FINN+: convert to hardware layers")
         stages["hw"] = _run_stage(stages["streamlined"], _to_hw(), notes, "convert-to-hw")
     return stages, notes
 
@@ -263,7 +270,7 @@ def finn_runner(model):
     name = model.graph.input[0].name
     outs = [o.name for o in model.graph.output]
 
-    def run(x):
+    def run(x, feeds):
         with _Quiet():
             res = execute_onnx(model, {name: x})
         return [res[o] for o in outs], {}
@@ -271,10 +278,12 @@ def finn_runner(model):
 
 
 def _atomic_dir(path: Path, build) -> Path:
-    """Build a folder next to `path` and move it into place only when `build` succeeded."""
+    """Build a folder next to `path` and move it into place only when `build` succeeded (the one folder writer;
+    files go through bestcompress.fileio.atomic_write)."""
+    from ..fileio import check_output_path
+
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise ExportError(f"Cannot write '{path}': the folder '{parent}' does not exist.")
+    check_output_path(path, ExportError, folder_ok=True)
     if path.exists() and not path.is_dir():
         raise ExportError(f"Cannot write the FINN export to '{path}': it is a file; give a folder name.")
     if path.is_dir() and any(path.iterdir()) and not (path / "report.json").is_file():
@@ -296,7 +305,7 @@ def _atomic_dir(path: Path, build) -> Path:
 
 
 def export_finn(model: nn.Module, example_input: torch.Tensor, path: str | Path, data=None, samples=None,
-                tolerance: float = 1e-4, seed: int = 0, qonnx_proto=None):
+                tolerance: float = 1e-4, seed: int = 0, qonnx_proto=None, progress=None):
     """Export to QONNX, run FINN+'s front-end, verify, and write a folder with every stage and the report.
 
     The folder holds model_qonnx.onnx, model_finn.onnx, model_streamlined.onnx, model_hw.onnx, report.json and
@@ -307,27 +316,28 @@ def export_finn(model: nn.Module, example_input: torch.Tensor, path: str | Path,
         QONNX graph and the FINN hardware-layer graph.
     """
     from .qonnx import to_qonnx
-    from .verify import compare, graph_batch, verification_inputs, verify_graph
 
     _import_finn()
     path = Path(path)
-    proto = qonnx_proto if qonnx_proto is not None else to_qonnx(model, example_input)
-    q_report = verify_graph(proto, model, runtime="qonnx", data=data, samples=samples, tolerance=tolerance, seed=seed)
+    proto = qonnx_proto if qonnx_proto is not None else to_qonnx(model, example_input, progress)
+    q_report = verify_graph(proto, model, runtime="qonnx", data=data, samples=samples, tolerance=tolerance, seed=seed,
+                            progress=progress)
     if not q_report.passed:
         raise ExportError(q_report.message("The QONNX graph for FINN"))
     t0 = time.perf_counter()
-    stages, notes = finn_pipeline(proto)
+    stages, notes = finn_pipeline(proto, progress)
     seconds = time.perf_counter() - t0
     batch = graph_batch(proto)
     x, kind = verification_inputs(model, tuple(example_input.shape[1:]), batch, data, samples, seed)
+    if progress is not None:
+        progress("FINN+: running the hardware-layer graph with FINN's Python executor")
     try:
         f_report = compare(model, finn_runner(stages["hw"]), x, batch, [], "finn python executor", tolerance, kind)
     except ExportError:
         raise
     except Exception as e:
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise ExportError(f"FINN's Python executor cannot run the converted graph ({type(e).__name__}: {msg}).") \
-            from None
+        raise ExportError(f"FINN's Python executor cannot run the converted graph ({type(e).__name__}: "
+                          f"{short_reason(e, 200)}).") from None
     report = coverage(stages["hw"])
     report["notes"] = notes
     report["stages"] = {name: len(m.graph.node) for name, m in stages.items()}
@@ -346,24 +356,53 @@ def export_finn(model: nn.Module, example_input: torch.Tensor, path: str | Path,
     return _atomic_dir(path, build), report, f_report
 
 
-def verify_finn_dir(path: Path, model: nn.Module, data=None, samples=None, tolerance: float = 1e-4, seed: int = 0):
+def verify_finn_dir(path: Path, model: nn.Module, data=None, samples=None, tolerance: float = 1e-4, seed: int = 0,
+                    progress=None):
     """Re-check a FINN export folder: its hardware-layer graph with FINN's executor (the QONNX graph with qonnx
-    when FINN+ is not installed)."""
-    from .verify import compare, graph_batch, graph_input_shape, verification_inputs, verify_graph
-
+    when FINN+ is not installed). Both graphs' custom-op domains are checked before anything runs."""
     hw, q = path / "model_hw.onnx", path / "model_qonnx.onnx"
     if not q.is_file():
         raise ExportError(f"Folder '{path}' is not a bestcompress FINN export (no model_qonnx.onnx).")
+    proto = read_graph(q)
+    check_domains(proto, f"'{q}'")
     try:
         _import_finn()
         have_finn = hw.is_file()
     except ExportError:
         have_finn = False
     if not have_finn:
-        return verify_graph(onnx.load(str(q)), model, runtime="qonnx", data=data, samples=samples,
-                            tolerance=tolerance, seed=seed)
+        return verify_graph(proto, model, runtime="qonnx", data=data, samples=samples, tolerance=tolerance,
+                            seed=seed, progress=progress)
     from qonnx.core.modelwrapper import ModelWrapper
-    m = ModelWrapper(str(hw))
-    proto = onnx.load(str(q))
+    hw_proto = read_graph(hw)
+    check_domains(hw_proto, f"'{hw}'")
+    m = ModelWrapper(hw_proto)
     x, kind = verification_inputs(model, graph_input_shape(proto), graph_batch(proto), data, samples, seed)
     return compare(model, finn_runner(m), x, graph_batch(proto), [], "finn python executor", tolerance, kind)
+
+
+# ------------------------------------------------------------------------------------------------ the format
+
+def _export(model: nn.Module, path: Path, opts: ExportOptions) -> ExportResult:
+    from .formats import make_readable
+
+    out, report, verification = export_finn(model, opts.example_input, path, opts.data, opts.samples,
+                                            opts.tolerance, opts.seed, qonnx_proto=opts.qonnx_graph,
+                                            progress=opts.progress)
+    make_readable(out)
+    return ExportResult(out, "finn", path_bytes(out), 0, verification,
+                        extra={"finn": {"totals": report["totals"], "stages": report["stages"],
+                                        "notes": report["notes"], "qonnx_verification": report["verification"]["qonnx"]}})
+
+
+def _verify(path: Path, model: nn.Module, opts: ExportOptions):
+    return verify_finn_dir(path, model, opts.data, opts.samples, opts.tolerance, opts.seed, opts.progress)
+
+
+def _recognise(path: Path) -> bool:
+    return path.is_dir()
+
+
+register_format(ExportFormat(
+    "finn", "a folder: QONNX, FINN+ front-end stages, FINN execution check, per-node coverage report", "",
+    _export, _verify, _recognise, needs=lambda: _import_finn() and None))

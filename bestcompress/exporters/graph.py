@@ -10,6 +10,7 @@ as `qonnx.core.onnx_exec.execute_onnx` does, minus its per-run quadratic checks.
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -18,9 +19,30 @@ from onnx import helper, numpy_helper
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
 STANDARD_DOMAINS = ("", "ai.onnx")
+META_KEY = "bestcompress"
 # QONNX ops whose output has the shape of their first input (broadcast with the scale): Mul stands in for them
 # during ONNX shape inference.
 _ELEMENTWISE_CUSTOM = {"BipolarQuant": "Mul", "Quant": "Mul", "Trunc": "Mul"}
+
+
+def set_meta(proto: onnx.ModelProto, meta: dict) -> None:
+    """Store what the verifier needs (neuron spike tensors, binary-layer nodes, input shape) as JSON metadata."""
+    for p in list(proto.metadata_props):
+        if p.key == META_KEY:
+            proto.metadata_props.remove(p)
+    proto.metadata_props.add(key=META_KEY, value=json.dumps(meta, default=str))
+
+
+def get_meta(proto: onnx.ModelProto) -> dict:
+    """The bestcompress metadata of an exported graph ({} for a graph bestcompress did not write)."""
+    for p in proto.metadata_props:
+        if p.key == META_KEY:
+            try:
+                meta = json.loads(p.value)
+            except json.JSONDecodeError:
+                return {}
+            return meta if isinstance(meta, dict) else {}
+    return {}
 
 
 def static_shapes(proto: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
@@ -186,6 +208,21 @@ def fold_transpose_into_quant_init(proto: onnx.ModelProto) -> onnx.ModelProto:
     return infer_shapes(remove_unused(proto))
 
 
+def with_outputs(proto: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """A copy whose graph also outputs `tensors` (so onnxruntime returns intermediate spike tensors)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    have = {o.name for o in out.graph.output}
+    vis = {vi.name: vi for vi in out.graph.value_info}
+    for t in tensors:
+        if t in have:
+            continue
+        if t not in vis:
+            raise ValueError(f"Tensor '{t}' has no known shape in the graph; it cannot be returned for checking.")
+        out.graph.output.append(vis[t])
+    return out
+
+
 def remove_unused(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Drop initializers and ValueInfos that no node or graph output refers to."""
     g = proto.graph
@@ -253,7 +290,8 @@ def readable_tensor_names(proto: onnx.ModelProto) -> None:
 class GraphRunner:
     """Runs a graph node by node as qonnx's `execute_onnx` does: standard ops in onnxruntime (one single-node
     model each, built once and reused across runs), qonnx custom ops (BipolarQuant, ...) with qonnx's own
-    Python implementation. Every intermediate tensor can be returned."""
+    Python implementation. Every intermediate tensor can be returned; when only some are asked for, each other
+    tensor is dropped after its last reader, so a run holds the live tensors only."""
 
     def __init__(self, proto: onnx.ModelProto) -> None:
         from qonnx.util.basic import get_preferred_qonnx_opset
@@ -298,6 +336,8 @@ class GraphRunner:
         context = dict(self.constants)
         context.update(inputs)
         g = self.proto.graph
+        wanted = None if keep is None else set(self.output_names) | set(keep)
+        last_use = self._last_use() if wanted is not None else {}
         for idx, node in enumerate(g.node):
             if node.domain in STANDARD_DOMAINS:
                 sess = self._session(idx, node)
@@ -310,7 +350,22 @@ class GraphRunner:
                     context[o] = np.zeros(dims, dtype=np.float32)
                 execute_custom_node(node, context, g, onnx_opset_version=self.opsets.get(node.domain,
                                                                                          self.default_opset))
-        if keep is None:
+            for name in last_use.get(idx, ()):  # hold only the live tensors, not every tensor of the run
+                if name not in wanted:
+                    context.pop(name, None)
+        if wanted is None:
             return context
-        wanted = set(self.output_names) | set(keep)
         return {k: v for k, v in context.items() if k in wanted}
+
+    def _last_use(self) -> dict[int, list[str]]:
+        """node index -> the computed tensors whose last reader (or producer, if nothing reads them) it is."""
+        if getattr(self, "_last", None) is None:
+            last: dict[str, int] = {}
+            for idx, node in enumerate(self.proto.graph.node):
+                for name in list(node.input) + list(node.output):
+                    if name and name not in self.constants:
+                        last[name] = idx
+            self._last: dict[int, list[str]] = {}
+            for name, idx in last.items():
+                self._last.setdefault(idx, []).append(name)
+        return self._last

@@ -11,9 +11,16 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..errors import ExportError
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import ExportError, short_reason
 from . import graph as G
-from .qonnx import get_meta, set_meta
+from .formats import ExportFormat, ExportOptions, ExportResult, path_bytes, register_format, write_verified
+from .graph import get_meta, set_meta
+from .graph_check import check_domains, is_qonnx, read_graph, verify_graph
+from .qonnx import _starts_with, qonnx_graph
 
 
 def _bipolar(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -82,20 +89,40 @@ def lower_to_standard(qonnx_proto: onnx.ModelProto) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as e:
-        raise ExportError(f"The lowered graph is not valid ONNX ({str(e).splitlines()[0][:200]}).") from None
+        raise ExportError(f"The lowered graph is not valid ONNX ({short_reason(e, 200)}).") from None
     return proto
 
 
-def with_outputs(proto: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy whose graph also outputs `tensors` (so onnxruntime returns intermediate spike tensors)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    have = {o.name for o in out.graph.output}
-    vis = {vi.name: vi for vi in out.graph.value_info}
-    for t in tensors:
-        if t in have:
-            continue
-        if t not in vis:
-            raise ExportError(f"Tensor '{t}' has no known shape in the graph; it cannot be returned for checking.")
-        out.graph.output.append(vis[t])
-    return out
+# ------------------------------------------------------------------------------------------------ the format
+
+def _export(model: nn.Module, path: Path, opts: ExportOptions) -> ExportResult:
+    qonnx = qonnx_graph(model, opts)  # shared with a qonnx export of the same run: traced once
+    opts.progress("lowering the QONNX ops to standard ONNX")
+    proto = lower_to_standard(qonnx)
+    report = write_verified(
+        path, lambda tmp: onnx.save(proto, str(tmp)),
+        lambda tmp: verify_graph(read_graph(tmp), model, "onnxruntime", opts.data, opts.samples, opts.tolerance,
+                                 opts.seed, progress=opts.progress) if opts.verify else None, "The ONNX export")
+    return ExportResult(path, "onnx", path_bytes(path), 0, report)
+
+
+def _verify(path: Path, model: nn.Module, opts: ExportOptions):
+    proto = read_graph(path)
+    check_domains(proto, f"'{path}'")
+    return verify_graph(proto, model, "onnxruntime", opts.data, opts.samples, opts.tolerance, opts.seed,
+                        progress=opts.progress)
+
+
+def _recognise(path: Path) -> bool:
+    if not path.is_file() or _starts_with(path, b"PK"):
+        return False
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return False
+    return bool(proto.graph.node) and not is_qonnx(proto)
+
+
+register_format(ExportFormat(
+    "onnx", "standard ONNX (QONNX ops lowered to standard ops) for onnxruntime", ".onnx", _export, _verify,
+    _recognise))

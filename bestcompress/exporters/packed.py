@@ -11,17 +11,7 @@ LayerNorm parameters are not). The index maps these logical entries to (blob, of
     raw/<param>       float32 [k, K], rawidx/<param> int64 [k]: channels stored in full (see below)
     fp/<key>          every other state_dict entry, unchanged
 
-What is stored is exactly what the binary weights need. A binary layer computes W_b = sign(Ŵ) (or α_c·sign(Ŵ))
-with Ŵ = (W − mean_c)/std_c, so a reloaded model does not need W, only a latent weight W' that standardizes to
-the same signs (and the same α_c):
-- sign: W' = ±1. Each channel's mean lies strictly between −1 and +1 unless all its signs agree, so
-  sign(W' − mean_c) reproduces every sign; an all-+1 channel standardizes to 0, whose sign is +1 again.
-- sign_scaled: W' = ±1 except the first positive entry, set to a value v_c > 1 found by bisection so that
-  mean|standardize(W')| equals α_c to the last bit (more spread lowers the ratio mean|Ŵ|/std from its maximum,
-  reached at two values, continuously), and the first negative entry, −(1 + k_c/64), a second knob for when
-  float rounding steps over α_c. α_c itself is not stored: the model recomputes it.
-Every channel is re-derived through the layer's own code at pack time; one that does not come out bit-exact
-(e.g. an all-negative channel, or an α_c outside the reachable range) is stored in full precision instead.
+How the sign bits rebuild the binary weights bit-exactly is `packing.py`'s job.
 """
 from __future__ import annotations
 
@@ -37,140 +27,14 @@ import torch
 from torch import nn
 
 from ..errors import BestcompressError, CheckpointError, ExportError, short_reason
-from ..nn.binary import is_binary_layer, standardize_per_channel
+from ..nn.binary import is_binary_layer
 from .formats import ExportFormat, ExportOptions, ExportResult, path_bytes, register_format, write_verified
+from .packing import pack_layer, rows_equal, unpack_layer
 from .verify import compare, torch_forward, verification_inputs
 
 FORMAT = "bestcompress-packed"
 VERSION = 1
 MAGIC = b"PK\x03\x04"
-
-
-# ------------------------------------------------------------------------------------------ latent weights
-
-def _binary_weight_of(layer: nn.Module, latent: torch.Tensor) -> torch.Tensor:
-    """The binary weight `layer` computes when its latent weight is `latent`."""
-    probe = copy.copy(layer)  # shallow: shares the quantizer modules, has its own parameter slot
-    probe._parameters = dict(layer._parameters)
-    probe._parameters["weight"] = nn.Parameter(latent, requires_grad=False)
-    with torch.no_grad():
-        return probe.binary_weight()
-
-
-def _rows_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per output channel: bit-identical (compares the float32 bit patterns)."""
-    a32 = a.detach().to(torch.float32).contiguous().view(torch.int32).flatten(1)
-    b32 = b.detach().to(torch.float32).contiguous().view(torch.int32).flatten(1)
-    return (a32 == b32).all(1)
-
-
-SECOND_STEPS = 8  # values tried for the second free entry: −(1 + k/64), k = 0..7
-
-
-def _first_index(flat: torch.Tensor, positive: bool) -> torch.Tensor:
-    return torch.argmax(((flat > 0) if positive else (flat < 0)).to(torch.int8), 1)
-
-
-def _latent_rows(signs: torch.Tensor, v: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """±1 rows whose first positive entry is v and whose first negative entry is −(1 + k/64)."""
-    flat = signs.flatten(1).clone()
-    rows = torch.arange(flat.shape[0])
-    pos, neg = (flat > 0).any(1), (flat < 0).any(1)
-    p_idx, n_idx = _first_index(flat, True), _first_index(flat, False)
-    flat[rows[neg], n_idx[neg]] = -(1.0 + k[neg].to(torch.float32) / 64.0)
-    flat[rows[pos], p_idx[pos]] = v[pos]
-    return flat.view_as(signs)
-
-
-def _scaled_latent(layer: nn.Module, signs: torch.Tensor, target: torch.Tensor, steps: int = 32,
-                   scan: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(v, k, found) per channel such that _latent_rows(signs, v, k) reproduces α_c = `target` bit-exactly.
-
-    α(v) = mean|standardize(W')| falls continuously as v grows (from its two-valued maximum at v = 1), so a
-    bisection on the float32 bit patterns of v finds the crossing; rounding can step over the exact value, so
-    the neighbours are scanned and, failing that, the second entry k gives the rounding another chance.
-    """
-    C = signs.shape[0]
-    flat = signs.flatten(1)
-    usable = (flat > 0).any(1) & (flat < 0).any(1)
-    negatives = (flat < 0).sum(1).to(torch.float32)
-    one_bits = int(torch.ones(1).view(torch.int32))
-
-    def as_float(bits: torch.Tensor) -> torch.Tensor:
-        return bits.to(torch.int32).view(torch.float32)
-
-    def alpha(sub: torch.Tensor, v: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        # the layer's own arithmetic (standardize, then Brevitas' per-channel AVE of |Ŵ|) on a subset of rows;
-        # rows are independent, and the caller re-checks the winners through the layer itself
-        return standardize_per_channel(_latent_rows(sub, v, k)).flatten(1).abs().mean(1)
-
-    best_v = torch.ones(C)
-    best_k = torch.zeros(C, dtype=torch.int64)
-    found = torch.zeros(C, dtype=torch.bool)
-    for k_step in range(SECOND_STEPS):
-        idx = torch.nonzero(usable & ~found).flatten()
-        if not len(idx):
-            break
-        sub, tgt = signs[idx], target[idx]
-        k = torch.full((len(idx),), k_step, dtype=torch.int64)
-        lo = torch.full((len(idx),), one_bits, dtype=torch.int64)
-        hi = (1.0 + 2.0 * negatives[idx] * (1 - 1e-3)).clamp(min=1.0).view(torch.int32).to(torch.int64)
-        for _ in range(steps):
-            mid = (lo + hi) // 2
-            above = alpha(sub, as_float(mid), k) > tgt
-            lo = torch.where(above, mid, lo)
-            hi = torch.where(above, hi, mid)
-        got = torch.zeros(len(idx), dtype=torch.bool)
-        for d in range(-scan, scan + 1):
-            cand = as_float((hi + d).clamp(min=one_bits))
-            ok = (alpha(sub, cand, k) == tgt) & ~got
-            best_v[idx[ok]] = cand[ok]
-            best_k[idx[ok]] = k_step
-            got |= ok
-        found[idx[got]] = True
-    return best_v, best_k, found
-
-
-def _pack_layer(name: str, layer: nn.Module, arrays: dict, info: dict) -> None:
-    w = layer.weight.detach().to(torch.float32).cpu()
-    bw = layer.binary_weight().detach().to(torch.float32).cpu()
-    signs = torch.where(bw > 0, 1.0, -1.0)  # a zero scale (all-zero channel) packs as +1 and is checked below
-    scaled = bool(getattr(layer, "binary_scaled", False))
-    latent = signs.clone()
-    exact = torch.ones(w.shape[0], dtype=torch.bool)
-    if scaled:
-        target = bw.flatten(1).abs().amax(1)
-        v, k, exact = _scaled_latent(layer, signs, target)
-        latent = _latent_rows(signs, v, k)
-        arrays[f"latent/{name}"] = v.numpy().astype(np.float32)
-        arrays[f"latentk/{name}"] = k.numpy().astype(np.uint8)
-    exact &= _rows_equal(_binary_weight_of(layer, latent), bw)
-    raw_idx = torch.nonzero(~exact).flatten()
-    if len(raw_idx):
-        latent.flatten(1)[raw_idx] = w.flatten(1)[raw_idx]
-        arrays[f"raw/{name}"] = w.flatten(1)[raw_idx].numpy()
-        arrays[f"rawidx/{name}"] = raw_idx.numpy().astype(np.int64)
-    if not bool(_rows_equal(_binary_weight_of(layer, latent), bw).all()):
-        raise ExportError(f"Packing '{name}' could not reproduce its binary weights bit-exactly.")
-    arrays[f"bits/{name}"] = np.packbits((signs > 0).numpy().reshape(-1).astype(np.uint8))
-    info[name] = {"shape": list(w.shape), "quantizer": "sign_scaled" if scaled else "sign",
-                  "raw_channels": int(len(raw_idx))}
-
-
-def _unpack_layer(name: str, meta: dict, arrays) -> torch.Tensor:
-    shape = tuple(meta["shape"])
-    n = int(np.prod(shape))
-    bits = np.unpackbits(arrays[f"bits/{name}"])[:n]
-    latent = torch.from_numpy(np.where(bits > 0, 1.0, -1.0).astype(np.float32).reshape(shape))
-    flat = latent.view(shape[0], -1)
-    if meta["quantizer"] == "sign_scaled":
-        latent = _latent_rows(latent, torch.from_numpy(arrays[f"latent/{name}"]),
-                              torch.from_numpy(arrays[f"latentk/{name}"].astype(np.int64)))
-        flat = latent.view(shape[0], -1)
-    if f"rawidx/{name}" in arrays:
-        idx = torch.from_numpy(arrays[f"rawidx/{name}"])
-        flat[idx] = torch.from_numpy(arrays[f"raw/{name}"])
-    return latent
 
 
 # ------------------------------------------------------------------------------------------------ the file
@@ -236,7 +100,7 @@ def write_packed(model: nn.Module, path: str | Path, extra: dict | None = None) 
     layers: dict[str, dict] = {}
     binary = {n: m for n, m in model.named_modules() if is_binary_layer(m)}
     for name, layer in binary.items():
-        _pack_layer(name, layer, arrays, layers)
+        pack_layer(name, layer, arrays, layers)
     skip = {f"{n}.weight" for n in binary}
     for key, value in model.state_dict().items():
         if key not in skip:
@@ -324,6 +188,7 @@ def load_packed(path: str | Path, *, factory: str | None = None, factory_kwargs:
 
     path = Path(path)
     header = read_header(path)
+    arrays = _read_arrays(path, header)  # every member's CRC is checked before any work
     shape = tuple(header["input_shape"]) if header.get("input_shape") else None
     source = build_from_spec(header["spec"], factory=factory, factory_kwargs=factory_kwargs, trust=trust,
                              source=f"Packed artifact '{path}'")  # runs no code the header names without consent
@@ -332,17 +197,20 @@ def load_packed(path: str | Path, *, factory: str | None = None, factory_kwargs:
     source.eval()
     recipe = recipe_from_dict(header["recipe"], source=f"{path} (stored recipe)")
     model = binarize(source, recipe=recipe, input_shape=shape).model
-    arrays = _read_arrays(path, header)
     state = {}
     own = model.state_dict()
     for key in header["state_keys"]:
         layer = key[:-len(".weight")] if key.endswith(".weight") else None
-        if layer in header["binary"]:
-            state[key] = _unpack_layer(layer, header["binary"][layer], arrays).to(own[key].dtype)
-        elif f"fp/{key}" in arrays:
-            state[key] = torch.from_numpy(np.array(arrays[f"fp/{key}"]))
-        else:
-            raise CheckpointError(f"Packed artifact '{path}' lacks the tensor '{key}'; it is truncated or corrupted.")
+        try:
+            if layer in header["binary"] and key in own:
+                state[key] = unpack_layer(layer, header["binary"][layer], arrays).to(own[key].dtype)
+            elif f"fp/{key}" in arrays:
+                state[key] = torch.from_numpy(np.array(arrays[f"fp/{key}"]))
+            else:
+                raise CheckpointError(f"Packed artifact '{path}' lacks the tensor '{key}'; it is truncated or "
+                                      "corrupted.")
+        except _DAMAGE as e:
+            raise _damaged(path, e) from None
     load_state_dict_checked(model, state, f"Packed artifact '{path}'", "the model it records")
     model.eval()
     model.bc_packed = {"path": str(path), "extra": header.get("extra", {})}
@@ -357,13 +225,26 @@ def fp32_bytes(model: nn.Module) -> int:
     return total
 
 
-def verify_packed(path: str | Path, model: nn.Module, data=None, samples: int | None = None, tolerance: float = 1e-4,
-                  seed: int = 0):
-    """Reload a .bcz artifact and compare it with `model`: binary weights bit-exact, outputs and spikes equal."""
-    from .prepare import neuron_paths
-    from .verify import compare, torch_forward, verification_inputs
+def _structure(model: nn.Module) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
-    loaded = load_packed(path)
+
+def verify_packed(path: str | Path, model: nn.Module, data=None, samples: int | None = None, tolerance: float = 1e-4,
+                  seed: int = 0, loaded: nn.Module | None = None):
+    """Reload a .bcz artifact and compare it with `model`: binary weights bit-exact, outputs and spikes equal.
+
+    Raises:
+        ExportError: the artifact holds another model than `model` (other layers or shapes).
+    """
+    from .prepare import neuron_paths
+
+    path = Path(path)
+    loaded = loaded if loaded is not None else load_packed(path)
+    mine, theirs_shapes = _structure(model), _structure(loaded)
+    if mine != theirs_shapes:
+        diff = sorted(set(mine) ^ set(theirs_shapes)) or [k for k in mine if mine[k] != theirs_shapes[k]]
+        raise ExportError(f"'{path}' holds another model than the one it is verified against (they differ at "
+                          f"'{diff[0]}'); verify against the checkpoint it was exported from.")
     shape = tuple(getattr(model, "bc_input_shape", None) or getattr(loaded, "bc_input_shape", ()))
     mismatch = None
     theirs = {n: m for n, m in loaded.named_modules() if is_binary_layer(m)}
@@ -371,17 +252,38 @@ def verify_packed(path: str | Path, model: nn.Module, data=None, samples: int | 
         if not is_binary_layer(layer):
             continue
         other = theirs.get(name)
-        if other is None or not bool(_rows_equal(layer.binary_weight(), other.binary_weight()).all()):
+        if other is None or not bool(rows_equal(layer.binary_weight(), other.binary_weight()).all()):
             mismatch = name
             break
     batch = 2
     x, kind = verification_inputs(model, shape, batch, data, samples, seed)
     paths = neuron_paths(model)
 
-    def run(xb):
-        return torch_forward(loaded, xb, paths)
+    def run(xb, feeds):
+        out, spikes, _ = torch_forward(loaded, xb, paths)
+        return out, spikes
 
     report = compare(model, run, x, batch, paths, "pytorch (reloaded .bcz)", tolerance, kind, check_binary=False)
     report.weights_exact = mismatch is None
     report.weight_mismatch = mismatch
     return report
+
+
+# ------------------------------------------------------------------------------------------------ the format
+
+def _export(model: nn.Module, path: Path, opts: ExportOptions) -> ExportResult:
+    opts.progress("packing the binary weights (1 bit each)")
+    report = write_verified(
+        path, lambda tmp: write_packed(model, tmp),
+        lambda tmp: verify_packed(tmp, model, opts.data, opts.samples, opts.tolerance, opts.seed)
+        if opts.verify else None, "The packed artifact")
+    return ExportResult(path, "packed", path_bytes(path), 0, report)
+
+
+def _verify(path: Path, model: nn.Module, opts: ExportOptions):
+    return verify_packed(path, model, opts.data, opts.samples, opts.tolerance, opts.seed)
+
+
+register_format(ExportFormat(
+    "packed", "1 bit per binary weight (.bcz), everything else fp32; bestcompress.load() rebuilds the model", ".bcz",
+    _export, _verify, is_packed))

@@ -12,6 +12,9 @@ Three changes, all on a deep copy (the caller's model is never touched), none of
   same ±1 (or ±α_c) values as PyTorch, without re-deriving the per-channel statistics in another runtime;
 - every neuron's output passes through a `SpikeTap` marker op that names the module, so the verifier can match
   graph tensors to PyTorch forward hooks after the exporter and qonnx have renamed everything.
+
+The copy returns only the logits of the model's output (`verify.logits_of`: a tensor; a tuple's first tensor,
+Nones dropped; a dict's 'logits' or 'out'), so `(logits, None)` and auxiliary outputs export as one tensor.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from torch import nn
 from ..nn.binary import is_binary_layer, standardize_per_channel
 from ..nn.lif import LIF
 from ..trace import is_neuron
+from .verify import logits_of
 
 TAP_DOMAIN = "bestcompress"
 TAP_OP = "SpikeTap"
@@ -92,4 +96,11 @@ def export_copy(model: nn.Module, bipolar_spikes: bool = True, taps: bool = True
             module.fire = types.MethodType(_bipolar_fire, module)
         if taps:
             module.forward = _tapped_forward(module.forward, name)
+    work.forward = _logits_forward(work.forward)
     return work
+
+
+def _logits_forward(forward):
+    def run(*args, **kwargs):
+        return logits_of(forward(*args, **kwargs))
+    return run

@@ -7,7 +7,6 @@ What the verifier needs to match graph tensors with PyTorch modules is stored in
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import warnings
 from pathlib import Path
@@ -16,19 +15,20 @@ import onnx
 import torch
 from torch import nn
 
-from ..errors import ExportError
+from ..errors import ExportError, short_reason
 from . import graph as G
+from .formats import ExportFormat, ExportOptions, ExportResult, path_bytes, register_format, write_verified
+from .graph import META_KEY, get_meta, set_meta  # noqa: F401  (the metadata helpers live with the graph tools)
+from .graph_check import check_domains, is_qonnx, read_graph, verify_graph
 from .prepare import TAP_DOMAIN, TAP_OP, binary_layer_paths, export_copy
 
-META_KEY = "bestcompress"
 META_VERSION = 1
 QONNX_DOMAIN = "qonnx.custom_op.general"
 QONNX_OPS = ("Quant", "BipolarQuant", "Trunc", "MultiThreshold")
 
 
 def _short(e: BaseException) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+    return f"{type(e).__name__}: {short_reason(e, 200)}"
 
 
 def _remove_taps(proto: onnx.ModelProto) -> list[tuple[str, str]]:
@@ -120,24 +120,6 @@ def _cleanup(proto: onnx.ModelProto, taps: list[tuple[str, str]], layers: list[s
     return proto, spikes, weights
 
 
-def set_meta(proto: onnx.ModelProto, meta: dict) -> None:
-    for p in list(proto.metadata_props):
-        if p.key == META_KEY:
-            proto.metadata_props.remove(p)
-    proto.metadata_props.add(key=META_KEY, value=json.dumps(meta, default=str))
-
-
-def get_meta(proto: onnx.ModelProto) -> dict:
-    """The bestcompress metadata of an exported graph ({} for a graph bestcompress did not write)."""
-    for p in proto.metadata_props:
-        if p.key == META_KEY:
-            try:
-                return json.loads(p.value)
-            except json.JSONDecodeError:
-                return {}
-    return {}
-
-
 def model_meta(model: nn.Module, example_input: torch.Tensor) -> dict:
     """What an exported graph records about the PyTorch model it came from."""
     from ..model_facts import model_time_steps
@@ -147,12 +129,14 @@ def model_meta(model: nn.Module, example_input: torch.Tensor) -> dict:
             "spec": getattr(model, "bc_spec", None), "recipe": recipe.get("name") if isinstance(recipe, dict) else None}
 
 
-def to_qonnx(model: nn.Module, example_input: torch.Tensor):
+def to_qonnx(model: nn.Module, example_input: torch.Tensor, progress=None):
     """Export a binary model to a cleaned-up QONNX graph (in memory).
 
     Args:
-        model: the binary model (left unchanged).
+        model: the binary model (left unchanged). Only its logits are exported (a tensor; the first tensor of
+            a tuple, Nones dropped; a dict's 'logits' or 'out').
         example_input: a batch of the input; its batch size is baked into the graph.
+        progress: called with a line as each stage starts.
     Returns:
         The ONNX ModelProto; its metadata records the neuron spike tensors and binary layers.
     """
@@ -160,8 +144,10 @@ def to_qonnx(model: nn.Module, example_input: torch.Tensor):
         warnings.simplefilter("ignore")
         from brevitas.export import export_qonnx
 
+    say = progress or (lambda line: None)
     work = export_copy(model)
     layers = binary_layer_paths(work)
+    say(f"tracing the model with the ONNX exporter ({len(layers)} binary layers)")
     with tempfile.TemporaryDirectory(prefix="bc_export_") as tmp:
         raw = Path(tmp) / "raw.onnx"
         try:
@@ -174,6 +160,7 @@ def to_qonnx(model: nn.Module, example_input: torch.Tensor):
         except Exception as e:
             raise ExportError(f"The ONNX exporter could not trace the model ({_short(e)}).") from None
     taps = _remove_taps(proto)
+    say(f"cleaning up the graph ({len(proto.graph.node)} nodes)")
     try:
         proto, spikes, weights = _cleanup(proto, taps, layers)
     except ExportError:
@@ -184,3 +171,48 @@ def to_qonnx(model: nn.Module, example_input: torch.Tensor):
     meta.update(format="qonnx", spikes=spikes, weights=weights)
     set_meta(proto, meta)
     return proto
+
+
+# ------------------------------------------------------------------------------------------------ the format
+
+def qonnx_graph(model: nn.Module, opts: ExportOptions):
+    """The QONNX graph of `model`: the one in `opts` when an earlier format of the same export traced it."""
+    if opts.qonnx_graph is not None:
+        return opts.qonnx_graph
+    return to_qonnx(model, opts.example_input, opts.progress)
+
+
+def _export(model: nn.Module, path: Path, opts: ExportOptions) -> ExportResult:
+    proto = qonnx_graph(model, opts)
+    report = write_verified(
+        path, lambda tmp: onnx.save(proto, str(tmp)),
+        lambda tmp: verify_graph(read_graph(tmp), model, "qonnx", opts.data, opts.samples, opts.tolerance, opts.seed,
+                                 progress=opts.progress) if opts.verify else None, "The QONNX export")
+    return ExportResult(path, "qonnx", path_bytes(path), 0, report)
+
+
+def _verify(path: Path, model: nn.Module, opts: ExportOptions):
+    proto = read_graph(path)
+    check_domains(proto, f"'{path}'")
+    return verify_graph(proto, model, "qonnx", opts.data, opts.samples, opts.tolerance, opts.seed,
+                        progress=opts.progress)
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
+
+
+def _recognise(path: Path) -> bool:
+    if not path.is_file() or _starts_with(path, b"PK"):  # zip archives: torch checkpoints and .bcz files
+        return False
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return False
+    return bool(proto.graph.node) and is_qonnx(proto)
+
+
+register_format(ExportFormat(
+    "qonnx", "QONNX graph for FINN: BipolarQuant weights, spikes as {0,1} thresholds, T unrolled", ".onnx",
+    _export, _verify, _recognise))

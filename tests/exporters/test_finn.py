@@ -33,7 +33,7 @@ def test_tiny_model_converts_executes_and_is_reported(tmp_path, tiny_mlp_binary)
     assert all(r["layer"] for r in report["nodes"] if r["hw"]) and all(r["reason"] for r in report["nodes"] if not r["hw"])
     assert any("LIF" in reason for reason in t["by_reason"])  # the membrane recurrence is reported honestly
     assert report["verification"]["qonnx"]["passed"] and report["verification"]["finn"]["passed"]
-    from bestcompress.exporters.verify import verify_file
+    from bestcompress.exporters import verify_file
     assert verify_file(out, tiny_mlp_binary).passed
 
 

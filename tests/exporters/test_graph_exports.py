@@ -11,7 +11,7 @@ from bestcompress.exporters.graph import GraphRunner
 from bestcompress.exporters.onnx import lower_to_standard
 from bestcompress.exporters.prepare import binary_layer_paths, neuron_paths
 from bestcompress.exporters.qonnx import get_meta, to_qonnx
-from bestcompress.exporters.verify import verify_graph
+from bestcompress.exporters.graph_check import verify_graph
 
 from .conftest import FAMILIES
 
@@ -69,7 +69,7 @@ def test_export_writes_verified_files(tmp_path, binary_models):
 
 def test_flipped_weight_sign_is_caught(tmp_path, binary_models):
     """A graph with one binary weight sign flipped after export fails verification and names a neuron."""
-    from bestcompress.exporters.verify import verify_file
+    from bestcompress.exporters import verify_file
 
     model, _ = binary_models("spikformer_seq")
     out = tmp_path / "m.onnx"

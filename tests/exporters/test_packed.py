@@ -8,7 +8,7 @@ import torch
 from bestcompress.errors import CheckpointError
 from bestcompress.exporters import export_model
 from bestcompress.exporters.packed import fp32_bytes, is_packed, load_packed, read_header, save_packed
-from bestcompress.exporters.verify import verify_file
+from bestcompress.exporters import verify_file
 from bestcompress.nn.binary import is_binary_layer
 from bestcompress.nn.calibrate import make_it_fire
 
@@ -78,7 +78,7 @@ def test_truncated_or_foreign_file(tmp_path):
     path = save_packed(model, tmp_path / "m.bcz")
     data = path.read_bytes()
     (tmp_path / "cut.bcz").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="not a packed"):
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
         load_packed(tmp_path / "cut.bcz")
     (tmp_path / "text.bcz").write_text("hello")
     with pytest.raises(CheckpointError, match="not a packed"):
