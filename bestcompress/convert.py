@@ -95,7 +95,7 @@ def _binarize_once(model: nn.Module, recipe: Recipe, example_input) -> BinarizeR
     ctx = PassContext(recipe=recipe, example_input=example_input, time_steps=model_time_steps(model))
     pre, graph_passes = build_pipeline(recipe, ctx)
     work = Pipeline(pre).apply(work) if pre else work
-    traced, report = trace_model(work)
+    traced, report = trace_model(work, example_input=example_input, time_steps=ctx.time_steps)
     ctx.notes.extend(f"trace: {line}" for line in report.lines())
     for attr in ("bc_spec", "bc_input_shape", "T"):
         if hasattr(work, attr) and not hasattr(traced, attr):

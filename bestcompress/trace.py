@@ -1,12 +1,19 @@
 """SNN-aware tracing: neurons are leaves, failing modules become leaves, an untraceable root is recursed into.
 
-Every fallback is written to the TraceReport: nothing is handled silently.
+With an example input the tracer also knows every value's concrete shape (each node is evaluated as it is
+recorded), so Python branches on shapes (`len(x.shape) < 5`, `x.ndim`, `range(x.shape[0])`, `for x_t in x`)
+are taken as the example input takes them: specialised, and each specialisation is reported. A neuron's stored
+state read by the forward (snnTorch `mem = lif.init_leaky()`) becomes a constant of the graph, never a live
+read of the membrane the previous call left. Every fallback is written to the TraceReport: nothing is handled
+silently. (A little over 400 lines: tracer, value propagation and fallbacks are one mechanism.)
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import inspect
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +21,6 @@ from torch import fx, nn
 
 from .nn.lif import LIF
 
-MAX_RETRIES = 32
 
 
 def _optional_classes(spec: list[tuple[str, str]]) -> tuple[type, ...]:
@@ -71,15 +77,24 @@ class TraceReport:
     leaves_added: list[tuple[str, str]] = field(default_factory=list)  # (qualname, reason)
     eager: list[tuple[str, str]] = field(default_factory=list)  # modules kept eager, children traced
     concrete_args: dict[str, object] = field(default_factory=dict)
+    specialised: list[str] = field(default_factory=list)  # shape branches taken as the example input takes them
+    state_constants: list[str] = field(default_factory=list)  # neuron state read at trace time, now constant
+    front_end: str = "torch.fx"
 
     def lines(self) -> list[str]:
-        out = []
+        out = [f"front-end: {self.front_end}"] if self.front_end != "torch.fx" else []
         for name, why in self.leaves_added:
             out.append(f"'{name or '<root>'}' kept as an opaque leaf (tracing it failed: {why})")
         for name, why in self.eager:
             out.append(f"'{name or '<root>'}' runs eagerly; its children were traced instead ({why})")
         for name, value in self.concrete_args.items():
             out.append(f"forward argument '{name}' fixed to {value!r} for tracing")
+        for what in self.specialised:
+            out.append(f"specialised on the example input's shapes: {what}")
+        if self.state_constants:
+            names = ", ".join(self.state_constants[:6]) + (", ..." if len(self.state_constants) > 6 else "")
+            out.append(f"neuron state read by the forward ({len(self.state_constants)}: {names}) is the fresh state "
+                       "it was at trace time on every call, not the membrane the previous call left")
         return out
 
     @property
@@ -87,15 +102,76 @@ class TraceReport:
         return not self.leaves_added and not self.eager
 
 
-class SNNTracer(fx.Tracer):
-    """fx.Tracer whose leaves are neurons, quantized layers, and any module named in `extra_leaves`."""
+_UNKNOWN = object()
+_VALUE, _SHAPE = "bc_value", "bc_shape_derived"
+_SHAPE_METHODS = {"size", "dim", "ndimension", "numel"}
+_SHAPE_ATTRS = {"shape", "ndim", "dtype"}
 
-    def __init__(self, extra_leaves: set[str] | None = None) -> None:
+
+class _ShapeAwareProxy(fx.Proxy):
+    """A Proxy whose length and index come from the example input's concrete shapes, where the tracer knows them."""
+
+    def __getattr__(self, k):
+        return _ShapeAwareAttribute(self, k)
+
+    def __len__(self) -> int:
+        return self.tracer.concrete(self, "len")
+
+    def __index__(self) -> int:
+        return self.tracer.concrete(self, "index")
+
+
+class _ShapeAwareAttribute(fx.proxy.Attribute, _ShapeAwareProxy):
+    pass
+
+
+def _base(node_name: str) -> str:
+    """`eq_2` -> `eq`: the same branch met once per call of a module reads as one specialisation."""
+    base, sep, suffix = node_name.rpartition("_")
+    return base if sep and suffix.isdigit() else node_name
+
+
+def _unpatched():
+    from torch.fx import _symbolic_trace
+    revert = getattr(_symbolic_trace, "_maybe_revert_all_patches", None)
+    return revert() if revert is not None else contextlib.nullcontext()
+
+
+def _evaluate(kind: str, target, args, kwargs, root: nn.Module):
+    if kind == "call_function":
+        return target(*args, **kwargs)
+    if kind == "call_method":
+        return getattr(args[0], target)(*args[1:], **kwargs)
+    if kind == "call_module":
+        return root.get_submodule(target)(*args, **kwargs)
+    if kind == "get_attr":
+        obj = root
+        for part in str(target).split("."):
+            obj = getattr(obj, part)
+        return obj
+    return _UNKNOWN
+
+
+class SNNTracer(fx.Tracer):
+    """fx.Tracer whose leaves are neurons, quantized layers, and any module named in `extra_leaves`.
+
+    With `example_args` (the forward's positional inputs) every recorded node is also evaluated on them, so
+    shape queries have concrete answers: a Python branch, `len`, `range` or iteration over a shape-derived value
+    is specialised to the example's value (listed in `specialised`); branches on tensor *values* still fail.
+    """
+
+    def __init__(self, extra_leaves: set[str] | None = None, example_args: tuple | None = None) -> None:
         super().__init__()
         self.extra_leaves = set(extra_leaves or ())
         self.module_stack_names: list[str] = []
         self.failed_module: str | None = None
         self._quant = _quant_layer_classes()
+        self.example_args = example_args
+        self.specialised: list[str] = []
+        self.state_constants: list[str] = []
+        self._placeholders = 0
+        self._evaluating = False
+        self._state_calls = 0
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.extra_leaves or is_neuron(m) or (self._quant and isinstance(m, self._quant)):
@@ -115,6 +191,144 @@ class SNNTracer(fx.Tracer):
             raise
         finally:
             self.module_stack_names.pop()
+
+    # -- neuron state set and read by the forward --------------------------------------------------------
+    def trace(self, root, concrete_args=None):
+        undo = self._record_state_calls(root) if isinstance(root, nn.Module) else []
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            for m, name in undo:
+                m.__dict__.pop(name, None)
+
+    def _record_state_calls(self, root: nn.Module) -> list[tuple[nn.Module, str]]:
+        """Wrap each neuron's reset/init methods (for this trace only) so a call the forward makes becomes a
+        graph node: `self.fc1_lif.reset_mem()` in a forward resets the neuron on every call of the graph."""
+        from .nn.state import STATE_METHODS, call_state_method
+        undo = []
+        for path, m in root.named_modules():
+            if not path or not is_neuron(m):
+                continue
+            for name in STATE_METHODS:
+                orig = getattr(m, name, None)
+                if not callable(orig) or name in m.__dict__:
+                    continue
+
+                def wrapper(*args, _orig=orig, _path=path, _name=name, **kwargs):
+                    outer = self._state_calls == 0  # init_leaky() calls reset_mem(): record the outer call
+                    self._state_calls += 1
+                    try:
+                        out = _orig(*args, **kwargs)
+                    finally:
+                        self._state_calls -= 1
+                    if outer and not self._evaluating and not args and not kwargs:
+                        mod = self.create_node("get_attr", _path, (), {})
+                        self.create_node("call_function", call_state_method, (mod, _name), {})
+                    return out
+                m.__dict__[name] = wrapper
+                undo.append((m, name))
+        return undo
+
+    def _neuron_state_name(self, t: torch.Tensor) -> str | None:
+        for name, m in self.root.named_modules():
+            if not is_neuron(m):
+                continue
+            for b, value in m._buffers.items():
+                if value is t and b in m._non_persistent_buffers_set:
+                    return f"{name}.{b}" if name else b
+        return None
+
+    def create_arg(self, a):
+        # `mem = lif.init_leaky()` hands the forward the neuron's state buffer: recorded as a live read, every
+        # call would start from the membrane the previous call left. The value at trace time is the state the
+        # model asked for (a fresh one), so it becomes a constant.
+        if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and not isinstance(a, fx.Proxy):
+            name = self._neuron_state_name(a)
+            if name is not None:
+                self.state_constants.append(name)
+                return super().create_arg(a.detach().clone())
+        return super().create_arg(a)
+
+    # -- concrete values --------------------------------------------------------------------------------
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ShapeAwareProxy(node, self)
+
+    def _value(self, a):
+        if isinstance(a, fx.Proxy):
+            return a.node.meta.get(_VALUE, _UNKNOWN)
+        if isinstance(a, fx.Node):
+            return a.meta.get(_VALUE, _UNKNOWN)
+        return a
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if self.example_args is not None:
+            self._record_value(proxy.node, kind, target, args, kwargs)
+        return proxy
+
+    def _record_value(self, node: fx.Node, kind: str, target, args, kwargs) -> None:
+        if kind == "placeholder":
+            i, self._placeholders = self._placeholders, self._placeholders + 1
+            if i < len(self.example_args):
+                node.meta[_VALUE] = self.example_args[i]
+            return
+        unknown, proxies = [], []
+
+        def val(a):
+            v = self._value(a)
+            if v is _UNKNOWN:
+                unknown.append(a)
+            if isinstance(a, fx.Proxy):
+                proxies.append(a)
+            return v
+        vargs = fx.node.map_aggregate(args, val)
+        vkwargs = fx.node.map_aggregate(kwargs, val)
+        if unknown:
+            return
+        shape = (kind == "call_method" and target in _SHAPE_METHODS) or (
+            kind == "call_function" and target is getattr and len(args) > 1 and args[1] in _SHAPE_ATTRS) or (
+            kind == "call_function" and target is not getattr and bool(proxies)
+            and all(p.node.meta.get(_SHAPE) for p in proxies))
+        self._evaluating = True
+        try:
+            with torch.no_grad(), _unpatched():  # run the real modules, not the tracer's patched __call__
+                node.meta[_VALUE] = _evaluate(kind, target, vargs, vkwargs, self.root)
+        except Exception:  # the value stays unknown: a shape query on it fails as in plain fx
+            return
+        finally:
+            self._evaluating = False
+        if shape:
+            node.meta[_SHAPE] = True
+
+    def _owner(self) -> str:
+        stack = list(getattr(self, "module_stack", {}) or {})
+        owner = (stack[-1] if stack else "") or "<root>"
+        return owner.split("@")[0]  # fx names the k-th call of a module 'name@k'; one name for all calls
+
+    def concrete(self, proxy: fx.Proxy, what: str):
+        """The example's value of a shape-derived proxy used as a Python int/bool/length, or a TraceError."""
+        value = self._value(proxy)
+        shape_like = proxy.node.meta.get(_SHAPE) or (what == "len" and isinstance(value, torch.Tensor))
+        if value is _UNKNOWN or not shape_like:
+            if what == "len":
+                raise RuntimeError("'len' is not supported in symbolic tracing by default")
+            raise fx.proxy.TraceError(f"symbolically traced variables cannot be used as a Python {what}")
+        out = {"len": len, "index": operator.index, "bool": bool}[what](value)
+        self.specialised.append(f"{what}({_base(proxy.node.name)}) = {out} in '{self._owner()}'")
+        return out
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        if obj.node.meta.get(_SHAPE) and self._value(obj) is not _UNKNOWN:
+            return self.concrete(obj, "bool")
+        return super().to_bool(obj)
+
+    def iter(self, obj: fx.Proxy):
+        value = self._value(obj)
+        if value is not _UNKNOWN and (obj.node.meta.get(_SHAPE) or isinstance(value, torch.Tensor)):
+            n = len(value)  # a shape, or a tensor iterated over its first axis (`for x_t in x_seq`)
+            self.specialised.append(f"iteration over {_base(obj.node.name)} ({n} items) in '{self._owner()}'")
+            return iter([obj[i] for i in range(n)])
+        return super().iter(obj)
 
 
 def _none_default_args(module: nn.Module) -> dict[str, object]:
@@ -207,23 +421,89 @@ def _make_graph_module(model: nn.Module, root: nn.Module, graph: fx.Graph) -> fx
     return gm
 
 
-def _trace_once(model: nn.Module, leaves: set[str], concrete: dict[str, object]):
-    tracer = SNNTracer(leaves)
+_MODULE_INTERNALS = set(vars(nn.Module()))
+
+
+class _StateGuard:
+    """Restores every module's attributes and buffers after the tracer evaluated leaves on the example input
+    (a stateful neuron called at trace time must not keep that call's membrane)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.saved = [(m, dict(m._buffers), {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS})
+                      for m in model.modules()]
+
+    def restore(self) -> None:
+        for m, buffers, attrs in self.saved:
+            m._buffers.clear()
+            m._buffers.update(buffers)
+            for k in [k for k in vars(m) if k not in _MODULE_INTERNALS and k not in attrs]:
+                if not k.startswith("_tensor_constant"):  # the tracer's constants stay
+                    delattr(m, k)
+            m.__dict__.update(attrs)
+
+
+def _trace_once(model: nn.Module, leaves: set[str], concrete: dict[str, object], example_args: tuple | None):
+    tracer = SNNTracer(leaves, example_args)
+    guard = _StateGuard(model) if example_args is not None else None
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:  # record which module failed; the caller decides the fallback
-        return None, tracer.failed_module, e
+        return None, tracer, e
+    finally:
+        if guard is not None:
+            guard.restore()
+    for node in graph.nodes:  # the example's values were for tracing only
+        node.meta.pop(_VALUE, None)
     gm = _make_graph_module(model, tracer.root, graph)
-    return gm, None, None
+    return gm, tracer, None
 
 
-def trace_model(model: nn.Module, report: TraceReport | None = None, prefix: str = ""):
+def annotate_time_steps(gm: fx.GraphModule, time_steps: int | None = None) -> int | None:
+    """Mark the per-step copies of a forward unrolled over time steps; returns the number of steps or None.
+
+    A loop over time, unrolled by the trace, calls the same modules once per step. When the weight-free and
+    weight layers that are called more than once are all called the same number of times n (or T, when the
+    model declares T), every node gets `node.meta['bc_time_step']` (the step it belongs to; nodes before the
+    loop or after it, which read every step, get none) and the GraphModule gets `bc_time_steps = n`.
+    """
+    counts: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            counts[n.target] = counts.get(n.target, 0) + 1
+    repeated = {c for c in counts.values() if c > 1}
+    steps = time_steps if time_steps in repeated else (repeated.pop() if len(repeated) == 1 else None)
+    if not steps:
+        return None
+    seen: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        step = None
+        if n.op == "call_module" and counts[n.target] == steps:
+            step = seen.get(n.target, 0)
+            seen[n.target] = step + 1
+            n.meta["bc_step_module"] = n.target
+        else:
+            ins = {a.meta.get("bc_time_step") for a in n.all_input_nodes} - {None}
+            step = ins.pop() if len(ins) == 1 else None
+        if step is not None:
+            n.meta["bc_time_step"] = step
+        else:
+            n.meta.pop("bc_time_step", None)
+    gm.bc_time_steps = steps
+    return steps
+
+
+def trace_model(model: nn.Module, report: TraceReport | None = None, prefix: str = "", example_input=None,
+                time_steps: int | None = None, child_inputs: dict[str, tuple] | None = None):
     """Trace `model` into a GraphModule, falling back module by module where tracing fails.
 
     Args:
         model: any nn.Module (a spiking transformer).
         report: collects what could not be traced; a new one is made if None.
         prefix: qualified name of `model` inside the root (for messages).
+        example_input: a batch (or a tuple of positional inputs) the model accepts; with it, shape branches are
+            specialised to its shapes and the children of an eager root are traced with their own inputs.
+        time_steps: the model's T, used to recognise a forward unrolled over time (see annotate_time_steps).
+        child_inputs: (internal) the inputs of the children of an eager container, by child name.
     Returns:
         (traced, report): a GraphModule, or — when the root forward itself cannot be traced — the root module
         with each child replaced by its own traced form.
@@ -231,17 +511,26 @@ def trace_model(model: nn.Module, report: TraceReport | None = None, prefix: str
     report = report if report is not None else TraceReport()
     if isinstance(model, fx.GraphModule):
         return model, report
+    example_args = None if example_input is None else (
+        tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,))
     concrete = _none_default_args(model)
     leaves: set[str] = set()
-    for _ in range(MAX_RETRIES):
-        gm, failed, err = _trace_once(model, leaves, concrete)
+    err: Exception | None = None
+    # Each failed attempt turns one more module into a leaf, so the number of modules bounds the attempts.
+    for _ in range(len(list(model.modules())) + 1):
+        gm, tracer, err = _trace_once(model, leaves, concrete, example_args)
         if gm is not None:
             if concrete:
                 _rename_placeholders(gm, model)
                 for k, v in concrete.items():
                     report.concrete_args[f"{prefix}.{k}" if prefix else k] = v
+            where = f"'{prefix}': " if prefix else ""
+            report.specialised.extend(where + s for s in dict.fromkeys(tracer.specialised))
+            report.state_constants.extend(f"{prefix}.{s}" if prefix else s for s in dict.fromkeys(tracer.state_constants))
             gm.bc_trace_leaves = sorted(leaves)
+            annotate_time_steps(gm, time_steps)
             return gm, report
+        failed = tracer.failed_module
         if failed and failed not in leaves:
             leaves.add(failed)
             report.leaves_added.append((f"{prefix}.{failed}" if prefix else failed, _short(err)))
@@ -250,6 +539,7 @@ def trace_model(model: nn.Module, report: TraceReport | None = None, prefix: str
     # The root's own forward cannot be traced: keep it eager and trace its children.
     report.eager.append((prefix, _short(err)))
     leaf_check = SNNTracer()
+    children = {}
     for name, child in list(model.named_children()):
         if len(list(child.parameters())) == 0 and not list(child.children()):
             continue
@@ -258,11 +548,47 @@ def trace_model(model: nn.Module, report: TraceReport | None = None, prefix: str
         if leaf_check.is_leaf_module(child, name) and not isinstance(child, (nn.ModuleList, nn.ModuleDict,
                                                                                nn.Sequential)):
             continue
+        children[name] = child
+    if child_inputs is None:
+        child_inputs = _first_inputs(model, children, example_args) if example_args is not None else {}
+    for name, child in children.items():
         child_prefix = f"{prefix}.{name}" if prefix else name
-        traced, _ = trace_model(child, report, child_prefix)
+        inner = None
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):  # never called itself: pass its elements' inputs
+            inner = {k[len(name) + 1:]: v for k, v in child_inputs.items() if k.startswith(name + ".")}
+        traced, _ = trace_model(child, report, child_prefix, child_inputs.get(name), time_steps, inner)
         if traced is not child:
             setattr(model, name, traced)
     return model, report
+
+
+def _first_inputs(model: nn.Module, children: dict[str, nn.Module], example_args: tuple) -> dict[str, tuple]:
+    """The positional inputs of each child's first call in one forward on the example (state restored after)."""
+    found: dict[str, tuple] = {}
+
+    def hook(name):
+        def fn(mod, args):
+            found.setdefault(name, args)
+        return fn
+
+    hooked = {}
+    for n, c in children.items():
+        if isinstance(c, (nn.ModuleList, nn.ModuleDict)):
+            hooked.update({f"{n}.{k}": sub for k, sub in c.named_children()})
+        else:
+            hooked[n] = c
+    handles = [c.register_forward_pre_hook(hook(n)) for n, c in hooked.items()]
+    guard = _StateGuard(model)
+    try:
+        with torch.no_grad():
+            model(*example_args)
+    except Exception:  # the inputs seen before the failure are still useful; the rest trace without
+        pass
+    finally:
+        guard.restore()
+        for h in handles:
+            h.remove()
+    return found
 
 
 def graph_modules(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:

@@ -30,8 +30,11 @@ class Leaky(nn.Module):
         S = Heaviside(U - threshold) (fires on U > threshold) * graded_spikes_factor
     and with reset_delay=False the reset of this step's spike is applied at once (as snntorch does).
 
-    `forward(x, mem=None)` returns (spk, mem), or spk alone when init_hidden and not output. The membrane is
-    kept in the non-persistent buffer `mem` between calls; `reset()`/`reset_mem()`/`init_leaky()` clear it.
+    `forward(x, mem=None)` returns (spk, mem), or spk alone when init_hidden and not output. A membrane the
+    model passes in (`spk, mem = lif(x, mem)`, snntorch's init_hidden=False style) is the model's own state: it
+    is returned and not stored, so nothing of a forward survives it. Called without `mem` (init_hidden=True),
+    the membrane is kept in the non-persistent buffer `mem` between calls until `reset()`/`reset_mem()`
+    (bestcompress.nn.state.reset_state reaches every neuron).
     Parameters and buffers keep snntorch's names (beta, threshold, graded_spikes_factor, reset_mechanism_val)
     so snntorch checkpoints load.
     """
@@ -86,20 +89,20 @@ class Leaky(nn.Module):
         return heaviside_spike(u_shift, self.alpha, self.surrogate, strict=True)
 
     def forward(self, input_: torch.Tensor, mem: torch.Tensor | None = None):
-        if mem is not None:
-            if self.init_hidden:
-                raise TypeError("`mem` should not be passed as an argument while `init_hidden=True`")
-            self.mem = mem
-        if self.mem.shape != input_.shape:
-            self.mem = torch.zeros_like(input_, device=self.mem.device)
-        reset = self.spike(self.mem - self.threshold).detach()
+        explicit = mem is not None
+        if explicit and self.init_hidden:
+            raise TypeError("`mem` should not be passed as an argument while `init_hidden=True`")
+        prev = mem if explicit else self.mem
+        if prev.shape != input_.shape:
+            prev = torch.zeros_like(input_)
+        reset = self.spike(prev - self.threshold).detach()
         decay = self.beta.clamp(0, 1)
         if self.reset_mechanism == "subtract":
-            u = decay * self.mem + input_ - reset * self.threshold
+            u = decay * prev + input_ - reset * self.threshold
         elif self.reset_mechanism == "zero":
-            u = decay * ((1 - reset) * self.mem) + input_
+            u = decay * ((1 - reset) * prev) + input_
         else:
-            u = decay * self.mem + input_
+            u = decay * prev + input_
         spk = self.spike(u - self.threshold) * self.graded_spikes_factor
         if not self.reset_delay:
             do_reset = spk / self.graded_spikes_factor - reset
@@ -107,7 +110,8 @@ class Leaky(nn.Module):
                 u = u - do_reset * self.threshold
             elif self.reset_mechanism == "zero":
                 u = u - do_reset * u
-        self.mem = u
+        if not explicit:  # the state lives in the neuron (init_hidden, or a call without `mem`): keep it
+            self.mem = u
         if self.output or not self.init_hidden:
-            return spk, self.mem
+            return spk, u
         return spk

@@ -8,7 +8,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import ModelError
-from ..nn.attention import AttentionMapNeuron, AttentionScale
+from ..nn.attention import AttentionMapNeuron, AttentionScale, StepAttentionScale, StepMapNeuron
 from ..nn.intercept import InterceptedAttention, probe_attention
 from ..trace import graph_modules, is_neuron
 from .base import Pass, PassContext, PassError, register_pass
@@ -102,27 +102,6 @@ def _owner_path(node: fx.Node) -> str:
     return ""
 
 
-class StepAttentionScale(AttentionScale):
-    """λ for attention that runs one time step per call (the model loops over time): call t of every T
-    consecutive calls multiplies by λ[t] (shape [1, heads, 1, 1]); reset() restarts at step 0."""
-
-    def __init__(self, time_steps: int, heads: int) -> None:
-        super().__init__(time_steps, heads, time_merged=False)
-        self._steps = 0
-
-    def extra_repr(self) -> str:
-        return f"time_steps={self.time_steps}, heads={self.heads}, per_step=True"
-
-    def reset(self) -> None:
-        self._steps = 0
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        t = self._steps % self.time_steps
-        self._steps = t + 1
-        shape = y.shape
-        return (y.reshape((-1, self.heads) + tuple(shape[-2:])) * self.lam[t]).reshape(shape)
-
-
 @register_pass
 class BinarizeAttention(Pass):
     """Insert the binary map neuron (LIF, soft reset, V_th 1) on every Q·Kᵀ·V chain and scale its output by λ.
@@ -148,6 +127,8 @@ class BinarizeAttention(Pass):
         self._per_step = False
         self._unrolled: set[str] = set()
         self._shared_names: dict[str, tuple[str, str | None]] = {}
+        self._shared_steps: dict[str, int] = {}
+        self._shared_state: dict[str, fx.Node] = {}
 
     # -- graph path -------------------------------------------------------------------------------------
     def _layout(self, shape: tuple[int, ...] | None) -> tuple[int, int, bool]:
@@ -186,6 +167,7 @@ class BinarizeAttention(Pass):
     def _rewrite_chain(self, gm, chain, target, owner, prefix, mm2_shape, softmaxes, shared) -> None:
         graph = gm.graph
         names = self._shared_names.get(owner) if shared else None
+        step = self._shared_steps.get(owner, 0) if shared else None
         with graph.inserting_before(chain.mm2):
             if target == chain.form:
                 first = chain.mm1
@@ -199,14 +181,14 @@ class BinarizeAttention(Pass):
                 neuron_name = names[0]
             else:
                 neuron_name = free_module_name(gm, f"{prefix}attn_map_lif")
-                gm.add_submodule(neuron_name, self._map_neuron(T, merged))
+                neuron = StepMapNeuron(T, tau=self.tau, v_threshold=self.v_threshold) if shared \
+                    else self._map_neuron(T, merged)
+                gm.add_submodule(neuron_name, neuron)
+            spikes = self._insert_neuron(graph, neuron_name, first, owner if shared else None,
+                                         after=target == chain.form)
             if target == chain.form:
-                with graph.inserting_after(first):
-                    spikes = graph.call_module(neuron_name, (first,))
-            else:
-                spikes = graph.call_module(neuron_name, (first,))
-            if target == chain.form:
-                chain.mm1.replace_all_uses_with(spikes, delete_user_cb=lambda u: u is not spikes)
+                chain.mm1.replace_all_uses_with(spikes, delete_user_cb=lambda u: u is not spikes
+                                                and u not in spikes.all_input_nodes)
                 for s in softmaxes:
                     s.replace_all_uses_with(s.args[0] if isinstance(s.args[0], fx.Node) else s.kwargs["input"])
                     graph.erase_node(s)
@@ -233,13 +215,34 @@ class BinarizeAttention(Pass):
                 scale_name = free_module_name(gm, f"{prefix}attn_scale")
                 gm.add_submodule(scale_name, self._map_scale(T, heads, merged))
             with graph.inserting_after(product):
-                scaled = graph.call_module(scale_name, (product,))
+                # an unrolled time loop passes its step; otherwise the scale knows its layout
+                scaled = graph.call_module(scale_name, (product,) if step is None else (product, step % T))
             product.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
-        if shared and not names:
-            self._shared_names[owner] = (neuron_name, scale_name)
+        if shared:
+            self._shared_steps[owner] = step + 1
+            if not names:
+                self._shared_names[owner] = (neuron_name, scale_name)
         if not names:
             self.binarized.append(f"{owner or gm.__class__.__name__}:{chain.form}->{target}"
                                   + (" (per step)" if self._per_step else ""))
+
+    def _insert_neuron(self, graph: fx.Graph, name: str, first: fx.Node, owner: str | None, after: bool) -> fx.Node:
+        """The map neuron's call on `first`; for an unrolled time loop (`owner` set) its membrane is threaded
+        from the previous step's call of the same neuron: `spikes, v = neuron(map, v_prev)`."""
+        args = (first,) if owner is None else (first, self._shared_state.get(owner))
+        if after:
+            with graph.inserting_after(first):
+                out = graph.call_module(name, args)
+        else:  # the caller's insertion point (before the product)
+            out = graph.call_module(name, args)
+        if owner is None:
+            return out
+        with graph.inserting_after(out):
+            v_next = graph.call_function(operator.getitem, (out, 1))
+        with graph.inserting_after(out):
+            spikes = graph.call_function(operator.getitem, (out, 0))
+        self._shared_state[owner] = v_next
+        return spikes
 
     # -- per-step models (the model loops over time and calls the attention once per step) -------------
     def _is_per_step(self, calls: int) -> bool:
@@ -265,6 +268,8 @@ class BinarizeAttention(Pass):
         T = self.ctx.time_steps
         self._unrolled = {o for o, k in owners.items() if T and T > 1 and k == T and not self._per_step}
         self._shared_names = {}
+        self._shared_steps: dict[str, int] = {}
+        self._shared_state: dict[str, fx.Node] = {}
         for chain in chains:
             shared_before = _owner_path(chain.mm2) in self._shared_names
             self._rewrite(gm, chain)

@@ -2,7 +2,7 @@
 left alone, intercepted (untraceable) blocks and per-step (model loops over time) attention."""
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 
 from bestcompress.convert import binarize
 from bestcompress.model_facts import example_input_for
@@ -11,7 +11,9 @@ from bestcompress.nn.attention import AttentionMapNeuron, AttentionScale
 from bestcompress.nn.intercept import InterceptedAttention
 from bestcompress.nn.lif import LIF
 from bestcompress.passes import BinarizeAttention, PassContext, Pipeline
-from bestcompress.passes.binarize_attention import StepAttentionScale, find_attention_chains
+from bestcompress.nn.attention import StepAttentionScale, StepMapNeuron
+from bestcompress.nn.state import call_state_method, reset_state
+from bestcompress.passes.binarize_attention import find_attention_chains
 from bestcompress.passes.neuron_check import deepcopy_module
 from bestcompress.trace import graph_modules, trace_model
 from bestcompress.zoo import tiny_model
@@ -142,51 +144,90 @@ class _UnrolledLoopModel(_LoopModel):
         return out
 
 
-@pytest.mark.parametrize("cls", [_LoopModel, _UnrolledLoopModel], ids=["eager-loop", "unrolled-loop"])
-def test_per_step_attention_gets_a_stateful_map_neuron_over_the_t_calls(cls):
+@pytest.mark.parametrize("cls", [_LoopModel, _UnrolledLoopModel], ids=["range-over-size", "range-over-T"])
+def test_time_loop_attention_shares_one_map_neuron_whose_membrane_the_graph_threads(cls):
     torch.manual_seed(0)
     model = cls().eval()
     result = binarize(model, overrides=NO_COUPLINGS)
-    gm = result.model if cls is _UnrolledLoopModel else result.model.attn
-    assert [g for _, g in graph_modules(result.model)] == [gm]
+    gm = result.model  # `range(x.size(1))` is specialised on the example's T, so both loops unroll into one graph
+    assert isinstance(gm, fx.GraphModule) and gm.bc_time_steps == 3
     (neuron,) = [m for m in gm.modules() if isinstance(m, AttentionMapNeuron)]
     (scale,) = [m for m in gm.modules() if isinstance(m, AttentionScale)]
-    assert (neuron.step_mode, neuron.period, neuron.time_merged) == ("s", 3, False)
-    assert isinstance(scale, StepAttentionScale) and scale.lam.shape == (3, 1, 2, 1, 1)
+    assert isinstance(neuron, StepMapNeuron) and isinstance(scale, StepAttentionScale)
+    assert scale.lam.shape == (3, 1, 2, 1, 1)
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and gm.get_submodule(n.target) is neuron]
+    assert len(calls) == 3 and calls[0].args[1] is None  # step 0 starts from rest, ...
+    assert all(c.args[1].args[0] is p for p, c in zip(calls, calls[1:]))  # ... step t from step t-1's membrane
+    steps = [n.args[1] for n in gm.graph.nodes if n.op == "call_module" and gm.get_submodule(n.target) is scale]
+    assert steps == [0, 1, 2]
     ins, outs = [], []
 
     def record(mod, args, out):
         ins.append(args[0].detach())
-        outs.append(out.detach())
+        outs.append(out[0].detach())
 
     neuron.register_forward_hook(record)
     x = torch.rand((2,) + model.input_shape) * 2
     _reset_all(result.model)
     y1 = result.model(x)
-    assert len(ins) == 3 and outs[0].shape == (2, 2, 4, 4)  # [B, heads, N, N] per call
+    assert len(ins) == 3 and outs[0].shape == (2, 2, 4, 4)  # [B, heads, N, N] per step
     expected = AttentionMapNeuron(3)(torch.stack(ins))  # the same map neuron run multi-step over T
     assert torch.equal(torch.stack(outs), expected) and 0 < expected.mean() < 1
     ins.clear(), outs.clear()
     _reset_all(result.model)
     assert torch.equal(result.model(x), y1)
-    assert torch.equal(torch.stack(outs), expected)  # the map neuron restarted by itself (period T)
+    assert torch.equal(torch.stack(outs), expected)
+    if cls is _LoopModel:
+        assert any("specialised" in n and "index(size) = 3" in n for n in result.notes)
 
 
-def test_untraceable_snntorch_attention_is_intercepted_per_step():
+class _ValueBranchAttention(_PerStepAttention):
+    def forward(self, x):
+        if x.abs().sum() == 0:  # a branch on a tensor value: untraceable, so the block stays a leaf
+            return x
+        return super().forward(x)
+
+
+class _EagerAttentionLoop(_LoopModel):
+    def __init__(self, T=3):
+        super().__init__(T)
+        self.attn = _ValueBranchAttention()
+
+
+def test_untraceable_attention_called_per_step_is_intercepted_with_a_stateful_map_neuron():
+    torch.manual_seed(0)
+    model = _EagerAttentionLoop().eval()
+    result = binarize(model, overrides=NO_COUPLINGS)
+    attn = result.model.attn
+    assert isinstance(attn, InterceptedAttention)
+    assert (attn.map_neuron.step_mode, attn.map_neuron.period) == ("s", 3)
+    assert isinstance(attn.map_scale, StepAttentionScale)
+    maps = []
+    attn.map_neuron.register_forward_hook(lambda m, a, o: maps.append(o))
+    x = torch.rand((2,) + model.input_shape) * 2
+    _reset_all(result.model)
+    y = result.model(x)
+    assert len(maps) == 3 and all(set(m.unique().tolist()) <= {0.0, 1.0} for m in maps)
+    reset_state(result.model)
+    assert torch.equal(result.model(x), y)
+
+
+def test_snntorch_time_loop_traces_whole_and_stays_a_function_of_its_input():
     pytest.importorskip("snntorch")
     from tests.thirdparty_models import SnnTorchSpikformer
     torch.manual_seed(0)
     model = SnnTorchSpikformer().eval()
     result = binarize(model, overrides=NO_COUPLINGS)
-    attn = result.model.blocks[0].attn
-    assert isinstance(attn, InterceptedAttention)
-    assert (attn.map_neuron.step_mode, attn.map_neuron.period) == ("s", model.num_steps)
-    assert isinstance(attn.map_scale, StepAttentionScale)
-    assert callable(attn.init_mems)  # the wrapped block's helpers stay reachable for the eager parent
-    assert any("intercepted" in n for n in result.notes)
+    gm = result.model  # `x.dim() == 2` and `range(x.size(1))` specialised on the example input
+    assert isinstance(gm, fx.GraphModule) and gm.bc_time_steps == model.num_steps
+    assert [type(m) for m in gm.modules() if isinstance(m, AttentionMapNeuron)] == [StepMapNeuron]
+    # the init_hidden neuron's reset inside forward (init_mems) runs on every call of the graph
+    resets = [n for n in gm.graph.nodes if n.target is call_state_method and n.args[0].target == "blocks.0.fc1_lif"]
+    assert [n.args[1] for n in resets] == ["reset_mem"]
     maps = []
-    attn.map_neuron.register_forward_hook(lambda m, a, o: maps.append(o))
+    gm.get_submodule("blocks.0.attn.attn_map_lif").register_forward_hook(lambda m, a, o: maps.append(o[0]))
     x = torch.rand((2,) + model.input_shape)
-    y = result.model(x)
-    assert len(maps) == model.num_steps and all(set(m.unique().tolist()) <= {0.0, 1.0} for m in maps)
-    assert torch.equal(result.model(x), y)
+    with torch.no_grad():
+        y = gm(x)
+        assert torch.equal(gm(x), y)  # no state survives a forward
+    assert len(maps) == 2 * model.num_steps and all(set(m.unique().tolist()) <= {0.0, 1.0} for m in maps)

@@ -111,7 +111,7 @@ def test_map_neurons_emit_binary_maps(case):
 
     def record(mod, args, out):
         inputs.append(args[0].detach())
-        seen.append(out.detach())
+        seen.append((out[0] if isinstance(out, tuple) else out).detach())  # StepMapNeuron: (spikes, v)
 
     for m in probe.modules():
         if isinstance(m, AttentionMapNeuron):
