@@ -102,8 +102,9 @@ def load_model(path: str | os.PathLike | None = None, arch: str | None = None, m
         return loaded.model
     if loaded.kind == "binary" and allow_binary:
         return loaded.source
-    raise CheckpointError(f"'{path}' is already a binary bestcompress {'artifact' if loaded.kind == 'packed' else 'checkpoint'}"
-                          "; give the full-precision one.")
+    what = "artifact" if loaded.kind == "packed" else "checkpoint"
+    raise CheckpointError(f"'{path}' is already a binary bestcompress {what}; this step takes a full-precision model "
+                          "(fine-tune a binary one with `bestcompress distill`).")
 
 
 def load_binary(path: str | os.PathLike, trust: bool = False, model: str | None = None,

@@ -20,11 +20,13 @@ def threads_option(f):
 
 def device_option(f):
     """`--device NAME`, resolved (and refused with one sentence when unusable) before any work."""
-    def check(ctx, param, value):
-        if value is None:
-            return None
+    return click.option("--device", callback=check_device, metavar="NAME",
+                        help="cpu, cuda, cuda:1, ... [default: cuda when available].")(f)
+
+
+def check_device(ctx, param, value):
+    """A click callback: `--device NAME` refused with one sentence (before any work) when it is unusable here."""
+    if value is not None:
         from ..devices import resolve_device
         resolve_device(value)
-        return value
-    return click.option("--device", callback=check, metavar="NAME",
-                        help="cpu, cuda, cuda:1, ... [default: cuda when available].")(f)
+    return value
