@@ -195,11 +195,42 @@ class SNNTracer(fx.Tracer):
     # -- neuron state set and read by the forward --------------------------------------------------------
     def trace(self, root, concrete_args=None):
         undo = self._record_state_calls(root) if isinstance(root, nn.Module) else []
+        undo_lib = self._record_library_resets(root) if isinstance(root, nn.Module) else []
         try:
             return super().trace(root, concrete_args)
         finally:
             for m, name in undo:
                 m.__dict__.pop(name, None)
+            for lib, name, orig in undo_lib:
+                setattr(lib, name, orig)
+
+    def _record_library_resets(self, root: nn.Module) -> list:
+        """`snntorch.utils.reset(self)` / `functional.reset_net(self)` inside a forward: recorded as one
+        `reset_module` node per neuron under the module it was given (for this trace only)."""
+        from .nn.state import LIBRARY_RESETS, reset_module
+        paths = {id(m): p for p, m in root.named_modules()}
+        undo = []
+        for lib_name, fn_name in LIBRARY_RESETS:
+            try:
+                lib = importlib.import_module(lib_name)
+            except Exception:  # library absent
+                continue
+            orig = getattr(lib, fn_name, None)
+            if orig is None:
+                continue
+
+            def wrapper(net, *args, _orig=orig, **kwargs):
+                out = _orig(net, *args, **kwargs)
+                if not self._evaluating and id(net) in paths:
+                    base = paths[id(net)]
+                    for sub, m in net.named_modules():
+                        if sub and is_neuron(m):
+                            mod = self.create_node("get_attr", f"{base}.{sub}" if base else sub, (), {})
+                            self.create_node("call_function", reset_module, (mod,), {})
+                return out
+            setattr(lib, fn_name, wrapper)
+            undo.append((lib, fn_name, orig))
+        return undo
 
     def _record_state_calls(self, root: nn.Module) -> list[tuple[nn.Module, str]]:
         """Wrap each neuron's reset/init methods (for this trace only) so a call the forward makes becomes a

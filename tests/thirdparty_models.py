@@ -4,9 +4,12 @@
   ParametricLIFNode, IFNode in the MLP), time-first [T, B, ...] inside, Q·Kᵀ·V spiking self-attention.
   spikingjelly neurons keep their membrane between calls: call `functional.reset_net(model)` before each run.
 - `SnnTorchSpikformer`: snntorch style: the root loops over the time steps of a batch-first [B, T, C, L] input
-  (`for t in range(x.size(1))`, untraceable), single-step `snn.Leaky` neurons with explicit membranes
-  (`init_leaky()` at the start of forward) and one `init_hidden=True` neuron reset by its block; the attention
-  checks `x.dim()` (untraceable, so it becomes a leaf and its matmuls are intercepted).
+  (`for t in range(x.size(1))`), single-step `snn.Leaky` neurons with explicit membranes (`init_leaky()` at the
+  start of forward) and one `init_hidden=True` neuron reset by its block; the attention checks `x.dim()` (both
+  shape branches are specialised on the example input by the tracer).
+- `SnnTorchTimeLoopTransformer`, `SnnTorchHiddenNet`: snntorch's tutorial styles (init_hidden=False with an
+  explicit loop over `num_steps`; init_hidden=True with `utils.reset(self)` in forward).
+- `NorseStyleNet`: norse's calling style (`z, state = cell(x, state)`), with a stand-in cell.
 
 Both import their library lazily: tests call `pytest.importorskip` first.
 """
@@ -231,3 +234,131 @@ class SoftmaxAttentionNet(nn.Module):
         x = self.lif(self.inp(x).unsqueeze(0).repeat(self.T, 1, 1, 1))
         attn = torch.softmax(self.q(x) @ self.k(x).transpose(-2, -1), dim=-1)
         return self.head((attn @ self.v(x)).mean(2)).mean(0)
+
+
+# ------------------------------------------------------------------------------- snntorch, as its tutorials go
+
+class _SnnStepAttention(nn.Module):
+    """One time step of a spiking Q·Kᵀ·V attention ([B, N, D]); membranes passed in and returned."""
+
+    def __init__(self, dim: int, heads: int, beta: float) -> None:
+        super().__init__()
+        import snntorch as snn
+        self.heads = heads
+        self.q_fc, self.k_fc, self.v_fc = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.q_lif, self.k_lif, self.v_lif = (snn.Leaky(beta=beta) for _ in range(3))
+        self.attn_lif = snn.Leaky(beta=beta, threshold=0.5, reset_mechanism="zero")
+        self.out_fc = nn.Linear(dim, dim)
+
+    def forward(self, x, mems):
+        B, N, D = x.shape
+        q, m0 = self.q_lif(self.q_fc(x), mems[0])
+        k, m1 = self.k_lif(self.k_fc(x), mems[1])
+        v, m2 = self.v_lif(self.v_fc(x), mems[2])
+        q, k, v = (t.reshape(B, N, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = ((q @ k.transpose(-2, -1)) * 0.25 @ v).transpose(1, 2).reshape(B, N, D)
+        y, m3 = self.attn_lif(y, mems[3])
+        return self.out_fc(y), (m0, m1, m2, m3)
+
+
+class SnnTorchTimeLoopTransformer(nn.Module):
+    """snntorch's tutorial style: init_hidden=False neurons, membranes made by `init_leaky()` in forward, an
+    explicit `for step in range(self.num_steps)` loop over a static input, batch-first inside each step,
+    logits averaged over steps. Input [B, N, F]."""
+
+    def __init__(self, tokens: int = 4, features: int = 8, dim: int = 16, heads: int = 2, depth: int = 2,
+                 num_classes: int = 3, num_steps: int = 3, beta: float = 0.8) -> None:
+        super().__init__()
+        import snntorch as snn
+        self.num_steps = num_steps
+        self.input_shape = (tokens, features)
+        self.embed = nn.Linear(features, dim)
+        self.embed_lif = snn.Leaky(beta=beta)
+        self.blocks = nn.ModuleList(_SnnStepAttention(dim, heads, beta) for _ in range(depth))
+        self.mlp_fc = nn.Linear(dim, dim)
+        self.mlp_lif = snn.Leaky(beta=beta)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        mem = self.embed_lif.init_leaky()
+        mlp_mem = self.mlp_lif.init_leaky()
+        mems = [tuple(lif.init_leaky() for lif in (b.q_lif, b.k_lif, b.v_lif, b.attn_lif)) for b in self.blocks]
+        out = 0
+        for step in range(self.num_steps):
+            h, mem = self.embed_lif(self.embed(x), mem)
+            for i, blk in enumerate(self.blocks):
+                y, mems[i] = blk(h, mems[i])
+                h = h + y
+            s, mlp_mem = self.mlp_lif(self.mlp_fc(h), mlp_mem)
+            out = out + self.head((h + s).mean(1))
+        return out / self.num_steps
+
+
+class SnnTorchHiddenNet(nn.Module):
+    """snntorch with init_hidden=True: the neurons keep their membranes, `utils.reset(self)` starts each forward
+    from rest, and the loop runs over the time axis of a [T, B, F] input (`for t in range(x.size(0))`)."""
+
+    def __init__(self, features: int = 8, hidden: int = 12, num_classes: int = 3, T: int = 4,
+                 beta: float = 0.7) -> None:
+        super().__init__()
+        import snntorch as snn
+        self.T = T
+        self.input_shape = (features,)
+        self.fc1 = nn.Linear(features, hidden)
+        self.lif1 = snn.Leaky(beta=beta, init_hidden=True)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.lif2 = snn.Leaky(beta=beta, init_hidden=True, reset_mechanism="zero")
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):  # [B, F], repeated over T steps
+        from snntorch import utils
+        utils.reset(self)
+        out = 0
+        for _ in range(self.T):
+            out = out + self.head(self.lif2(self.fc2(self.lif1(self.fc1(x)))))
+        return out / self.T
+
+
+# -------------------------------------------------------------------------------------- norse's calling style
+
+class NorseStyleLIFCell(nn.Module):
+    """Stands in for norse.torch.LIFCell (norse is not installed here): `z, state = cell(x, state)`, state None
+    at the first step, a (v, i) pair with a synaptic current; it stores nothing itself."""
+
+    __module__ = "norse.torch.module.lif"
+
+    def __init__(self, tau_mem_inv: float = 100.0, tau_syn_inv: float = 200.0, dt: float = 1e-3) -> None:
+        super().__init__()
+        self.tau_mem_inv, self.tau_syn_inv, self.dt = tau_mem_inv, tau_syn_inv, dt
+
+    def forward(self, x, state=None):
+        if state is None:
+            v, i = torch.zeros_like(x), torch.zeros_like(x)
+        else:
+            v, i = state
+        v = v + self.dt * self.tau_mem_inv * (i - v)
+        i = i - self.dt * self.tau_syn_inv * i + x
+        z = (v - 1.0 > 0).to(x.dtype)
+        return z, (v * (1 - z), i)
+
+
+class NorseStyleNet(nn.Module):
+    """A norse-style classifier: the model threads each cell's state through its own loop over time."""
+
+    def __init__(self, features: int = 6, hidden: int = 10, num_classes: int = 3, T: int = 5) -> None:
+        super().__init__()
+        self.T = T
+        self.input_shape = (features,)
+        self.fc = nn.Linear(features, hidden)
+        self.cell = NorseStyleLIFCell()
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.cell2 = NorseStyleLIFCell()
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        state, state2, out = None, None, 0
+        for _ in range(self.T):
+            z, state = self.cell(self.fc(x) * 20, state)
+            z, state2 = self.cell2(self.fc2(z) * 20 + 5, state2)
+            out = out + self.head(z)
+        return out

@@ -77,3 +77,14 @@ STATE_METHODS = ("reset", "reset_mem", "init_leaky", "init_synaptic", "init_rlea
 def call_state_method(module: nn.Module, method: str):
     """`module.<method>()` as a graph node (kept by dead-code elimination: it has a side effect)."""
     return getattr(module, method)()
+
+
+@has_side_effect
+def reset_module(module: nn.Module) -> None:
+    """`reset_state(module)` as a graph node: a library reset a forward makes (snntorch.utils.reset(self),
+    spikingjelly functional.reset_net(self)) is recorded as one of these per neuron by the tracer."""
+    reset_state(module)
+
+
+# Library functions a forward may call to reset its own neurons, as (module, function name).
+LIBRARY_RESETS = (("snntorch.utils", "reset"), ("spikingjelly.activation_based.functional", "reset_net"))
