@@ -1,9 +1,10 @@
 """The model summary (Larq style): per layer bits, parameters, memory and MACs; totals with the compression.
 
 MACs come from one forward pass with hooks on an example input and count every time step (the real tensor
-sizes), per sample. A layer's input is 1 bit when every value it received is 0 or 1 (spikes). Binary layers
-store 1 bit per weight plus fp32 bias/scales; every other parameter (BN, lambda, full-precision layers) is
-counted at 32 bits. Energy follows METHOD.md §6: spike-fed layers cost E_AC per SOP, others E_MAC per MAC.
+sizes), per sample. A layer's input is 1 bit when every value it received is 0 or 1 (spikes); a MAC counts
+as 1-bit only when both its weight and its input are 1 bit (a binary layer fed 32-bit values does 32-bit MACs).
+Binary layers store 1 bit per weight plus fp32 bias/scales; every other parameter (BN, lambda, full-precision
+layers) is counted at 32 bits. Energy follows METHOD.md §6: spike-fed layers cost E_AC per SOP, others E_MAC per MAC.
 """
 from __future__ import annotations
 
@@ -90,22 +91,29 @@ class Summary:
             f"SOPs: {_si(self.sops)}, energy (45 nm): {self.energy_mj:.4g} mJ",
         ]
 
-    def _cells(self, r: LayerRow) -> list[str]:
-        return [r.name, r.type, str(r.in_bits), "-" if r.w_bits is None else str(r.w_bits), f"{r.params:,}",
-                _kb(r.memory_bytes), _si(r.macs), _si(r.binary_macs), _si(r.fp_macs)]
+    NAME_WIDTH = 22  # with the other columns at their widest, a row fits an 80-column terminal
 
-    HEADERS = ["layer", "type", "in bits", "w bits", "params", "memory kB", "MACs", "1-bit MACs", "32-bit MACs"]
+    def _cells(self, r: LayerRow) -> list[str]:
+        bits = f"{r.in_bits}/{'-' if r.w_bits is None else r.w_bits}"
+        return [_shorten(r.name, self.NAME_WIDTH), r.type, bits, f"{r.params:,}", _kb(r.memory_bytes), _si(r.macs),
+                _si(r.binary_macs)]
+
+    HEADERS = ["layer", "type", "in/w", "params", "kB", "MACs", "1-bit"]
+    LEGEND = ("in/w: input/weight bits; kB: memory; MACs per sample; 1-bit: MACs with 1-bit inputs and weights "
+              "(full names: --csv)")
 
     def to_text(self) -> str:
-        """A plain-text table and the totals."""
+        """A plain-text table (rows fit 80 columns; long layer names are shortened in the middle) and the totals."""
         table = [self.HEADERS] + [self._cells(r) for r in self.rows]
         widths = [max(len(row[i]) for row in table) for i in range(len(self.HEADERS))]
         lines = [f"{self.model_name}"]
         for j, row in enumerate(table):
-            lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+            lines.append(" ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                                  for i, (c, w) in enumerate(zip(row, widths))).rstrip())
             if j == 0:
-                lines.append("  ".join("-" * w for w in widths))
+                lines.append(" ".join("-" * w for w in widths))
         lines.append("")
+        lines.extend(_wrap(self.LEGEND))
         lines.extend(self.totals_lines())
         return "\n".join(lines)
 
@@ -127,8 +135,21 @@ class Summary:
         for r in self.rows:
             table.add_row(*self._cells(r))
         console.print(table)
-        for line in self.totals_lines():
+        for line in [self.LEGEND, *self.totals_lines()]:
             console.print(line, markup=False, highlight=False)
+
+
+def _shorten(text: str, width: int) -> str:
+    """`text` cut in the middle to `width` characters ('block.0.a…proj_conv')."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
+
+
+def _wrap(text: str, width: int = 80) -> list[str]:
+    import textwrap
+    return textwrap.wrap(text, width)
 
 
 def _kb(n: float) -> str:
@@ -287,10 +308,11 @@ def _build(model, layers, stats, matmuls, batch) -> Summary:
         called = s["macs"] > 0
         spikes = called and s["spikes"]
         macs = s["macs"] // batch
+        one_bit = w_bits == 1 and spikes  # a MAC is 1-bit only when its weight AND its input are 1-bit
         rate = s["sum"] / s["count"] if spikes and s["count"] else None
         summary.rows.append(LayerRow(name=name, type=type(m).__name__, in_bits=1 if spikes else 32, w_bits=w_bits,
                                      params=params, memory_bytes=mem, macs=macs,
-                                     binary_macs=macs if w_bits == 1 else 0, fp_macs=0 if w_bits == 1 else macs,
+                                     binary_macs=macs if one_bit else 0, fp_macs=0 if one_bit else macs,
                                      input_rate=rate))
         when[name] = s["order"]
         summary.weight_layers += 1

@@ -73,6 +73,36 @@ def test_hand_count_binary_layer(scaled, fc_bytes):
     assert s.compression == pytest.approx(711 * 4 / s.model_bytes)
 
 
+def test_binary_weights_fed_32_bit_inputs_do_32_bit_macs():
+    """Larq counts a MAC as 1-bit only when the weight AND the input are 1-bit: the head gets real values."""
+    model = Tiny()
+    model.fc = BinaryLinear.from_float(model.fc)  # spike-fed: 1-bit MACs
+    model.head = BinaryLinear.from_float(model.head)  # fed BatchNorm outputs (32-bit): 32-bit MACs
+    s = summarize(model)
+    r = rows_by_name(s)
+    assert (r["head"].w_bits, r["head"].in_bits) == (1, 32)
+    assert (r["head"].binary_macs, r["head"].fp_macs) == (0, 18)
+    assert (r["fc"].binary_macs, r["fc"].fp_macs) == (600, 0)
+    assert s.binary_macs == 600 + 400 and s.binary_layers == 2
+
+
+class LongName(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a_very_long_module_name_for_the_readout_layer = nn.Linear(4096, 1000)  # 4,097,000 params
+        self.input_shape = (4096,)
+
+    def forward(self, x):
+        return self.a_very_long_module_name_for_the_readout_layer(x)
+
+
+def test_text_table_fits_80_columns():
+    text = summarize(LongName()).to_text()
+    assert max(len(line) for line in text.splitlines()) <= 80, text
+    assert "a_very_lon…adout_layer" in text and "4,097,000" in text  # the name is shortened, --csv keeps it
+    assert "a_very_long_module_name_for_the_readout_layer" in summarize(LongName()).to_csv()
+
+
 def test_outputs_and_rendering():
     s = summarize(Tiny())
     d = s.to_dict()
