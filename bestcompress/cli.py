@@ -16,7 +16,7 @@ from .errors import BestcompressError
 logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
 
 COMMAND_MODULES = ["bestcompress.commands.core", "bestcompress.commands.export", "bestcompress.commands.train",
-                   "bestcompress.commands.report"]
+                   "bestcompress.commands.report", "bestcompress.commands.run"]
 
 
 class UserError(click.ClickException):

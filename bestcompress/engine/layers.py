@@ -30,7 +30,7 @@ class _PackedLayer(nn.Module):
     """Common part: sign bits in words [1, 1, Kw, Npad], optional α, float bias, call statistics."""
 
     def _setup(self, plus_rows: torch.Tensor, alpha: torch.Tensor | None, bias: torch.Tensor | None,
-               out_features: int) -> None:
+               out_features: int, bits: int) -> None:
         packed = kernels.pack_rows(plus_rows)
         self.register_buffer("weight_words", kernels.to_columns(packed.words), persistent=False)
         self.register_buffer("alpha", alpha, persistent=False)
@@ -38,7 +38,7 @@ class _PackedLayer(nn.Module):
                              persistent=False)
         self.out_features = out_features
         self.stats = {"packed": 0, "float": 0}
-        self.weight_bits = int(plus_rows.numel())
+        self.weight_bits = int(bits)  # the layer's weights, without the padding to whole words
         self.last_planes = 0
 
     @property
@@ -68,7 +68,7 @@ class PackedLinear(_PackedLayer):
         if split is None:
             raise ValueError("weights are not ±α per output channel")
         self.in_features = layer.in_features
-        self._setup(split[0], split[1], layer.bias, layer.out_features)
+        self._setup(split[0], split[1], layer.bias, layer.out_features, layer.weight.numel())
 
     def _unflatten(self, w: torch.Tensor) -> torch.Tensor:
         return w[:, :self.in_features]
@@ -107,7 +107,7 @@ class PackedConv(_PackedLayer):
         rows = torch.zeros((cout, kh, kw, self.cw * 64))
         rows[..., :cin] = w4.permute(0, 2, 3, 1)
         self._shape = tuple(layer.weight.shape)
-        self._setup(rows.reshape(cout, kh * kw * self.cw * 64), split[1], layer.bias, cout)
+        self._setup(rows.reshape(cout, kh * kw * self.cw * 64), split[1], layer.bias, cout, layer.weight.numel())
         self._torch_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
 
     def _unflatten(self, w: torch.Tensor) -> torch.Tensor:

@@ -82,9 +82,8 @@ def _inputs(engine, data, samples: int, seed: int) -> np.ndarray:
         g = torch.Generator().manual_seed(seed)
         return torch.rand((samples,) + engine.input_shape, generator=g).numpy()
     if isinstance(data, (str, os.PathLike)):
-        from .data import load_inputs
-        x, _ = load_inputs(data, engine.input_shape)
-        return x[:samples]
+        from ..exporters.verify import load_data
+        return np.asarray(load_data(data, engine.input_shape), dtype=np.float32)[:samples]
     return np.asarray(data, dtype=np.float32)[:samples]
 
 
