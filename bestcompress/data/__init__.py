@@ -12,7 +12,7 @@ samples that do not fit the model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +26,13 @@ from .datasets import (
     load_digits_raw, load_image_folder_raw, load_mnist1d_raw, load_npz_raw, make_synthetic,
 )
 from .encodings import ENCODINGS, DirectEncoding, PoissonEncoding, make_encoding
+from .npz import read_npz
+from .split import validation_split
 
 BUILTIN = ("digits", "mnist1d", "synthetic")
 
 __all__ = ["BUILTIN", "ENCODINGS", "DataBundle", "DirectEncoding", "PoissonEncoding", "load_dataset",
-           "make_encoding", "model_num_classes", "model_takes_events"]
+           "make_encoding", "model_num_classes", "model_takes_events", "read_npz", "validation_split"]
 
 
 @dataclass
@@ -43,6 +45,8 @@ class DataBundle:
         num_classes: classes the model predicts (the data's own count if no model was given).
         sample_shape: per-sample shape the model takes after encoding (None if unknown).
         encoding: callable(x, generator) -> model input; DirectEncoding or PoissonEncoding.
+        val: the validation set carved from the training set (`validation_split`), or None.
+        train_indices, val_indices: after `validation_split`, the original training-sample indices of each part.
     """
 
     name: str
@@ -51,12 +55,21 @@ class DataBundle:
     num_classes: int
     sample_shape: tuple[int, ...] | None
     encoding: object
+    val: TensorDataset | None = None
+    train_indices: torch.Tensor | None = field(default=None, repr=False)
+    val_indices: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def deterministic(self) -> bool:
+        """True when encoding a sample always gives the same input (no random coding or augmentation)."""
+        return getattr(self.encoding, "name", None) == "direct"
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.encoding(x, generator)
 
     def __repr__(self) -> str:
-        return (f"DataBundle({self.name!r}, train={len(self.train)}, test={len(self.test)}, "
+        val = f", val={len(self.val)}" if self.val is not None else ""
+        return (f"DataBundle({self.name!r}, train={len(self.train)}{val}, test={len(self.test)}, "
                 f"classes={self.num_classes}, input={self.sample_shape}, encoding={self.encoding.name})")
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from .npz import read_npz
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 SPLIT_SEED = 0  # the train/test split is fixed, independent of the training seed
@@ -148,14 +149,7 @@ def load_image_folder_raw(root: Path, channels: int = 3, size: tuple[int, int] |
 def load_npz_raw(path: Path):
     """`x` ([N, C, H, W] static, [N, T, C, H, W] event frames, or [N, C, L] sequences) and `y`; optional
     `x_test`/`y_test`, else a fixed stratified 80/20 split."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except Exception as e:
-        raise DataError(f"Cannot read '{path}' as a .npz file ({type(e).__name__}).") from None
-    for key in ("x", "y"):
-        if key not in arrays:
-            raise DataError(f"'{path}' has no array '{key}' (it has: {', '.join(sorted(arrays)) or 'nothing'}).")
+    arrays = read_npz(path, required=("x", "y"))
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise DataError(f"'{path}' must hold both x_test and y_test, or neither.")
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,18 @@ def _env_int(name: str, default: int) -> int:
         return int(os.environ.get(name, default))
     except ValueError:
         return default
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of a torchrun job, and in a single process: the one that writes files and prints."""
+    return _env_int("RANK", 0) == 0
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside (Distributed)DataParallel wrappers (the model itself otherwise)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
 
 
 def setup_distributed(device: torch.device | str | None = None) -> DistInfo:

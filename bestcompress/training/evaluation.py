@@ -1,5 +1,5 @@
-"""Evaluation and the checks a run makes before training: top-1 (per head for dual-head models), model/data fit,
-stateful-neuron resets, unused-parameter detection for DDP."""
+"""Evaluation and the checks a run makes before training: top-1 (per head for dual-head models) on the validation
+or test split, non-finite outputs, model/data fit, stateful-neuron resets, unused-parameter detection for DDP."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -8,47 +8,25 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import DataError, ModelError
-from .distributed import DistInfo, all_reduce_sum
+from ..errors import DataError, ModelError, short_reason
+from .distributed import DistInfo, all_reduce_sum, unwrap
+from .outputs import mean_logits, two_headed
 
 EVAL_BATCH = 256
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+SPLITS = ("test", "val")
 
 
 def pick_device(device, info: DistInfo) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", info.local_rank)
-    return torch.device("cpu")
+    """The run's device (default: this rank's GPU when CUDA is available); a sentence for an unusable name."""
+    from ..devices import resolve_device
+    return resolve_device(device, info.local_rank)
 
 
 def neuron_reset_fn(model: nn.Module) -> Callable[[], None] | None:
-    """A function that clears the state of stateful third-party neurons, or None when the model has none.
-
-    bestcompress LIF and the zoo models are stateless; spikingjelly and snntorch neurons keep their membrane
-    between calls and must be reset between batches.
-    """
-    roots = {type(m).__module__.split(".")[0] for m in model.modules()}
-    fns = []
-    if "spikingjelly" in roots:
-        from spikingjelly.activation_based import functional
-        fns.append(lambda: functional.reset_net(model))
-    if "snntorch" in roots:
-        from snntorch import utils as sn_utils
-        fns.append(lambda: sn_utils.reset(model))
-    if not fns:
-        return None
-    return lambda: [fn() for fn in fns]
-
-
-def mean_logits(out) -> torch.Tensor:
-    if isinstance(out, (tuple, list)):
-        return sum(o.float() for o in out) / len(out)
-    return out
+    """A function that puts every neuron of `model` at rest, or None when no neuron keeps state between calls
+    (bestcompress.nn.state.reset_state knows every neuron kind bestcompress produces or keeps)."""
+    from ..nn.state import has_state, reset_state
+    return (lambda: reset_state(model)) if has_state(model) else None
 
 
 def _dual_heads(model: nn.Module) -> list[nn.Module]:
@@ -71,11 +49,10 @@ def check_model_fits(model: nn.Module, data, device: torch.device) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            out = mean_logits(model(batch))
+            out = mean_logits(model(batch), two_headed(model))
     except (RuntimeError, ValueError, IndexError) as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise DataError(f"The model cannot run on '{data.name}' samples of shape {tuple(batch.shape[1:])} ({first}).") \
-            from None
+        raise DataError(f"The model cannot run on '{data.name}' samples of shape {tuple(batch.shape[1:])} "
+                        f"({short_reason(e, 200)}).") from None
     finally:
         model.train(was)
         reset = neuron_reset_fn(model)
@@ -98,7 +75,7 @@ def has_unused_parameters(model: nn.Module, data, device: torch.device) -> bool:
     was = model.training
     model.eval()
     try:
-        out = mean_logits(model(x))
+        out = mean_logits(model(x), two_headed(model))
         grads = torch.autograd.grad(out.float().sum(), params, allow_unused=True)
     finally:
         model.train(was)
@@ -111,19 +88,26 @@ def has_unused_parameters(model: nn.Module, data, device: torch.device) -> bool:
 # ------------------------------------------------------------------------------------------------ evaluation
 
 def evaluate_split(model: nn.Module, data, device: torch.device, info: DistInfo, limit_batches: int | None = None,
-              batch_size: int = EVAL_BATCH, amp: bool = False) -> dict:
+                   batch_size: int = EVAL_BATCH, amp: bool = False, split: str = "test") -> dict:
+    """Top-1 on data.test or data.val (sharded over ranks, summed); raises ModelError on non-finite outputs."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    part = data.test if split == "test" else data.val
+    if part is None:
+        raise DataError(f"'{data.name}' has no validation set (set train.val_fraction above 0).")
     model = unwrap(model)
+    two = two_headed(model)
     was = model.training
     model.eval()
     reset = neuron_reset_fn(model)
     heads = _dual_heads(model)
     captured: list = []
     hooks = [h.register_forward_pre_hook(lambda mod, args: captured.append(args)) for h in heads[-1:]]
-    x_all, y_all = data.test.tensors
+    x_all, y_all = part.tensors
     idx = torch.arange(info.rank, len(x_all), info.world_size)  # no padding: every sample counted once
     gen = torch.Generator().manual_seed(12345 + info.rank)
     correct = correct1 = correct2 = 0.0
-    count = 0.0
+    count = bad = 0.0
     try:
         with torch.no_grad():
             for b, start in enumerate(range(0, len(idx), batch_size)):
@@ -135,9 +119,10 @@ def evaluate_split(model: nn.Module, data, device: torch.device, info: DistInfo,
                 captured.clear()
                 ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
                 with ctx:
-                    out = mean_logits(model(x))
+                    out = mean_logits(model(x), two)
                 if reset:
                     reset()
+                bad += float((~torch.isfinite(out.float())).flatten(1).any(1).sum())
                 correct += float((out.argmax(-1) == y).sum())
                 if captured:
                     h1, h2 = captured[-1][0], captured[-1][1]
@@ -148,7 +133,12 @@ def evaluate_split(model: nn.Module, data, device: torch.device, info: DistInfo,
         for h in hooks:
             h.remove()
         model.train(was)
-    correct, correct1, correct2, count = all_reduce_sum([correct, correct1, correct2, count], info, device)
+    correct, correct1, correct2, count, bad = all_reduce_sum([correct, correct1, correct2, count, bad], info,
+                                                             device)
+    if bad:
+        name = "validation" if split == "val" else "test"
+        raise ModelError(f"The model's outputs are not finite (NaN or Inf) on {int(bad)} of {int(count)} {name} "
+                         "samples, so no accuracy can be given: its weights may be corrupt or its training diverged.")
     result = {"top1": 100.0 * correct / max(count, 1.0), "n": int(count)}
     if heads:
         result["top1_head"] = 100.0 * correct1 / max(count, 1.0)
@@ -157,8 +147,9 @@ def evaluate_split(model: nn.Module, data, device: torch.device, info: DistInfo,
 
 
 def evaluate(model: nn.Module, data, *, encoding: str = "direct", subset: int | None = None,
-             limit_batches: int | None = None, batch_size: int = EVAL_BATCH, device=None) -> dict:
-    """Top-1 accuracy (%) on the test split.
+             limit_batches: int | None = None, batch_size: int = EVAL_BATCH, device=None,
+             split: str = "test") -> dict:
+    """Top-1 accuracy (%) on the test split (or the DataBundle's validation split).
 
     Args:
         model: any classifier; a dual-head (coupled) model is scored with its eval heads (mean by default) and
@@ -168,11 +159,14 @@ def evaluate(model: nn.Module, data, *, encoding: str = "direct", subset: int | 
         limit_batches: score only this many batches.
         batch_size: evaluation batch size.
         device: where to run (default: CUDA if available, else CPU).
+        split: 'test', or 'val' for a DataBundle made by validation_split.
     Returns:
         {'top1': %, 'n': samples} plus 'top1_head' and 'top1_head2' for dual-head models.
+    Raises:
+        ModelError: the model's outputs are NaN or infinite on some sample.
     """
     info = DistInfo()
     dev = pick_device(device, info)
     data = resolve_data(data, model, encoding, subset, 0)
     model.to(dev)
-    return evaluate_split(model, data, dev, info, limit_batches, batch_size, amp=dev.type == "cuda")
+    return evaluate_split(model, data, dev, info, limit_batches, batch_size, amp=dev.type == "cuda", split=split)

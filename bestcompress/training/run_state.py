@@ -1,9 +1,11 @@
 """A training run on disk: the per-epoch checkpoint `<run_dir>/last.pt`, RNG states and `metrics.jsonl`.
 
 `last.pt` is written atomically after every epoch and loads with `torch.load(weights_only=True)`: model state,
-optimizer, scheduler, RNG states (torch, CUDA, numpy, python), the epoch just finished, the best accuracy and
-the recipe. The data order does not depend on it (each epoch's permutation comes from seed + epoch), so a run
-resumed from epoch e repeats exactly what an uninterrupted run would have done.
+optimizer, scheduler, RNG states (torch, CUDA, numpy, python), the epoch just finished, the best epoch (and its
+weights when a validation set picks it) and every option that shapes the run (`RUN_OPTIONS`: the recipe after
+overrides, epochs, seed, data, encoding, subset, batch limit, teacher). The data order does not depend on it (each
+epoch's permutation comes from seed + epoch), so a run resumed from epoch e repeats exactly what an uninterrupted
+run would have done; `resume_options` restores the options and refuses ones that differ.
 """
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_save, atomic_write, load_checkpoint_file
+from ..checkpoint import load_checkpoint_file
 from ..errors import CheckpointError
+from ..fileio import atomic_save, atomic_write
 
 RUN_FORMAT = "bestcompress-run"
-RUN_VERSION = 1
+RUN_VERSION = 2
+RUN_OPTIONS = ("recipe", "epochs", "seed", "data", "encoding", "subset", "limit_batches", "teacher")
 
 
 def rng_state() -> dict:
@@ -46,12 +50,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_run_checkpoint(path: Path, *, kind: str, epoch: int, epochs: int, model_state: dict, optimizer,
-                        scheduler, best_top1: float, recipe: dict, seed: int, world_size: int) -> Path:
-    payload = {"format": RUN_FORMAT, "version": RUN_VERSION, "kind": kind, "epoch": epoch, "epochs": epochs,
-               "model": {k: v.detach().cpu() for k, v in model_state.items()},
-               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-               "best_top1": best_top1, "recipe": recipe, "seed": seed, "world_size": world_size}
+def _cpu(state: dict) -> dict:
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def save_run_checkpoint(path: Path, *, kind: str, epoch: int, model_state: dict, optimizer, scheduler,
+                        best: dict, options: dict, world_size: int) -> Path:
+    """Write last.pt. `best` holds 'epoch', 'val_top1' and, when a validation set picks it, 'model' (weights)."""
+    best = {**best, **({"model": _cpu(best["model"])} if best.get("model") is not None else {})}
+    payload = {"format": RUN_FORMAT, "version": RUN_VERSION, "kind": kind, "epoch": epoch,
+               "epochs": options["epochs"], "model": _cpu(model_state), "optimizer": optimizer.state_dict(),
+               "scheduler": scheduler.state_dict(), "rng": rng_state(), "best": best, "options": options,
+               "recipe": options["recipe"], "seed": options["seed"], "world_size": world_size}
     return atomic_save(payload, path)
 
 
@@ -70,6 +80,51 @@ def load_run_checkpoint(path: str | os.PathLike, kind: str) -> dict:
     return obj
 
 
+def run_options(path, kind: str) -> dict:
+    """The options a run in `path` (its last.pt) was started with ({} when it records none)."""
+    options = load_run_checkpoint(path, kind).get("options")
+    return options if isinstance(options, dict) else {}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_options(stored: dict | None, given: dict, path) -> dict:
+    """The options of the run in `path`, after checking the ones given again (None: not given) against them.
+
+    Raises:
+        CheckpointError: the file records no options, or a given option differs from the run's.
+    """
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"'{path}' records no run options (an older bestcompress wrote it); start a new run.")
+    conflicts = []
+    for key in RUN_OPTIONS:
+        value = given.get(key)
+        if value is None:
+            continue
+        if key == "recipe":
+            old, new = _flat(stored.get("recipe") or {}), _flat(value)
+            conflicts += [f"recipe key {k} ({new.get(k)!r}, the run has {old.get(k)!r})"
+                          for k in sorted(set(old) | set(new)) if k != "name" and old.get(k) != new.get(k)]
+        elif key == "teacher":
+            if (value or {}).get("sha1") != (stored.get("teacher") or {}).get("sha1"):
+                conflicts.append(f"the teacher ({(value or {}).get('name')}, the run used "
+                                 f"{(stored.get('teacher') or {}).get('name')})")
+        elif value != stored.get(key):
+            conflicts.append(f"{key} ({value!r}, the run has {stored.get(key)!r})")
+    if conflicts:
+        raise CheckpointError(f"--resume continues the run in '{path}' with the options it was started with, but "
+                              f"these differ: {'; '.join(conflicts)} (drop them, or start a new run folder).")
+    return dict(stored)
+
+
 def append_metrics(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -78,10 +133,21 @@ def append_metrics(path: Path, record: dict) -> None:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of metrics.jsonl; a torn last line (a run killed while appending) is dropped."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise CheckpointError(f"'{path}' line {i + 1} is not a JSON record; remove that line or the file.") \
+                from None
+    return records
 
 
 def truncate_metrics(path: Path, last_epoch: int) -> None:
@@ -90,3 +156,14 @@ def truncate_metrics(path: Path, last_epoch: int) -> None:
         return
     keep = [r for r in read_metrics(path) if r.get("epoch", 0) <= last_epoch]
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in keep)))
+
+
+def model_fingerprint(model) -> str:
+    """SHA-1 of a model's state (names, shapes, values): says whether a resumed run has the same teacher."""
+    import hashlib
+    h = hashlib.sha1()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -17,14 +17,6 @@ KW = "img_size=8,embed_dims=16,num_heads=2,depths=1,T=2"
 QUICK = ["--subset", "48", "--limit-batches", "2", "--set", "train.batch_size=16", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """fp.pt from `train`, bin.pt from `binarize`, in one folder."""
@@ -47,18 +39,24 @@ def test_train_output_and_run_folder(trained):
 def test_distill_resume_and_evaluate(trained):
     run = trained / "runs" / "bin"
     out = trained / "bin_cie.pt"
-    r = invoke("distill", trained / "bin.pt", "--data", "digits", "--epochs", "1", *QUICK, "--run-dir", run,
+    r = invoke("distill", trained / "bin.pt", "--data", "digits", "--epochs", "2", *QUICK, "--run-dir", run,
                "-o", out)  # teacher: the FP source recorded in bin.pt
     assert r.exit_code == 0, r.output
     assert "head2" in r.output and out.exists()
-    r = invoke("distill", trained / "bin.pt", "--teacher", trained / "fp.pt", "--data", "digits", "--epochs", "2",
-               *QUICK, "--resume", run / "last.pt", "-o", out)
+    first = next(line for line in r.output.splitlines() if line.startswith("distill:"))
+    assert "spikformer_cifar (binary)" in first and "on 'digits'" in first and "for 2 epochs" in first
+    assert "recalibrated" in r.output and "kept best epoch" in r.output
+    # a finished run resumed with no options: they come from last.pt (no --data needed), no epoch is left to run
+    r = invoke("distill", trained / "bin.pt", "--resume", run / "last.pt", "--no-progress", "-o", out)
     assert r.exit_code == 0, r.output
     epochs_run = [line.split()[1] for line in r.output.splitlines() if line.startswith("epoch ")]
-    assert "resumed from" in r.output and epochs_run == ["2/2"]
+    assert "resumed from" in r.output and "after epoch 2/2" in r.output and epochs_run == []
     assert [m["epoch"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2]
     binary, source, info = load_binary(out)
     assert info["extra"]["epochs"] == 2
+    r = invoke("distill", trained / "bin.pt", "--teacher", trained / "fp.pt", "--data", "digits", "--epochs", "3",
+               "--resume", run / "last.pt", "-o", out)  # same teacher weights: only the epochs conflict
+    assert_user_error(r, "epochs (3, the run has 2)")
     r = invoke("evaluate", out, "--data", "digits", "--subset", "48")
     assert r.exit_code == 0, r.output
     assert "top-1" in r.output and "head2 (last MLP stream)" in r.output
@@ -94,3 +92,21 @@ def test_bad_inputs_are_one_sentence(trained, tmp_path):
     assert_user_error(invoke("distill", trained / "bin.pt", "--data", "digits", "--teacher-arch", "spikformer_cifar"),
                       "--teacher FILE")
     assert_user_error(invoke("evaluate", tmp_path / "none.pt", "--data", "digits"), "does not exist")
+
+
+def test_binarize_calibrate(trained, tmp_path):
+    r = invoke("binarize", trained / "fp.pt", "--calibrate", "digits", "--calibrate-batches", "2",
+               "-o", tmp_path / "cal.pt")
+    assert r.exit_code == 0, r.output
+    assert "BatchNorm statistics of" in r.output and "128 training samples of 'digits'" in r.output
+    plain, _, _ = load_binary(trained / "bin.pt")
+    calibrated, _, _ = load_binary(tmp_path / "cal.pt")
+    a, b = plain.state_dict(), calibrated.state_dict()
+    moved = [k for k in a if "running_mean" in k and not torch.equal(a[k], b[k])]
+    assert moved
+    for k in a:
+        if "running_" not in k and "num_batches" not in k:
+            assert torch.equal(a[k], b[k]), k
+    assert_user_error(invoke("binarize", trained / "fp.pt", "--calibrate", tmp_path / "none", "-o",
+                             tmp_path / "x.pt"), "neither a built-in data set")
+    assert not (tmp_path / "x.pt").exists()

@@ -1,0 +1,86 @@
+"""BatchNorm recalibration: it makes a freshly binarized model usable before any training, changes no weight,
+restores the BatchNorm momenta, and the binarize command offers it (--calibrate)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bestcompress.convert import binarize
+from bestcompress.data import load_dataset
+from bestcompress.nn.calibrate import make_it_fire, recalibrate_batchnorm
+from bestcompress.training.calibration import calibrate
+from bestcompress.training.trainer import evaluate, train
+from bestcompress.zoo import create_model
+
+SEQ = dict(seq_len=20, embed_dims=32, num_heads=2, depths=1, T=2)
+
+
+@pytest.fixture(scope="module")
+def teacher_and_data():
+    """A small full-precision spiking transformer trained on seeded synthetic sequences (~60 % top-1)."""
+    torch.manual_seed(0)
+    model = create_model("spikformer_seq", **SEQ)
+    data = load_dataset("synthetic", model, subset=512)
+    train(model, data, "bestformer", epochs=8, log=lambda *a: None,
+          overrides={"train.batch_size": 32, "train.lr": 5e-3, "train.warmup_epochs": 0, "train.val_fraction": 0.0})
+    return model, data
+
+
+def _weights(model: nn.Module) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running_" not in k and "num_batches" not in k}
+
+
+def test_calibration_raises_zero_epoch_accuracy_and_changes_no_weight(teacher_and_data):
+    teacher, data = teacher_and_data
+    fp = evaluate(teacher, data)["top1"]
+    student = binarize(teacher, "bestformer", overrides={"reversible.enabled": False}).model
+    before = evaluate(student, data)["top1"]
+    weights = _weights(student)
+    momenta = [m.momentum for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    seen, layers = calibrate(student, data, batches=4, batch_size=64)
+    after = evaluate(student, data)["top1"]
+    assert seen == 256 and layers == len(momenta) > 0
+    assert fp > 40.0  # the teacher learnt something, so the comparison means something
+    assert after >= before + 10.0, (before, after, fp)
+    assert after >= 0.5 * fp
+    for k, v in weights.items():
+        assert torch.equal(student.state_dict()[k], v), k  # only running statistics moved
+    assert [m.momentum for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] == momenta
+    assert not student.training
+
+
+def test_running_statistics_are_the_average_over_the_batches():
+    """momentum=None: the running mean is the plain average of the batch means, whatever the old statistics."""
+    bn = nn.BatchNorm1d(3, momentum=0.3)
+    bn.running_mean.fill_(100.0)
+    model = nn.Sequential(nn.Linear(3, 3, bias=False), bn, nn.Dropout(0.9))
+    nn.init.eye_(model[0].weight)
+    batches = [torch.randn(8, 3, generator=torch.Generator().manual_seed(i)) + i for i in range(3)]
+    assert recalibrate_batchnorm(model, batches) == 24
+    expected = torch.stack([b.mean(0) for b in batches]).mean(0)
+    assert torch.allclose(bn.running_mean, expected, atol=1e-6)
+    assert bn.momentum == 0.3 and not model[2].training
+
+
+def test_nothing_seen_keeps_the_old_statistics():
+    bn = nn.BatchNorm1d(2)
+    bn.running_mean.fill_(5.0)
+    assert recalibrate_batchnorm(nn.Sequential(bn), []) == 0
+    assert torch.equal(bn.running_mean, torch.full((2,), 5.0))
+
+
+def test_make_it_fire_makes_a_fresh_model_spike():
+    from bestcompress.nn.lif import LIF
+    torch.manual_seed(0)
+    model = create_model("spikformer_seq", **SEQ)
+    rates = []
+    hooks = [m.register_forward_hook(lambda mod, i, out: rates.append(float(out.float().mean())))
+             for m in model.modules() if isinstance(m, LIF)]
+    make_it_fire(model, (1, 20), batches=2)
+    rates.clear()
+    with torch.no_grad():
+        model(torch.rand(4, 1, 20))
+    for h in hooks:
+        h.remove()
+    assert rates and sum(r > 0 for r in rates) >= len(rates) // 2
