@@ -1,20 +1,25 @@
-"""Ablation of Coupled Information Enhancement (CIE) on MNIST-1D with `spikformer_seq`.
+"""Ablation of Coupled Information Enhancement (CIE): which parts recover the accuracy binarization costs.
 
-For each seed, a full-precision teacher is trained from scratch; then four binary students are made from the
-teacher's weights with the bestformer recipe (1-bit weights, binary attention maps) and fine-tuned for the same
-budget (same epochs, optimizer, schedule and data order):
+Tasks (generated offline with the `mnist1d` package, standardized with the training mean and std, written to .npz
+under --work): `mnist1d` (the package's default generator: 4,000 training / 1,000 test sequences of length 40) and
+`mnist1d_hard` (the same generator with more noise and shear, see HARD). Model: `spikformer_seq` (MODEL).
 
-    binary, no CIE        couplings off (reversible.enabled=false), plain label-smoothed cross-entropy
-    + reversible only     couplings on (two streams, head + head2), cross-entropy on both heads, no teacher
-    + distillation only   couplings off, hard distillation from the teacher: (1-a)·CE(head, y) + a·CE(head, argmax t)
-    + both (CIE)          couplings on, hard distillation: (1-a)·CE(head, y) + a·CE(head2, argmax t)
+Per task, a full-precision teacher is trained from scratch (`fp`: its test top-1 at the epoch picked on the
+validation split). Every binary student is binarized from the teacher's weights (1-bit weights, binary attention
+maps) and fine-tuned with `bestcompress.training.trainer.distill` under the same schedule (STUDENT), differing only
+in the method keys of VARIANTS. Each run holds out `train.val_fraction` of its training set as the validation split
+(never the test set); the epoch with the best validation top-1 is kept and its *test* top-1 is reported.
+`calibrated_0ep` is the default recipe's binary model after BatchNorm recalibration on 8 training batches, before
+any training (0 epochs).
 
-Top-1 is the last epoch's accuracy on the 1,000 MNIST-1D test sequences (no checkpoint selection on the test
-set). Prints mean ± std over the seeds, writes benchmarks/results/ablation_cie.json and ablation_cie.md.
-Independent runs go to a pool of worker processes (one intra-op thread each: faster than threads here).
+Prints mean ± std over the seeds and writes benchmarks/results/ablation_cie.json as
+{"<task>": {"<epochs>": {"<variant>": {"top1": [...], "mean": m, "std": s}}}} (plus a "_meta" entry) and
+ablation_cie.md. Runs go to a pool of worker processes (one torch thread each).
 
-    python benchmarks/ablation_cie.py                    # the reported configuration, 3 seeds
-    python benchmarks/ablation_cie.py --seeds 1 --teacher-epochs 2 --student-epochs 1   # a smoke run
+    python benchmarks/ablation_cie.py --plan reduced --student-train-size 2000 --budget-min 75   # what ran here
+    python benchmarks/ablation_cie.py --plan full --tasks mnist1d,mnist1d_hard --seeds 3 --epochs 12,30
+    python benchmarks/ablation_cie.py --plan full --tasks mnist1d --seeds 1 --epochs 1 --variants plain,default \\
+        --teacher-epochs 1 --train-size 500                          # a smoke run
 """
 from __future__ import annotations
 
@@ -33,17 +38,50 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MODEL = dict(seq_len=40, in_channels=1, num_classes=10, embed_dims=64, num_heads=4, mlp_ratios=4, depths=2, T=2)
+HARD = dict(corr_noise_scale=0.5, iid_noise_scale=0.05, shear_scale=1.0, scale_coeff=0.5)  # defaults .25/.02/.75/.4
 TEACHER = {"train.lr": 3e-3, "train.min_lr": 1e-5, "train.warmup_epochs": 1, "train.batch_size": 64,
-           "train.weight_decay": 0.06, "train.grad_clip": 1.0, "distill.label_smoothing": 0.1}
+           "train.weight_decay": 0.06, "train.grad_clip": 1.0, "distill.label_smoothing": 0.1,
+           "train.val_fraction": 0.1}
 STUDENT = {"train.lr": 2e-3, "train.min_lr": 1e-5, "train.warmup_epochs": 0, "train.batch_size": 64,
            "train.weight_decay": 0.0, "train.grad_clip": 1.0, "distill.label_smoothing": 0.1,
-           "distill.losses": ["hard"], "distill.alpha": 0.5}
+           "train.val_fraction": 0.1}
+_NO_COUPLINGS = {"reversible.enabled": False}
+_CAL = {"train.calibrate_batches": 8}
+_NO_CAL = {"train.calibrate_batches": 0}
+# variant: (description, recipe overrides on top of bestformer; None = the bestformer recipe as shipped)
 VARIANTS = {
-    "no_cie": ("binary, no CIE", False, False),
-    "reversible": ("+ reversible only", True, False),
-    "distill": ("+ distillation only", False, True),
-    "cie": ("+ both (CIE)", True, True),
+    "plain": ("binary, plain fine-tuning (no calibration, no couplings, cross-entropy)",
+              {**_NO_COUPLINGS, **_NO_CAL, "distill.losses": []}),
+    "calibrated": ("+ BatchNorm calibration", {**_NO_COUPLINGS, **_CAL, "distill.losses": []}),
+    "paper_cie": ("the paper's CIE: paper-form couplings + hard KD, no calibration (recipe bestformer_paper)",
+                  {**_NO_CAL, "reversible.enabled": True, "reversible.form": "paper", "distill.losses": ["hard"],
+                   "distill.alpha": 0.5, "distill.temperature": 1.0}),
+    "couplings_paper": ("+ calibration + paper-form couplings (½, ½), cross-entropy on both heads",
+                        {**_CAL, "reversible.enabled": True, "reversible.form": "paper", "distill.losses": []}),
+    "couplings_preserving": ("+ calibration + preserving couplings (learnable a, b from 0, 1), cross-entropy",
+                             {**_CAL, "reversible.enabled": True, "reversible.form": "preserving",
+                              "distill.losses": []}),
+    "hard": ("+ calibration + hard KD (α 0.5), no couplings",
+             {**_NO_COUPLINGS, **_CAL, "distill.losses": ["hard"], "distill.alpha": 0.5}),
+    "soft": ("+ calibration + soft KD (τ 2, α 0.5), no couplings",
+             {**_NO_COUPLINGS, **_CAL, "distill.losses": ["soft"], "distill.alpha": 0.5,
+              "distill.temperature": 2.0}),
+    "feature": ("+ calibration + feature alignment of block outputs (w 1), no couplings",
+                {**_NO_COUPLINGS, **_CAL, "distill.losses": ["feature"], "distill.feature_weight": 1.0}),
+    "attention": ("+ calibration + attention-relation distillation (w 1), no couplings",
+                  {**_NO_COUPLINGS, **_CAL, "distill.losses": ["attention"], "distill.attention_weight": 1.0}),
+    "default": ("the default `bestformer` recipe as shipped", None),
 }
+ALWAYS = ("fp", "plain", "calibrated_0ep", "default")
+# the reduced plan: (task, epochs, variants, seeds), in order of priority
+REDUCED = [
+    ("mnist1d", 12, ["plain", "default"], 3),
+    ("mnist1d_hard", 12, ["plain", "default"], 3),
+    ("mnist1d", 30, ["plain", "default"], 1),
+    ("mnist1d_hard", 30, ["plain", "default"], 1),
+    ("mnist1d", 12, ["calibrated", "couplings_preserving", "couplings_paper", "soft", "feature", "hard",
+                     "attention", "paper_cie"], 1),
+]
 
 
 def _init_worker() -> None:
@@ -55,167 +93,283 @@ def _quiet(_line: str) -> None:
     pass
 
 
-def run_teacher(seed: int, model_cfg: dict, epochs: int, over: dict, work: str, reuse: bool = False) -> dict:
-    """Train the seed's teacher (or, with `reuse`, take the one a previous run of the same setting saved)."""
+def make_task(task: str, work: Path, train_size: int | None) -> str:
+    """Write the task's .npz (train possibly cut to `train_size`, the full test set) and return its path."""
+    import numpy as np
+    path = work / f"{task}_{train_size or 'all'}.npz"
+    if path.exists():
+        return str(path)
+    from mnist1d.data import get_dataset_args, make_dataset
+    args = get_dataset_args()
+    if task == "mnist1d_hard":
+        for k, v in HARD.items():
+            setattr(args, k, v)
+    elif task != "mnist1d":
+        raise SystemExit(f"unknown task {task!r} (mnist1d, mnist1d_hard)")
+    d = make_dataset(args)  # never get_dataset(): that one downloads
+    x, xt = d["x"].astype(np.float32), d["x_test"].astype(np.float32)
+    mean, std = float(x.mean()), float(x.std())
+    x, xt = (x - mean) / std, (xt - mean) / std
+    y, yt = np.asarray(d["y"], np.int64), np.asarray(d["y_test"], np.int64)
+    if train_size:
+        x, y = x[:train_size], y[:train_size]
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, x=x[:, None], y=y, x_test=xt[:, None], y_test=yt)
+    os.replace(tmp, path)
+    return str(path)
+
+
+def run_teacher(task: str, seed: int, data_path: str, epochs: int, work: str) -> dict:
     import torch
-    setting = {"model": model_cfg, "epochs": epochs, "overrides": over}
-    record = Path(work) / f"teacher_seed{seed}.json"
-    if reuse and record.exists():
-        cached = json.loads(record.read_text())
-        if cached.get("setting") == setting and Path(cached["path"]).exists():
-            return cached["result"]
     from bestcompress.checkpoint import save_fp
-    from bestcompress.data import load_dataset
     from bestcompress.training.trainer import train
     from bestcompress.zoo import create_model
     torch.manual_seed(seed)
-    model = create_model("spikformer_seq", **model_cfg)
-    data = load_dataset("mnist1d", model)
+    model = create_model("spikformer_seq", **MODEL)
     t0 = time.time()
-    result = train(model, data, "bestformer", epochs=epochs, overrides=over, seed=seed, log=_quiet, progress=False,
-                   run_dir=Path(work) / f"seed{seed}_teacher")
-    path = Path(work) / f"teacher_seed{seed}.pt"
+    result = train(model, data_path, "bestformer", epochs=epochs, overrides=TEACHER, seed=seed, log=_quiet,
+                   progress=False)
+    path = Path(work) / f"teacher_{task}_seed{seed}.pt"
     save_fp(result.model, path)
-    out = {"seed": seed, "variant": "teacher", "top1": result.final["test_top1"], "time_s": time.time() - t0,
-           "curve": [m["test_top1"] for m in result.metrics], "path": str(path),
-           "params": sum(p.numel() for p in model.parameters())}
-    record.write_text(json.dumps({"setting": setting, "path": str(path), "result": out}))
-    return out
+    best = result.best
+    return {"task": task, "seed": seed, "variant": "fp", "epochs": epochs, "top1": best["test_top1"],
+            "best_epoch": result.best_epoch, "val_top1": best.get("val_top1"), "time_s": time.time() - t0,
+            "path": str(path), "params": sum(p.numel() for p in model.parameters())}
 
 
-def run_student(seed: int, variant: str, teacher_path: str, epochs: int, over: dict, work: str) -> dict:
+def _student_overrides(variant: str) -> dict:
+    method = VARIANTS[variant][1]
+    return {**STUDENT, **(method or {})}
+
+
+def run_calibrated_0ep(task: str, seed: int, data_path: str, teacher_path: str) -> dict:
     import torch
     from bestcompress.convert import binarize
-    from bestcompress.loading import load_model
-    from bestcompress.data import load_dataset
-    from bestcompress.training.trainer import distill, evaluate, train
-    _, couplings, distillation = VARIANTS[variant]
-    teacher = load_model(teacher_path)
+    from bestcompress.loading import load
+    from bestcompress.training.calibration import calibrate
+    from bestcompress.training.evaluation import evaluate
+    teacher = load(teacher_path).model
     torch.manual_seed(seed)
-    student = binarize(teacher, "bestformer", overrides={"reversible.enabled": couplings}).model
-    data = load_dataset("mnist1d", teacher)
-    before = evaluate(student, data)["top1"]
-    run = dict(epochs=epochs, overrides=dict(over), seed=seed, log=_quiet, progress=False,
-               run_dir=Path(work) / f"seed{seed}_{variant}")
+    student = binarize(teacher, "bestformer").model
+    before = evaluate(student, data_path)["top1"]
+    calibrate(student, data_path, batches=8, batch_size=64, seed=seed)
+    after = evaluate(student, data_path)
+    return {"task": task, "seed": seed, "variant": "calibrated_0ep", "epochs": 0, "top1": after["top1"],
+            "uncalibrated_top1": before, **{k: v for k, v in after.items() if k.startswith("top1_")}}
+
+
+def run_student(task: str, seed: int, variant: str, epochs: int, data_path: str, teacher_path: str,
+                work: str) -> dict:
+    import torch
+    from bestcompress.convert import binarize
+    from bestcompress.loading import load
+    from bestcompress.training.trainer import distill
+    teacher = load(teacher_path).model.eval()
+    over = _student_overrides(variant)
+    structural = {k: v for k, v in over.items() if k.startswith(("reversible.", "weights.", "attention."))}
+    torch.manual_seed(seed)
+    student = binarize(teacher, "bestformer", overrides=structural).model
     t0 = time.time()
-    if distillation:
-        result = distill(student, teacher, data, "bestformer", **run)
-    else:
-        result = train(student, data, "bestformer", **run)
-    return {"seed": seed, "variant": variant, "top1": result.final["test_top1"], "before_top1": before,
-            "time_s": time.time() - t0, "curve": [m["test_top1"] for m in result.metrics]}
+    result = distill(student, teacher, data_path, "bestformer", epochs=epochs, overrides=over, seed=seed, log=_quiet,
+                     progress=False, run_dir=Path(work) / f"{task}_{variant}_{epochs}ep_seed{seed}")
+    best = result.best
+    out = {"task": task, "seed": seed, "variant": variant, "epochs": epochs, "top1": best["test_top1"],
+           "best_epoch": result.best_epoch, "val_top1": best.get("val_top1"), "time_s": time.time() - t0,
+           "last_top1": result.final.get("test_top1"),
+           "curve_test": [m.get("test_top1") for m in result.metrics],
+           "curve_val": [m.get("val_top1") for m in result.metrics]}
+    for k in ("test_top1_head", "test_top1_head2"):
+        if k in best:
+            out[k] = best[k]
+    couplings = [(n, float(p.detach())) for n, p in result.model.named_parameters() if n.startswith("reversible.")]
+    if couplings:
+        out["coupling_coefficients"] = couplings
+    return out
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def build_plan(args) -> list[tuple[str, int, str, int]]:
+    """[(task, epochs, variant, seed)] of student runs, in order of priority."""
+    if args.plan == "reduced":
+        jobs = []
+        for task, epochs, variants, seeds in REDUCED:
+            jobs += [(task, epochs, v, s) for s in range(seeds) for v in variants]
+        return jobs
+    variants = [v for v in args.variants.split(",") if v not in ("fp", "calibrated_0ep")]
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
+    return [(t, e, v, s) for e in args.epochs for t in args.tasks for s in range(args.seeds) for v in variants]
+
+
+def summarize_runs(runs: list[dict], plan_epochs: dict[str, set[int]]) -> dict:
+    table: dict = {}
+    by = {}
+    for r in runs:
+        by.setdefault((r["task"], r["variant"], r["epochs"]), []).append(r)
+    for task, epochs_set in plan_epochs.items():
+        table[task] = {}
+        fp = [r for r in runs if r["task"] == task and r["variant"] == "fp"]
+        cal = [r for r in runs if r["task"] == task and r["variant"] == "calibrated_0ep"]
+        for epochs in sorted(epochs_set):
+            cell = {}
+            for key, rs in (("fp", fp), ("calibrated_0ep", cal)):
+                vals = [r["top1"] for r in sorted(rs, key=lambda r: r["seed"])]
+                if vals:
+                    cell[key] = {"top1": vals, "mean": _mean_std(vals)[0], "std": _mean_std(vals)[1]}
+            for (t, v, e), rs in sorted(by.items(), key=lambda kv: list(VARIANTS).index(kv[0][1])
+                                        if kv[0][1] in VARIANTS else -1):
+                if t != task or e != epochs or v not in VARIANTS:
+                    continue
+                rs = sorted(rs, key=lambda r: r["seed"])
+                vals = [r["top1"] for r in rs]
+                m, s = _mean_std(vals)
+                cell[v] = {"top1": vals, "mean": m, "std": s, "seeds": [r["seed"] for r in rs],
+                           "best_epoch": [r["best_epoch"] for r in rs]}
+                if any("test_top1_head2" in r for r in rs):
+                    cell[v]["top1_head"] = [r.get("test_top1_head") for r in rs]
+                    cell[v]["top1_head2"] = [r.get("test_top1_head2") for r in rs]
+            for key in ALWAYS:
+                cell.setdefault(key, {"top1": [], "mean": None, "std": None, "note": "not run"})
+            table[task][str(epochs)] = cell
+    return table
+
+
+def _markdown(table: dict, meta: dict) -> str:
+    lines = [f"CIE ablation: `spikformer_seq` (D={MODEL['embed_dims']}, depth {MODEL['depths']}, "
+             f"{MODEL['num_heads']} heads, T={MODEL['T']}, {meta['params'] / 1e3:.0f} k parameters). Test top-1 (%) "
+             "at the epoch picked on the validation split; mean ± std over the seeds run (n).", ""]
+    for task, by_epochs in table.items():
+        for epochs, cell in by_epochs.items():
+            lines += [f"**{task}, {epochs} epochs**", "", "| variant | top-1 mean ± std (n) | per seed | what |",
+                      "|---|---|---|---|"]
+            for key, v in cell.items():
+                if not v["top1"]:
+                    lines.append(f"| {key} | not run | | |")
+                    continue
+                what = {"fp": "full-precision teacher", "calibrated_0ep": "default recipe's binary model, "
+                        "BatchNorm recalibrated, 0 epochs"}.get(key) or VARIANTS[key][0]
+                per = ", ".join(f"{x:.1f}" for x in v["top1"])
+                lines.append(f"| {key} | {v['mean']:.2f} ± {v['std']:.2f} ({len(v['top1'])}) | {per} | {what} |")
+            lines.append("")
+    lines += [meta["note"], "", f"Command: `{meta['command']}`. Wall time {meta['wall_time_s'] / 60:.1f} min, "
+              f"{meta['workers']} workers ({meta['machine']}).", ""]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--plan", choices=("reduced", "full"), default="reduced",
+                   help="reduced: the REDUCED list (fits ~50 min on 2 cores); full: tasks × epochs × variants × seeds")
+    p.add_argument("--tasks", type=lambda s: s.split(","), default=["mnist1d", "mnist1d_hard"])
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--teacher-epochs", type=int, default=12)
-    p.add_argument("--student-epochs", type=int, default=6)
-    p.add_argument("--workers", type=int, default=2, help="parallel processes (one thread each)")
-    p.add_argument("--model", default="", help="model overrides, e.g. T=2,embed_dims=32")
+    p.add_argument("--epochs", type=lambda s: [int(e) for e in s.split(",")], default=[12, 30])
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--teacher-epochs", type=int, default=12)
+    p.add_argument("--teacher-seeds", type=int, default=1,
+                   help="teachers per task (seed s of a student uses teacher s mod this)")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="cut every task's training set to this many samples (the test set stays whole)")
+    p.add_argument("--student-train-size", type=int, default=None,
+                   help="cut the students' training set only (the teacher trains on --train-size)")
+    p.add_argument("--workers", type=int, default=2, help="parallel processes (one thread each)")
+    p.add_argument("--budget-min", type=float, default=None, help="start no new run after this many minutes")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    p.add_argument("--work", type=Path, default=ROOT / "runs" / "ablation_cie", help="teacher checkpoints")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "ablation_cie")
     p.add_argument("--name", default="ablation_cie")
-    p.add_argument("--set", dest="student_set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a student recipe key, e.g. --set distill.losses=[soft] (repeatable)")
-    p.add_argument("--reuse-teachers", action="store_true",
-                   help="take teachers saved in --work by an earlier run of the same setting")
     args = p.parse_args(argv)
 
-    model_cfg = dict(MODEL)
-    for item in filter(None, args.model.split(",")):
-        k, v = item.split("=")
-        model_cfg[k] = type(MODEL[k])(float(v)) if isinstance(MODEL[k], (int, float)) else v
-    variants = [v for v in args.variants.split(",") if v]
-    from bestcompress.recipe import parse_overrides
-    student_over = {**STUDENT, **parse_overrides(args.student_set)}
+    jobs = build_plan(args)
+    tasks = sorted({t for t, *_ in jobs}, key=["mnist1d", "mnist1d_hard"].index)
+    plan_epochs: dict[str, set[int]] = {}
+    for t, e, _, _ in jobs:
+        plan_epochs.setdefault(t, set()).add(e)
+    seeds_needed = {t: max(s for tt, _, _, s in jobs if tt == t) + 1 for t in tasks}
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
+    data = {t: make_task(t, args.work, args.train_size) for t in tasks}
+    student_data = {t: make_task(t, args.work, args.student_train_size or args.train_size) for t in tasks}
     t_start = time.time()
-    results: list[dict] = []
+    runs: list[dict] = []
+    skipped: list[str] = []
+    teachers: dict[tuple[str, int], str] = {}
+    waiting = list(jobs)
+    meta = {"command": "python benchmarks/ablation_cie.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "model": {"arch": "spikformer_seq", **MODEL}, "hard_generator": HARD, "teacher_overrides": TEACHER,
+            "student_overrides": STUDENT, "variants": {k: {"what": d, "overrides": o} for k, (d, o) in VARIANTS.items()},
+            "teacher_epochs": args.teacher_epochs, "teacher_seeds": args.teacher_seeds,
+            "train_size": args.train_size, "student_train_size": args.student_train_size, "plan": args.plan,
+            "reduced_plan": REDUCED, "workers": args.workers,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs shared with other jobs, 1 torch thread per worker"}
+
+    def write(final=False):
+        params = next((r["params"] for r in runs if "params" in r), 0)
+        meta.update(wall_time_s=time.time() - t_start, params=params, skipped=skipped, complete=final,
+                    note=("Reduced: one FP teacher per task (seed 0), shared by the student seeds (a student seed "
+                          "changes its validation split and data order); see _meta.plan and the REDUCED list in the "
+                          "script for which cells ran with how many seeds." if args.teacher_seeds == 1 else
+                          "One teacher per seed."))
+        table = summarize_runs(runs, plan_epochs)
+        doc = {**table, "_meta": meta, "_runs": runs}
+        tmp = args.out / f".{args.name}.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, args.out / f"{args.name}.json")
+        md = _markdown(table, meta)
+        tmp = args.out / f".{args.name}.md.tmp"
+        tmp.write_text(md)
+        os.replace(tmp, args.out / f"{args.name}.md")
+        return md
+
     ctx = get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx, initializer=_init_worker) as pool:
-        pending = {pool.submit(run_teacher, s, model_cfg, args.teacher_epochs, TEACHER, str(args.work),
-                               args.reuse_teachers)
-                   for s in range(args.seeds)}
+        pending = set()
+        for t in tasks:
+            for s in range(min(args.teacher_seeds, seeds_needed[t])):
+                pending.add(pool.submit(run_teacher, t, s, data[t], args.teacher_epochs, str(args.work)))
+
+        def submit_ready():
+            for job in list(waiting):
+                task, epochs, variant, seed = job
+                tp = teachers.get((task, seed % args.teacher_seeds))
+                if tp is None or len(pending) >= args.workers:
+                    continue
+                if args.budget_min is not None and time.time() - t_start > 60 * args.budget_min:
+                    skipped.append(f"{task} {epochs}ep {variant} seed {seed}")
+                    waiting.remove(job)
+                    continue
+                waiting.remove(job)
+                pending.add(pool.submit(run_student, task, seed, variant, epochs, student_data[task], tp,
+                                        str(args.work)))
+
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 r = fut.result()
-                results.append(r)
-                extra = f" (before fine-tuning {r['before_top1']:.2f}%)" if "before_top1" in r else ""
-                print(f"[{time.time() - t_start:6.0f}s] seed {r['seed']} {r['variant']:<11} top-1 {r['top1']:.2f}%"
-                      f"{extra} in {r['time_s']:.0f}s", flush=True)
-                if r["variant"] == "teacher":
-                    for v in variants:
-                        pending.add(pool.submit(run_student, r["seed"], v, r["path"], args.student_epochs, student_over,
-                                                 str(args.work)))
-    wall = time.time() - t_start
-
-    rows = [("teacher", "FP teacher")] + [(v, VARIANTS[v][0]) for v in variants]
-    table = []
-    for key, label in rows:
-        vals = [r["top1"] for r in sorted(results, key=lambda r: r["seed"]) if r["variant"] == key]
-        mean, std = _mean_std(vals)
-        before = [r["before_top1"] for r in results if r["variant"] == key and "before_top1" in r]
-        table.append({"variant": key, "label": label, "mean": mean, "std": std, "per_seed": vals,
-                      "before_finetune_mean": statistics.fmean(before) if before else None})
-    params = next(r["params"] for r in results if r["variant"] == "teacher")
-    summary = {
-        "benchmark": "CIE ablation, MNIST-1D (4,000 train / 1,000 test, mnist1d default arguments)",
-        "model": {"arch": "spikformer_seq", **model_cfg, "params": params},
-        "teacher_epochs": args.teacher_epochs, "student_epochs": args.student_epochs, "seeds": args.seeds,
-        "teacher_recipe_overrides": TEACHER, "student_recipe_overrides": student_over,
-        "recipe": "bestformer (1-bit weights except first conv and heads, binary attention maps)",
-        "rows": table, "runs": results, "wall_time_s": wall, "workers": args.workers,
-        "reused_teachers": args.reuse_teachers,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads per worker 1",
-    }
-    (args.out / f"{args.name}.json").write_text(json.dumps(summary, indent=2))
-    md = _markdown(summary)
-    (args.out / f"{args.name}.md").write_text(md)
+                runs.append(r)
+                print(f"[{time.time() - t_start:6.0f}s] {r['task']:<12} {r['variant']:<20} {r['epochs']:>2}ep seed "
+                      f"{r['seed']}  top-1 {r['top1']:.2f}%" + (f" (best epoch {r['best_epoch']})"
+                                                               if "best_epoch" in r else ""), flush=True)
+                if r["variant"] == "fp":
+                    teachers[(r["task"], r["seed"])] = r["path"]
+                    for s in range(seeds_needed[r["task"]]):
+                        if s % args.teacher_seeds == r["seed"]:
+                            pending.add(pool.submit(run_calibrated_0ep, r["task"], s, student_data[r["task"]],
+                                                    r["path"]))
+                write()
+            submit_ready()
+            while len(pending) < args.workers and waiting and any(
+                    teachers.get((t, s % args.teacher_seeds)) for t, _, _, s in waiting):
+                before = len(waiting)
+                submit_ready()
+                if len(waiting) == before:
+                    break
+    md = write(final=True)
     print()
     print(md)
     return 0
-
-
-def _markdown(s: dict) -> str:
-    m = s["model"]
-    lines = [
-        f"CIE ablation on MNIST-1D: `spikformer_seq` (D={m['embed_dims']}, depth {m['depths']}, {m['num_heads']} heads, "
-        f"T={m['T']}, {m['params'] / 1e3:.0f} k parameters), {s['seeds']} seeds, top-1 (%) on the 1,000 test sequences "
-        "after the last epoch.",
-        "",
-        "| model | top-1 (mean ± std) | per seed |",
-        "|---|---|---|",
-    ]
-    for r in s["rows"]:
-        per = ", ".join(f"{v:.1f}" for v in r["per_seed"])
-        lines.append(f"| {r['label']} | {r['mean']:.2f} ± {r['std']:.2f} | {per} |")
-    so = s["student_recipe_overrides"]
-    losses = list(so.get("distill.losses", ["hard"]))
-    described = {"hard": "hard distillation CE(head2, argmax teacher)",
-                 "soft": f"soft distillation τ²·KL at τ = {so.get('distill.temperature', 1.0)}",
-                 "feature": f"feature alignment of the block outputs (weight {so.get('distill.feature_weight', 1.0)})"}
-    kd = " + ".join(described[k] for k in losses)
-    alpha = so.get("distill.alpha", 0.5)
-    lines += [
-        "",
-        f"Teacher: {s['teacher_epochs']} epochs from scratch, AdamW lr {s['teacher_recipe_overrides']['train.lr']}, "
-        "cosine, label smoothing 0.1. Every binary student starts from its seed's teacher weights binarized with "
-        f"the `bestformer` recipe and is fine-tuned for {s['student_epochs']} epochs (AdamW lr {so['train.lr']}, "
-        "cosine, same data order). No CIE: couplings off, label-smoothed cross-entropy. Reversible only: couplings "
-        "on, cross-entropy on both heads, no teacher. Distillation only: couplings off (one head plays both roles). "
-        f"Both (CIE): couplings on. Distillation loss: (1 − α)·CE(head, y) + α·[{kd}] with α = {alpha}.",
-        f"Wall time {s['wall_time_s'] / 60:.1f} min with {s['workers']} worker processes ({s['machine']})"
-        + ("; teachers reused from an earlier run of the same setting." if s.get("reused_teachers") else "."),
-    ]
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

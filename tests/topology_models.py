@@ -113,8 +113,9 @@ class Hierarchical(nn.Module):
 
 
 class TwoHeaded(nn.Module):
-    """A model that already has two heads (public BESTformer habit): head on the attention stream, head2 on the
-    MLP stream, (head, head2) in training and their mean in eval."""
+    """A model that already has coupled streams and two heads (the public BESTformer habit): x2 = A(x1) + (x0 + x1)/2,
+    x3 = M(x2) + (x1 + x2)/2; head on the last attention stream, head2 on the last MLP stream, (head, head2) in
+    training and their mean in eval."""
 
     def __init__(self, c=3, d=8, depth=2, classes=4, T=2):
         super().__init__()
@@ -125,12 +126,12 @@ class TwoHeaded(nn.Module):
         self.head, self.head2 = nn.Linear(d, classes), nn.Linear(d, classes)
 
     def forward(self, x):
-        x = self.embed_lif(self.embed(_time_first(x, self.T)))
-        a = x
+        x0, x1 = None, self.embed_lif(self.embed(_time_first(x, self.T)))
         for attn, mlp in zip(self.attn, self.mlp):
-            a = x + attn(x)
-            x = a + mlp(a)
-        h, h2 = self.head(a.mean(2).mean(0)), self.head2(x.mean(2).mean(0))
+            x2 = attn(x1) + (x1 if x0 is None else (x0 + x1) / 2)
+            x3 = mlp(x2) + (x1 + x2) / 2
+            x0, x1 = x2, x3
+        h, h2 = self.head(x0.mean(2).mean(0)), self.head2(x1.mean(2).mean(0))
         if self.training:
             return h, h2
         return (h + h2) / 2

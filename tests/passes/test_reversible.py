@@ -421,8 +421,13 @@ def test_extra_outputs_keep_their_place(cls):
         else:
             torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=0)  # the aux logits, unchanged
         gm.train()
-        (head, head2), second = gm(x)
+        out = gm(x)
+        (head, head2), second = out
         assert head.shape == head2.shape == want[0].shape
+        from bestcompress.training.outputs import select_logits, two_headed
+        assert two_headed(gm)
+        picked = select_logits(out, two_heads=True)  # what the trainer gives the loss: both heads
+        assert picked[0] is head and picked[1] is head2
 
 
 def test_outputs_computed_twice_from_the_last_block_are_ambiguous():
