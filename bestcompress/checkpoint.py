@@ -26,25 +26,16 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ModelError
+from .state_dict import strip_prefixes
 # Re-exported for callers that import them from here; they live in the file I/O leaf module.
 from .fileio import atomic_save, atomic_write, load_checkpoint_file  # noqa: F401
 
 FORMAT = "bestcompress"
 VERSION = 1
 STATE_DICT_KEYS = ("state_dict", "model", "net", "module", "state_dict_ema", "model_ema")  # non-EMA first
-STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
 # ------------------------------------------------------------------------------------ state-dict extraction
-
-def strip_prefixes(state_dict: Mapping) -> dict:
-    """A state_dict without the DDP `module.` / torch.compile `_orig_mod.` prefix that every key carries."""
-    out = dict(state_dict)
-    for prefix in STRIP_PREFIXES:
-        if out and all(k.startswith(prefix) for k in out):
-            out = {k[len(prefix):]: v for k, v in out.items()}
-    return out
-
 
 def _is_state_dict(obj) -> bool:
     return isinstance(obj, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor)

@@ -49,13 +49,11 @@ class ReversibleConfig:
     eval_heads: Literal["mean", "head", "head2"] = "mean"
     form: Literal["preserving", "paper"] = "preserving"  # learnable a, b from (0, 1) | the paper's fixed ½, ½
     stages: tuple[str, ...] = ()  # trunk stages to couple, by index or module prefix; empty: all
-    form: Literal["preserving", "paper"] = "preserving"  # learnable a, b from (0, 1) | the paper's fixed ½, ½
-    stages: tuple[str, ...] = ()  # trunk stages to couple, by index or module prefix; empty: all
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    losses: tuple[Literal["hard", "soft", "feature"], ...] = ("hard",)  # training/losses.py KNOWN_LOSSES
+    losses: tuple[Literal["hard", "soft", "feature", "attention"], ...] = ("hard",)  # training/losses.py KNOWN_LOSSES
     alpha: float = 0.5
     temperature: float = 1.0
     feature_weight: float = 1.0
@@ -294,7 +292,7 @@ def load_recipe(name_or_path: str | Path | Recipe | None = "bestformer",
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]}).") from None
+        raise RecipeError(f"{path}: not valid YAML ({short_reason(e)}).") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}.")
     data.setdefault("name", path.stem)

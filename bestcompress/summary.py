@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
-from .errors import ModelError
+from .errors import ModelError, short_reason
 from .nn.binary import is_binary_layer
 
 E_MAC_PJ = 4.6  # 45 nm, 32-bit float multiply-accumulate (Horowitz)
@@ -287,9 +287,8 @@ def summarize(model: nn.Module, example_input: torch.Tensor | None = None, input
         with torch.no_grad(), _Collector(stack, matmuls, inside_layer, _graph_matmul_names(model), order):
             model(example_input)
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise ModelError(f"Running the model on an input of shape {list(example_input.shape)} failed "
-                         f"({type(e).__name__}: {msg}); check --input-shape.") from None
+                         f"({type(e).__name__}: {short_reason(e)}); check --input-shape.") from None
     finally:
         for h in handles:
             h.remove()

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from bestcompress.errors import ModelError
+from bestcompress.state_dict import strip_prefixes
 
 DetectFn = Callable[[Mapping[str, torch.Tensor]], "dict | None"]
 
@@ -133,12 +134,6 @@ def tiny_model(name: str, **kwargs) -> nn.Module:
     return create_model(name, **{**entry.tiny_cfg, **kwargs})
 
 
-def _strip_module_prefix(state_dict: Mapping) -> Mapping:
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        return {k[len("module."):]: v for k, v in state_dict.items()}
-    return state_dict
-
-
 def _param_shapes(state_dict: Mapping) -> dict[str, tuple]:
     # num_batches_tracked is absent from some checkpoints and carries no architecture information.
     return {k: tuple(v.shape) for k, v in state_dict.items()
@@ -161,12 +156,12 @@ def detect_architecture(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, di
     Each entry's detect infers options from key names and shapes (depth, embed_dims, num_classes, in_channels,
     mlp_ratios; num_heads only where a parameter reveals it, else the default). A candidate is accepted only if
     the model built with those options (on the meta device, so nothing is allocated) has exactly the
-    state_dict's names and shapes. A leading 'module.' on every key is ignored.
+    state_dict's names and shapes. A leading 'module.' (or '_orig_mod.') on every key is ignored.
 
     Returns:
         (name, inferred options) or None when no registered model fits.
     """
-    state_dict = _strip_module_prefix(state_dict)
+    state_dict = strip_prefixes(state_dict)
     shapes = _param_shapes(state_dict)
     for name, entry in _REGISTRY.items():
         if entry.detect is None:
