@@ -162,7 +162,8 @@ def _intro(run: Run) -> str:
         teacher = f", teacher {(run.options.get('teacher') or {}).get('name') or _describe(run.teacher)}{cached}"
     start = f", from epoch {run.start_epoch + 1}" if run.start_epoch else ""
     return (f"{run.kind}: {_describe(run.model)} on '{d.name}' ({len(d.train):,} training{val} / {len(d.test):,} "
-            f"test samples, {d.encoding.name} encoding) for {run.epochs} epochs of {run.steps} steps "
+            f"test samples, {d.encoding.name} encoding) for {run.epochs} epoch{'s' if run.epochs != 1 else ''} of "
+            f"{run.steps} steps "
             f"(batch {run.recipe.train.batch_size}){start}{teacher}, on {run.device}")
 
 
