@@ -142,7 +142,12 @@ def to_qonnx(model: nn.Module, example_input: torch.Tensor, progress=None):
     """
     with warnings.catch_warnings():  # brevitas warns about optional packages on import
         warnings.simplefilter("ignore")
-        from brevitas.export import export_qonnx
+        from brevitas.export.onnx.qonnx.manager import QONNXManager
+
+    class Manager(QONNXManager):
+        # Brevitas' onnxoptimizer pass (constants to initializers, unused initializers) is quadratic in the graph
+        # size (17 s of 40 on Spikformer-4-384); _cleanup below does both jobs in linear time.
+        run_onnx_passes = False
 
     say = progress or (lambda line: None)
     work = export_copy(model)
@@ -153,7 +158,7 @@ def to_qonnx(model: nn.Module, example_input: torch.Tensor, progress=None):
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                export_qonnx(work, args=example_input, export_path=str(raw), dynamo=False)
+                Manager.export(work, args=example_input, export_path=str(raw), dynamo=False)  # TorchScript
             proto = onnx.load(str(raw))
         except ExportError:
             raise
