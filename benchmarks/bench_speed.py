@@ -1,0 +1,174 @@
+"""Speed and memory as ratios measured side by side in one process (issue 11's table).
+
+Every ratio is ours ÷ theirs (lower is better; memory: plain ÷ ours, higher is better), measured interleaved
+(A B A B ...) in process CPU time with one torch thread, so that other load on a shared machine hits both alike.
+
+    python benchmarks/bench_speed.py [--repeats 5] [--official DIR] [--quick]
+
+Rows:
+- lif_vs_spikingjelly: LIF forward+backward, bestcompress (fused kernel) vs spikingjelly 2.0 LIFNode(step_mode='m',
+  torch backend), at [T=4, B=64, 384, 64] and [T=16, B=16, 384, 64] (the JSON keeps the worse of the two);
+- lif_fused_vs_plain: the same neuron through the fused kernel vs the plain per-step loop (BESTCOMPRESS_LIF=reference);
+- student_vs_fp: one training step of the binary student vs the full-precision model of the same architecture
+  (spikformer_cifar, dims 128, depth 2, 4 heads, T=4, batch 64; --quick: batch 16);
+- infer_binary_vs_fp_b1: eval forward of Spikformer-4-384 T=4 at batch 1, binary vs full precision;
+- step_vs_official: needs the public BESTformer code (--official DIR); skipped otherwise;
+- memory_plain_over_best: needs the memory-saving backprop modes (train.memory), not built yet: recorded as null.
+Results: benchmarks/results/speed.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "speed.json"
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Process CPU seconds per call of each function, measured A B A B ... after one warm-up call each."""
+    for f in fns.values():
+        f()
+    total = dict.fromkeys(fns, 0.0)
+    for _ in range(repeats):
+        for name, f in fns.items():
+            t0 = time.process_time()
+            f()
+            total[name] += time.process_time() - t0
+    return {k: v / repeats for k, v in total.items()}
+
+
+def _lif_step(neuron, x, reset=None):
+    def run():
+        if reset:
+            reset()
+        xi = x.detach().requires_grad_(True)
+        neuron(xi).sum().backward()
+    return run
+
+
+def bench_lif(repeats: int) -> list[dict]:
+    from spikingjelly.activation_based import neuron, surrogate
+    from bestcompress.nn.lif import LIF
+    from bestcompress.nn.lif_kernel import lif_backend
+
+    rows = []
+    for shape in ((4, 64, 384, 64), (16, 16, 384, 64)):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        ours = LIF(tau=2.0, v_threshold=1.0, v_reset=0.0, detach_reset=True)
+        sj = neuron.LIFNode(tau=2.0, step_mode="m", surrogate_function=surrogate.Sigmoid(alpha=4.0),
+                            detach_reset=True)
+
+        def plain():
+            os.environ["BESTCOMPRESS_LIF"] = "reference"
+            try:
+                _lif_step(ours, x)()
+            finally:
+                os.environ["BESTCOMPRESS_LIF"] = "auto"
+
+        t = interleaved({"ours": _lif_step(ours, x), "spikingjelly": _lif_step(sj, x, sj.reset),
+                         "plain": plain}, repeats)
+        rows.append({"shape": list(shape), "backend": lif_backend()[0], "seconds": t,
+                     "lif_vs_spikingjelly": t["ours"] / t["spikingjelly"],
+                     "lif_fused_vs_plain": t["ours"] / t["plain"]})
+    return rows
+
+
+def _spikformer(**kw):
+    from bestcompress.zoo import create_model
+    torch.manual_seed(0)
+    return create_model("spikformer_cifar", **kw)
+
+
+def bench_student_vs_fp(repeats: int, batch: int) -> dict:
+    from bestcompress.convert import binarize
+    fp = _spikformer(embed_dims=128, depths=2, num_heads=4, T=4)
+    student = binarize(fp.eval(), "bestformer").model
+    x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(1))
+
+    def step(model):
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def run():
+            out = model(x)
+            out = out[0] if isinstance(out, tuple) else out
+            loss = torch.nn.functional.cross_entropy(out, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return run
+
+    t = interleaved({"binary": step(student), "fp": step(fp)}, repeats)
+    return {"batch": batch, "seconds": t, "student_vs_fp": t["binary"] / t["fp"]}
+
+
+def bench_inference(repeats: int) -> dict:
+    from bestcompress.convert import binarize
+    fp = _spikformer().eval()
+    binary = binarize(fp, "bestformer").model.eval()
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def infer(model):
+        def run():
+            with torch.no_grad():
+                model(x)
+        return run
+
+    t = interleaved({"binary": infer(binary), "fp": infer(fp)}, repeats)
+    return {"batch": 1, "seconds": t, "infer_binary_vs_fp_b1": t["binary"] / t["fp"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--official", type=Path, default=None, help="folder with the public BESTformer code")
+    p.add_argument("--quick", action="store_true", help="smaller student batch and fewer repeats")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    repeats = 2 if args.quick else args.repeats
+    lif = bench_lif(repeats)
+    student = bench_student_vs_fp(max(1, repeats // 2), 16 if args.quick else 64)
+    infer = bench_inference(repeats)
+    official = None
+    if args.official is None:
+        print("step_vs_official: skipped (pass --official DIR with the public BESTformer code to measure it)")
+    else:
+        print("step_vs_official: not measured by this version of the script (the public code is not wired in yet)")
+    result = {
+        "lif_vs_spikingjelly": max(r["lif_vs_spikingjelly"] for r in lif),
+        "lif_fused_vs_plain": max(r["lif_fused_vs_plain"] for r in lif),
+        "step_vs_official": official,
+        "student_vs_fp": student["student_vs_fp"],
+        "memory_plain_over_best": None,
+        "infer_binary_vs_fp_b1": infer["infer_binary_vs_fp_b1"],
+        "details": {"lif": lif, "student": student, "inference": infer},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "threads": 1, "load_average_1m": os.getloadavg()[0]},
+        "notes": ["memory_plain_over_best: the train.memory modes (checkpoint / reversible) are not built yet",
+                  "ratios are ours / theirs in process CPU time, interleaved, one thread"],
+    }
+    print(f"{'measure':<28}{'ratio':>10}   goal")
+    for key, goal in (("lif_vs_spikingjelly", "<= 0.33"), ("lif_fused_vs_plain", "(< 1)"),
+                      ("student_vs_fp", "<= 1.1"), ("infer_binary_vs_fp_b1", "<= 1.0"),
+                      ("step_vs_official", "<= 0.5"), ("memory_plain_over_best", ">= 4")):
+        v = result[key]
+        print(f"{key:<28}{('%.3f' % v) if v is not None else 'n/a':>10}   {goal}")
+    for r in lif:
+        print(f"  LIF {r['shape']}: ours/spikingjelly {r['lif_vs_spikingjelly']:.3f}, fused/plain "
+              f"{r['lif_fused_vs_plain']:.3f} ({r['backend']} backend)")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(RESULTS)
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

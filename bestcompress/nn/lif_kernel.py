@@ -1,0 +1,176 @@
+"""Fused multi-step LIF: forward and backward over all T time steps in one pass each.
+
+The plain `LIF.forward` loops over T in Python and lets autograd record ~10 small ops per step (and each `x[t]`
+backward allocates a zero tensor of the whole input: T² work). `fused_lif` computes the same spikes in one pass,
+saves only the membrane H (one tensor the size of the input), and computes the input gradient in one backward pass
+with the same surrogate. Two backends, equal in spikes (bit for bit) and gradients (to float rounding):
+
+- 'cpp': a C++ kernel (bestcompress/nn/csrc/lif.cpp) compiled on first use with torch.utils.cpp_extension
+  (g++ and ninja; cached per machine under TORCH_EXTENSIONS_DIR), multi-threaded with torch's thread pool;
+- 'torch': the same algorithm in torch ops under no_grad (used when the C++ kernel cannot be built; `lif_backend()`
+  says which one runs and why).
+
+`BESTCOMPRESS_LIF=reference|torch|cpp|auto` (default auto) selects the backend; 'reference' keeps the plain loop.
+The fused path serves LIF, IF and the attention-map neuron with their own charge/fire/reset (subclasses that
+change them, such as ParametricLIF whose tau is learnable, keep the plain loop), CPU float tensors, and never runs
+while a graph is being traced or exported (those record the plain ops).
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "lif.cpp"
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _build():
+    from torch.utils.cpp_extension import load
+    return load(name="bestcompress_lif", sources=[str(_SOURCE)], extra_cflags=["-O3", "-ffp-contract=off", "-fno-trapping-math"],
+                verbose=False)
+
+
+def _cpp():
+    """The compiled kernel module, or None (the reason is kept for `lif_backend`)."""
+    with _lock:
+        if "cpp" not in _state:
+            try:
+                _state["cpp"], _state["why"] = _build(), "compiled C++ kernel"
+            except Exception as e:  # no compiler / ninja / headers: the torch backend computes the same
+                _state["cpp"], _state["why"] = None, f"C++ kernel unavailable ({type(e).__name__}: " \
+                                                     f"{str(e).strip().splitlines()[0][:120] if str(e).strip() else ''})"
+        return _state["cpp"]
+
+
+def requested_backend() -> str:
+    value = os.environ.get("BESTCOMPRESS_LIF", "auto").strip().lower() or "auto"
+    if value not in ("auto", "cpp", "torch", "reference"):
+        raise ValueError(f"BESTCOMPRESS_LIF must be auto, cpp, torch or reference, not {value!r}")
+    return value
+
+
+def lif_backend() -> tuple[str, str]:
+    """(backend that runs, why): 'cpp', 'torch' or 'reference'."""
+    want = requested_backend()
+    if want == "reference":
+        return "reference", "BESTCOMPRESS_LIF=reference"
+    if want == "torch":
+        return "torch", "BESTCOMPRESS_LIF=torch"
+    if _cpp() is not None:
+        return "cpp", _state["why"]
+    if want == "cpp":
+        raise RuntimeError(f"BESTCOMPRESS_LIF=cpp but the {_state['why']}")
+    return "torch", _state["why"]
+
+
+def _params(neuron) -> tuple:
+    from .lif import IF
+    hard = neuron.v_reset is not None
+    return (float(neuron.tau) if not isinstance(neuron, IF) else math.inf, float(neuron.v_threshold),
+            float(neuron.v_reset) if hard else 0.0, hard, bool(neuron.decay_input), bool(neuron.detach_reset),
+            float(neuron.alpha), getattr(neuron, "surrogate", "sigmoid") == "atan", isinstance(neuron, IF))
+
+
+def _torch_forward(x, tau, v_th, v_reset, hard, decay_input, detach_reset, alpha, atan, integrate):
+    base = v_reset if hard else 0.0
+    v = torch.zeros_like(x[0])
+    if hard and v_reset != 0.0:
+        v = v + v_reset
+    s_all, h_all = torch.empty_like(x), torch.empty_like(x)
+    for t in range(x.shape[0]):
+        if integrate:
+            h = v + x[t]
+        elif decay_input:
+            h = v + (x[t] - (v - base)) / tau
+        else:
+            h = v - (v - base) / tau + x[t]
+        s = (h - v_th >= 0).to(x.dtype)
+        v = h * (1.0 - s) + v_reset * s if hard else h - v_th * s
+        s_all[t], h_all[t] = s, h
+    return s_all, h_all
+
+
+def _torch_backward(grad_s, h_all, tau, v_th, v_reset, hard, decay_input, detach_reset, alpha, atan, integrate):
+    dv = 1.0 if integrate else 1.0 - 1.0 / tau
+    dx = 1.0 if (integrate or not decay_input) else 1.0 / tau
+    gx = torch.empty_like(h_all)
+    gv = torch.zeros_like(h_all[0])
+    for t in range(h_all.shape[0] - 1, -1, -1):
+        h = h_all[t]
+        u = h - v_th
+        if atan:
+            sg = (alpha / 2) / (1 + (math.pi / 2 * alpha * u) ** 2)
+        else:
+            sig = torch.sigmoid(alpha * u)
+            sg = alpha * sig * (1.0 - sig)
+        g_spike = grad_s[t]
+        if hard:
+            if not detach_reset:
+                g_spike = g_spike + gv * (v_reset - h)
+            g_h = gv * (1.0 - (u >= 0).to(h.dtype))
+        else:
+            if not detach_reset:
+                g_spike = g_spike - gv * v_th
+            g_h = gv
+        g_h = g_h + g_spike * sg
+        gx[t] = g_h * dx
+        gv = g_h * dv
+    return gx
+
+
+class _FusedLIF(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, backend: str, params: tuple):
+        if backend == "cpp":
+            s, h = _cpp().lif_forward(x, *params)
+        else:
+            with torch.no_grad():
+                s, h = _torch_forward(x, *params)
+        ctx.save_for_backward(h)
+        ctx.backend, ctx.params = backend, params
+        return s
+
+    @staticmethod
+    def backward(ctx, grad_s):
+        (h,) = ctx.saved_tensors
+        if ctx.backend == "cpp":
+            gx = _cpp().lif_backward(grad_s, h, *ctx.params)
+        else:
+            with torch.no_grad():
+                gx = _torch_backward(grad_s.contiguous(), h, *ctx.params)
+        return gx, None, None
+
+
+def can_fuse(neuron, x: torch.Tensor) -> bool:
+    """True when the fused path computes exactly what `neuron`'s plain loop computes for input x."""
+    from .lif import LIF
+    cls = type(neuron)
+    if cls.charge is not _plain_charge(cls) or cls.fire is not LIF.fire or cls.reset_membrane is not LIF.reset_membrane:
+        return False
+    if any(k in neuron.__dict__ for k in ("charge", "fire", "reset_membrane", "forward")):
+        return False  # patched for export (bipolar spikes) or taps
+    if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if x.dim() < 1 or x.shape[0] == 0:
+        return False
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
+        return False
+    return not torch.compiler.is_compiling()
+
+
+def _plain_charge(cls):
+    from .lif import IF, LIF
+    return IF.charge if issubclass(cls, IF) else LIF.charge
+
+
+def fused_lif(neuron, x: torch.Tensor) -> torch.Tensor | None:
+    """The neuron's spikes for time-first x by the fused kernel, or None when the plain loop must run."""
+    backend, _ = lif_backend()
+    if backend == "reference" or not can_fuse(neuron, x):
+        return None
+    return _FusedLIF.apply(x.contiguous(), backend, _params(neuron))
