@@ -54,6 +54,32 @@ class _BinaryWeightMixin:
     def quant_weight(self, quant_input=None, subtensor_slice_list=None):
         return self.weight_quant(standardize_per_channel(self.weight))
 
+    def _cached_weight(self) -> torch.Tensor | None:
+        """The ±1 (or ±α_c) weight when no gradient is needed, recomputed only after `weight` changed.
+
+        Inference then skips the per-channel standardisation and Brevitas' quantizer on every call (the
+        standardisation alone was ~30 % of an eval forward). None while training with gradients, while a graph
+        is traced or exported (they must record the quantizer), or when quant_weight is patched (export copies).
+        """
+        w = self.weight
+        if ((torch.is_grad_enabled() and w.requires_grad) or "quant_weight" in self.__dict__
+                or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+                or type(w.data) is not torch.Tensor):
+            return None
+        key = (w.data_ptr(), w._version, w.dtype, w.device, self.binary_scaled)
+        cache = self.__dict__.get("_bc_weight_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, self.quant_weight().value.detach())
+            self.__dict__["_bc_weight_cache"] = cache  # not a buffer: never saved, never moved by .to()
+        return cache[1]
+
+    def forward(self, x):
+        w = self._cached_weight()
+        if w is None or type(x) is not torch.Tensor:
+            return super().forward(x)
+        return self._forward_with(x, w)
+
     def binary_weight(self) -> torch.Tensor:
         """The weight this layer computes with: exactly two values per output channel."""
         with torch.no_grad():
@@ -86,17 +112,26 @@ class BinaryConv1d(_BinaryWeightMixin, QuantConv1d):
 
     _float_kwargs = staticmethod(_conv_kwargs)
 
+    def _forward_with(self, x, w):
+        return nn.Conv1d._conv_forward(self, x, w, self.bias)
+
 
 class BinaryConv2d(_BinaryWeightMixin, QuantConv2d):
     """Conv2d with 1-bit weights (IR-Net sign of the standardized weight)."""
 
     _float_kwargs = staticmethod(_conv_kwargs)
 
+    def _forward_with(self, x, w):
+        return nn.Conv2d._conv_forward(self, x, w, self.bias)
+
 
 class BinaryLinear(_BinaryWeightMixin, QuantLinear):
     """Linear with 1-bit weights (IR-Net sign of the standardized weight)."""
 
     _float_kwargs = staticmethod(lambda m: dict(in_features=m.in_features, out_features=m.out_features))
+
+    def _forward_with(self, x, w):
+        return torch.nn.functional.linear(x, w, self.bias)
 
 
 # Swap rules are data: a new layer type is one row.

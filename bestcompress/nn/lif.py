@@ -7,6 +7,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch import nn
 
+from .lif_kernel import fused_lif
+
 
 class SigmoidSurrogateSpike(torch.autograd.Function):
     """Heaviside forward; sigmoid surrogate gradient alpha*sig(alpha*x)*(1-sig(alpha*x)) backward."""
@@ -165,6 +167,9 @@ class LIF(nn.Module):
             return self.single_step_forward(x)
         if isinstance(x, FakeTensor):  # shape inference (binarize's passes): spikes have the input's shape
             return torch.empty_like(x)
+        fused = fused_lif(self, x)  # one pass over T forward and backward (nn/lif_kernel.py), same spikes
+        if fused is not None:
+            return fused
         v = self.initial_membrane(x[0])
         out = []
         for t in range(x.shape[0]):
