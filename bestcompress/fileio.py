@@ -231,10 +231,11 @@ def _sniff(path: Path, head: bytes) -> None:
                           "by torch.save.")
 
 
+# How torch's weights_only unpickler says it refused to import or call something (a damaged file says otherwise).
 _UNSAFE_PATTERNS = (re.compile(r"Unsupported global: GLOBAL (\S+)"),
+                    re.compile(r"unsupported GLOBAL (\S+)"),
                     re.compile(r"unrecognized function (\S+)"),
-                    re.compile(r"Unsupported operand \d+"),
-                    re.compile(r"(Weights only load failed)"))
+                    re.compile(r"Unsupported class (\S+)"))
 
 
 def _pickled_code(msg: str) -> str | None:
@@ -242,8 +243,7 @@ def _pickled_code(msg: str) -> str | None:
     for pattern in _UNSAFE_PATTERNS:
         m = pattern.search(msg)
         if m:
-            found = m.group(1) if m.groups() else ""
-            return found.rstrip(".,") if found != "Weights only load failed" else ""
+            return m.group(1).rstrip(".,")
     return None
 
 

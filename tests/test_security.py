@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 
 import numpy as np
@@ -46,6 +47,16 @@ class Evil:
         return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
 
 
+class EvilSystem:
+    """Pickles to os.system(...) writing the marker."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"{sys.executable} -c \"open({self.marker!r}, 'w').write('pwned')\"",))
+
+
 def _rewrite_spec(path, spec, out):
     obj = torch.load(path, weights_only=True)
     obj["spec"] = spec
@@ -78,6 +89,8 @@ def files(tmp_path_factory):
         _rewrite_bcz(good_bcz, spec, folder / f"{name}.bcz")
     torch.save({"state_dict": fp.state_dict(), "evil": Evil(marker)}, folder / "pickle_fp.pt")
     torch.save(Evil(marker), folder / "pickle_only.pt")
+    with open(folder / "pickle_legacy.pt", "wb") as f:  # a plain (pre-zip) pickle file
+        pickle.dump({"state_dict": fp.state_dict(), "x": EvilSystem(marker)}, f, protocol=2)
     pickle_spec = {"pickle": str(folder / "pickle_only.pt")}
     _rewrite_spec(good_fp, pickle_spec, folder / "pickle_spec_fp.pt")
     _rewrite_spec(good_bin, pickle_spec, folder / "pickle_spec_bin.pt")
@@ -123,7 +136,7 @@ def test_a_spec_naming_code_is_refused_by_every_command(files, spec, kind, suffi
             assert "--trust-checkpoint" in line, line
 
 
-@pytest.mark.parametrize("name", ["pickle_fp.pt", "pickle_only.pt"])
+@pytest.mark.parametrize("name", ["pickle_fp.pt", "pickle_only.pt", "pickle_legacy.pt"])
 def test_a_pickle_holding_code_is_called_pickled_code_not_corrupted(files, name):
     path = files["folder"] / name
     for args in _commands("fp", path, files):
