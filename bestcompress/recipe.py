@@ -189,6 +189,9 @@ LIMITS: dict[str, tuple] = {
     "distill.label_smoothing": (0, True, 1, False),
     "attention.v_threshold": (0, False, None, False),
     "attention.tau": (0, False, None, False),
+    "distill.attention_weight": (0, True, None, False),
+    "train.val_fraction": (0, True, 1, False),
+    "train.calibrate_batches": (0, True, None, False),
 }
 
 
