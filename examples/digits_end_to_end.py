@@ -4,13 +4,15 @@ What it shows, step by step:
 1. train   a small full-precision Spikformer (spikformer_cifar at the digits' own 8x8 resolution, 64 channels,
            2 blocks, T=4) from scratch on the 1,437 training digits;
 2. binarize it with the `bestformer` recipe: 1-bit weights (all but the first conv and the heads), binary
-           spiking attention maps, reversible two-stream couplings with a second head;
-3. distill  the binary model with CIE (hard distillation from the full-precision teacher on head2,
-           cross-entropy on head), starting from the teacher's weights;
+           spiking attention maps, reversible two-stream couplings with a second head; then re-estimate its
+           BatchNorm statistics on 8 training batches (calibration: the binary model is usable before training);
+3. distill  the binary model with CIE (the recipe's distillation losses against the full-precision teacher),
+           starting from the teacher's weights; a validation split of the training digits picks the best epoch;
 4. export   the binary model to QONNX, standard ONNX and the packed 1-bit format, each verified against PyTorch
            (skipped with a note if the export package is not available);
-5. print    teacher vs student accuracy on the 360 held-out digits side by side, and the model summary totals
-           (parameters, size, MACs, SOPs, energy).
+5. print    teacher vs student accuracy on the 360 held-out digits side by side (binary right after
+           binarization, after calibration, after CIE), and the model summary totals (parameters, size, MACs, SOPs,
+           energy).
 
     python examples/digits_end_to_end.py                 # outputs under runs/digits
     python examples/digits_end_to_end.py --out /tmp/d --teacher-epochs 2 --student-epochs 1   # a quick check
@@ -32,13 +34,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 from bestcompress.convert import binarize  # noqa: E402
 from bestcompress.checkpoint import save_binary  # noqa: E402
 from bestcompress.data import load_dataset  # noqa: E402
+from bestcompress.training.calibration import calibrate  # noqa: E402
 from bestcompress.training.trainer import distill, evaluate, train  # noqa: E402
 from bestcompress.summary import summarize  # noqa: E402
 from bestcompress.zoo import create_model  # noqa: E402
 
 MODEL = dict(img_size=8, in_channels=3, num_classes=10, embed_dims=64, num_heads=4, mlp_ratios=4, depths=2, T=4)
 TEACHER = {"train.lr": 5e-3, "train.warmup_epochs": 1, "train.batch_size": 32}
-STUDENT = {"train.lr": 2.5e-3, "train.warmup_epochs": 0, "train.batch_size": 32}
+STUDENT = {"train.lr": 2.5e-3, "train.warmup_epochs": 0, "train.batch_size": 32,
+           "train.calibrate_batches": 0}  # calibrated in step 2 already (the same mechanism distill runs by default)
+CALIBRATE_BATCHES = 8
 
 
 def main(argv=None) -> int:
@@ -77,27 +82,33 @@ def main(argv=None) -> int:
         if not note.startswith("trace:"):
             print(f"  - {note}")
     student = result.model
-    save_binary(student, teacher, out / "bin.pt")
     before = evaluate(student, data)
-    print(f"  binary model before distillation: top-1 {before['top1']:.2f}%")
+    print(f"  binary model, 0 epochs: top-1 {before['top1']:.2f}%")
+    seen, layers = calibrate(student, data, batches=CALIBRATE_BATCHES, batch_size=TEACHER["train.batch_size"],
+                             seed=args.seed)
+    calibrated = evaluate(student, data)
+    save_binary(student, teacher, out / "bin.pt")
+    print(f"  binary model, 0 epochs, BatchNorm recalibrated ({layers} layers, {seen} training digits): top-1 "
+          f"{calibrated['top1']:.2f}%")
 
     step(f"3/4 distilling with CIE ({args.student_epochs} epochs, teacher = the full-precision model)")
-    distill(student, teacher, data, out=out / "bin_cie.pt", source_model=teacher, epochs=args.student_epochs,
-            overrides=STUDENT, run_dir=out / "runs" / "student", seed=args.seed)
-    after = evaluate(student, data)
+    run = distill(student, teacher, data, out=out / "bin_cie.pt", source_model=teacher, epochs=args.student_epochs,
+                  overrides=STUDENT, run_dir=out / "runs" / "student", seed=args.seed)
+    after = evaluate(student, data)  # the best epoch's weights (picked on validation), as saved in bin_cie.pt
+    print(f"  kept epoch {run.best_epoch} of {args.student_epochs} (validation top-1 {run.best_top1:.2f}%)")
 
     step("4/4 exporting the binary model")
     exported = export_all(student, out)
 
     summary_fp, summary_bin = summarize(teacher), summarize(student)
     print(f"\n== results  [{time.time() - t_start:.0f}s]")
-    rows = [("full-precision teacher", fp_scores, summary_fp), ("binary, before CIE", before, summary_bin),
-            ("binary BESTformer + CIE", after, summary_bin)]
-    print(f"{'model':<26}{'top-1':>9}{'size':>12}{'1-bit params':>15}")
+    rows = [("full-precision teacher", fp_scores, summary_fp), ("binary, 0 epochs", before, summary_bin),
+            ("binary, 0 epochs, calibrated", calibrated, summary_bin), ("binary BESTformer + CIE", after, summary_bin)]
+    print(f"{'model':<30}{'top-1':>9}{'size':>12}{'1-bit params':>15}")
     for name, scores, s in rows:
         heads = (f"   (head {scores['top1_head']:.2f}%, head2 {scores['top1_head2']:.2f}%)"
                  if "top1_head" in scores else "")
-        print(f"{name:<26}{scores['top1']:>8.2f}%{s.model_bytes / 1000:>9.1f} kB{s.binary_params:>15,}{heads}")
+        print(f"{name:<30}{scores['top1']:>8.2f}%{s.model_bytes / 1000:>9.1f} kB{s.binary_params:>15,}{heads}")
     print(f"accuracy change from binarization with CIE: {after['top1'] - fp_scores['top1']:+.2f} points, "
           f"{summary_fp.model_bytes / max(summary_bin.model_bytes, 1):.1f}x smaller")
     print("\ninspect totals of the binary model:")
