@@ -249,7 +249,7 @@ def _compare(model, run_graph, x, batch, paths, runtime, tolerance, data, check_
             report.non_finite += max(bad_r, bad_g)
             finite = np.isfinite(r) & np.isfinite(g)
             if finite.any():
-                report.max_abs_diff = max(report.max_abs_diff, float(np.abs(r - g)[finite].max()))
+                report.max_abs_diff = max(report.max_abs_diff, float(np.abs(r[finite] - g[finite]).max()))
         for p in paths:
             if p not in ref_spikes or p not in got_spikes:
                 continue
