@@ -110,3 +110,41 @@ def test_binarize_calibrate(trained, tmp_path):
     assert_user_error(invoke("binarize", trained / "fp.pt", "--calibrate", tmp_path / "none", "-o",
                              tmp_path / "x.pt"), "neither a built-in data set")
     assert not (tmp_path / "x.pt").exists()
+
+
+NAN_MODEL = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, mode="ok"):
+        super().__init__()
+        self.mode = mode
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = self.fc(x.flatten(1))
+        broken = self.mode == ("train_nan" if self.training else "eval_nan")
+        return y * float("nan") if broken else y
+
+
+def build(mode="ok"):
+    return Net(mode)
+'''
+
+
+def test_non_finite_loss_and_outputs_exit_2(tmp_path):
+    (tmp_path / "nan_model.py").write_text(NAN_MODEL)
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((40, 1, 6), np.float32), y=np.arange(40) % 3)
+    factory, data = f"{tmp_path / 'nan_model.py'}:build", tmp_path / "d.npz"
+    r = invoke("train", "--model", factory, "--model-kwargs", "mode=train_nan", "--data", data, "--epochs", "2",
+               "--no-progress", "--run-dir", tmp_path / "run", "-o", tmp_path / "nan.pt")
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "Training stopped at epoch 1, step 1: the loss (nan) is not finite" in r.output
+    assert not (tmp_path / "nan.pt").exists()
+    r = invoke("train", "--model", factory, "--data", data, "--epochs", "1", "--no-progress", "--run-dir",
+               tmp_path / "run2", "-o", tmp_path / "ok.pt")
+    assert r.exit_code == 0, r.output
+    assert_user_error(invoke("evaluate", tmp_path / "ok.pt", "--model", factory, "--model-kwargs", "mode=eval_nan",
+                             "--data", data), "not finite (NaN or Inf) on 8 of 8 test samples")
