@@ -12,7 +12,7 @@ from .model_facts import example_input_for, model_time_steps
 from .passes.base import PassContext, Pipeline
 from .passes.neuron_check import deepcopy_module
 from .recipe import Recipe, load_recipe
-from .trace import TraceReport, trace_model
+from .trace import TraceReport
 
 
 @dataclass
@@ -23,21 +23,10 @@ class BinarizeResult:
     trace: TraceReport = field(default_factory=TraceReport)
 
 
-def build_pipeline(recipe: Recipe, ctx: PassContext) -> list:
-    """The recipe's passes, in order (module-tree passes run before tracing, graph passes after)."""
-    from .passes import BinarizeAttention, BinarizeWeights, CanonicalizeNeurons, InsertReversibleCouplings
-    pre = [CanonicalizeNeurons(ctx)] if recipe.neurons.canonicalize else []
-    graph = []
-    a = recipe.attention
-    if a.binarize:
-        graph.append(BinarizeAttention(ctx, map=a.map, v_threshold=a.v_threshold, tau=a.tau,
-                                       learnable_scale=a.learnable_scale, softmax=a.softmax))
-    if recipe.reversible.enabled:
-        graph.append(InsertReversibleCouplings(ctx, eval_heads=recipe.reversible.eval_heads))
-    if recipe.weights.binarize:
-        graph.append(BinarizeWeights(ctx, keep_full_precision=recipe.weights.keep_full_precision,
-                                     scaled=recipe.weights.quantizer == "sign_scaled"))
-    return pre, graph
+def build_pipeline(recipe: Recipe, ctx: PassContext) -> Pipeline:
+    """The recipe's passes in order (DEFAULT_PIPELINE, tracing included), each built from its recipe section."""
+    import bestcompress.passes  # noqa: F401  (registers every pass)
+    return Pipeline.from_recipe(recipe, ctx)
 
 
 def binarize(model: nn.Module, recipe: str | Recipe | None = "bestformer", example_input: torch.Tensor | None = None,
@@ -93,16 +82,7 @@ def _binarize_once(model: nn.Module, recipe: Recipe, example_input) -> BinarizeR
     was_training = work.training
     work.eval()
     ctx = PassContext(recipe=recipe, example_input=example_input, time_steps=model_time_steps(model))
-    pre, graph_passes = build_pipeline(recipe, ctx)
-    work = Pipeline(pre).apply(work) if pre else work
-    traced, report = trace_model(work, example_input=example_input, time_steps=ctx.time_steps)
-    ctx.notes.extend(f"trace: {line}" for line in report.lines())
-    for attr in ("bc_spec", "bc_input_shape", "T"):
-        if hasattr(work, attr) and not hasattr(traced, attr):
-            setattr(traced, attr, getattr(work, attr))
-    if getattr(traced, "bc_input_shape", None) is None and example_input is not None:
-        traced.bc_input_shape = tuple(example_input.shape[1:])
-    result = Pipeline(graph_passes).apply(traced)
+    result = build_pipeline(recipe, ctx).apply(work)
     result.train(was_training)
     result.bc_recipe = recipe.to_dict()
-    return BinarizeResult(result, recipe, list(ctx.notes), report)
+    return BinarizeResult(result, recipe, list(ctx.notes), ctx.trace_report or TraceReport())

@@ -9,6 +9,7 @@ silently. (A little over 400 lines: tracer, value propagation and fallbacks are 
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import importlib
@@ -103,7 +104,7 @@ class TraceReport:
 
 
 _UNKNOWN = object()
-_VALUE, _SHAPE = "bc_value", "bc_shape_derived"
+_VALUE, _SHAPE, _CALL = "bc_value", "bc_shape_derived", "bc_call"
 _SHAPE_METHODS = {"size", "dim", "ndimension", "numel"}
 _SHAPE_ATTRS = {"shape", "ndim", "dtype"}
 
@@ -170,6 +171,7 @@ class SNNTracer(fx.Tracer):
         self.specialised: list[str] = []
         self.state_constants: list[str] = []
         self._placeholders = 0
+        self._pending: collections.deque[fx.Node] = collections.deque()
         self._evaluating = False
         self._state_calls = 0
 
@@ -285,51 +287,62 @@ class SNNTracer(fx.Tracer):
         return _ShapeAwareProxy(node, self)
 
     def _value(self, a):
-        if isinstance(a, fx.Proxy):
-            return a.node.meta.get(_VALUE, _UNKNOWN)
-        if isinstance(a, fx.Node):
-            return a.meta.get(_VALUE, _UNKNOWN)
-        return a
+        """The example's value of a proxy/node (computed on first need), `a` itself for a constant."""
+        node = a.node if isinstance(a, fx.Proxy) else a if isinstance(a, fx.Node) else None
+        if node is None:
+            return a
+        if _VALUE not in node.meta and _CALL in node.meta:
+            self._evaluate_until(node)
+        return node.meta.get(_VALUE, _UNKNOWN)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         if self.example_args is not None:
-            self._record_value(proxy.node, kind, target, args, kwargs)
+            self._remember(proxy.node, kind, target, args, kwargs)
         return proxy
 
-    def _record_value(self, node: fx.Node, kind: str, target, args, kwargs) -> None:
+    def _remember(self, node: fx.Node, kind: str, target, args, kwargs) -> None:
+        """Note how to compute `node`'s value; values are computed only when a shape query needs one (most
+        models ask none, and a forward on FakeTensors costs milliseconds per op)."""
         if kind == "placeholder":
             i, self._placeholders = self._placeholders, self._placeholders + 1
             if i < len(self.example_args):
                 node.meta[_VALUE] = self.example_args[i]
             return
-        unknown, proxies = [], []
-
-        def val(a):
-            v = self._value(a)
-            if v is _UNKNOWN:
-                unknown.append(a)
-            if isinstance(a, fx.Proxy):
-                proxies.append(a)
-            return v
-        vargs = fx.node.map_aggregate(args, val)
-        vkwargs = fx.node.map_aggregate(kwargs, val)
-        if unknown:
-            return
-        shape = (kind == "call_method" and target in _SHAPE_METHODS) or (
-            kind == "call_function" and target is getattr and len(args) > 1 and args[1] in _SHAPE_ATTRS) or (
-            kind == "call_function" and target is not getattr and bool(proxies)
-            and all(p.node.meta.get(_SHAPE) for p in proxies))
-        self._evaluating = True
-        try:
-            with torch.no_grad(), _unpatched():  # run the real modules, not the tracer's patched __call__
-                node.meta[_VALUE] = _evaluate(kind, target, vargs, vkwargs, self.root)
-        except Exception:  # the value stays unknown: a shape query on it fails as in plain fx
-            return
-        finally:
-            self._evaluating = False
-        if shape:
+        proxies = []
+        fx.node.map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, fx.Proxy) else None)
+        if (kind == "call_method" and target in _SHAPE_METHODS) or (
+                kind == "call_function" and target is getattr and len(args) > 1 and args[1] in _SHAPE_ATTRS) or (
+                kind == "call_function" and target is not getattr and proxies
+                and all(p.node.meta.get(_SHAPE) for p in proxies)):
             node.meta[_SHAPE] = True
+        node.meta[_CALL] = (kind, target, args, kwargs)
+        self._pending.append(node)
+
+    def _evaluate_until(self, target_node: fx.Node) -> None:
+        """Compute the values of the remembered nodes in the order they were recorded, up to `target_node`."""
+        while self._pending:
+            node = self._pending.popleft()
+            kind, target, args, kwargs = node.meta.pop(_CALL)
+            unknown = []
+
+            def val(a):
+                v = self._value(a)
+                if v is _UNKNOWN:
+                    unknown.append(a)
+                return v
+            vargs, vkwargs = fx.node.map_aggregate(args, val), fx.node.map_aggregate(kwargs, val)
+            if not unknown:
+                self._evaluating = True
+                try:
+                    with torch.no_grad(), _unpatched():  # the real modules, not the tracer's patched __call__
+                        node.meta[_VALUE] = _evaluate(kind, target, vargs, vkwargs, self.root)
+                except Exception:  # the value stays unknown: a shape query on it fails as in plain fx
+                    pass
+                finally:
+                    self._evaluating = False
+            if node is target_node:
+                return
 
     def _owner(self) -> str:
         stack = list(getattr(self, "module_stack", {}) or {})
@@ -484,7 +497,8 @@ def _trace_once(model: nn.Module, leaves: set[str], concrete: dict[str, object],
         if guard is not None:
             guard.restore()
     for node in graph.nodes:  # the example's values were for tracing only
-        node.meta.pop(_VALUE, None)
+        for key in (_VALUE, _CALL, _SHAPE):
+            node.meta.pop(key, None)
     gm = _make_graph_module(model, tracer.root, graph)
     return gm, tracer, None
 

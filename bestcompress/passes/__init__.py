@@ -1,9 +1,11 @@
 """Graph passes: each a small class with `apply(model) -> model`, looked up by name in the registry."""
-from .base import Pass, PassContext, PassError, Pipeline, get_pass, list_passes, register_pass
+from .base import DEFAULT_PIPELINE, Pass, PassContext, PassError, Pipeline, get_pass, list_passes, register_pass
 from .binarize_attention import BinarizeAttention
 from .binarize_weights import BinarizeWeights
 from .canonicalize_neurons import CanonicalizeNeurons
 from .reversible import InsertReversibleCouplings
+from .tracing import TraceModel
 
-__all__ = ["Pass", "PassContext", "PassError", "Pipeline", "get_pass", "list_passes", "register_pass",
-           "BinarizeAttention", "BinarizeWeights", "CanonicalizeNeurons", "InsertReversibleCouplings"]
+__all__ = ["DEFAULT_PIPELINE", "Pass", "PassContext", "PassError", "Pipeline", "get_pass", "list_passes",
+           "register_pass", "BinarizeAttention", "BinarizeWeights", "CanonicalizeNeurons",
+           "InsertReversibleCouplings", "TraceModel"]

@@ -113,6 +113,14 @@ class BinarizeAttention(Pass):
     single-step map neuron that keeps its membrane over the T calls of one forward and a per-step λ.
     """
 
+    switch = "attention.binarize"
+
+    @classmethod
+    def from_recipe(cls, recipe, ctx: PassContext) -> "BinarizeAttention":
+        a = recipe.attention
+        return cls(ctx, map=a.map, v_threshold=a.v_threshold, tau=a.tau, learnable_scale=a.learnable_scale,
+                   softmax=a.softmax)
+
     def __init__(self, ctx: PassContext | None = None, map: str = "auto", v_threshold: float = 1.0,
                  tau: float = 2.0, learnable_scale: bool = True, softmax: str = "error") -> None:
         super().__init__(ctx)

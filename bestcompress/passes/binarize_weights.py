@@ -81,6 +81,13 @@ class BinarizeWeights(Pass):
     Ensures: every non-kept weight layer is a binary layer with the same `weight`/`bias` values; kept ones untouched.
     """
 
+    switch = "weights.binarize"
+
+    @classmethod
+    def from_recipe(cls, recipe, ctx: PassContext) -> "BinarizeWeights":
+        w = recipe.weights
+        return cls(ctx, keep_full_precision=w.keep_full_precision, scaled=w.quantizer == "sign_scaled")
+
     def __init__(self, ctx: PassContext | None = None, keep_full_precision=("first", "heads"),
                  scaled: bool = False, rules: dict[type, type] | None = None) -> None:
         super().__init__(ctx)

@@ -279,6 +279,8 @@ class CanonicalizeNeurons(Pass):
     setting without canonical form, or a failed check) is named in a note. Applying it twice equals once.
     """
 
+    switch = "neurons.canonicalize"
+
     def __init__(self, ctx: PassContext | None = None, time_steps: int = 6, seed: int = 0,
                  check_gradients: bool = True, rules: list[NeuronRule] | None = None) -> None:
         super().__init__(ctx)

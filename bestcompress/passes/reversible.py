@@ -117,6 +117,8 @@ class InsertReversibleCouplings(Pass):
     `head2` and one DualHeadOutput in place of the logits; applying it again changes nothing.
     """
 
+    switch = "reversible.enabled"  # the recipe switch the Pipeline reads (passes/base.py)
+
     def __init__(self, ctx: PassContext | None = None, eval_heads: str | None = None, form: str | None = None,
                  stages: tuple[str, ...] | None = None) -> None:
         super().__init__(ctx)

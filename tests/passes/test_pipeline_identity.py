@@ -136,10 +136,9 @@ def test_binarize_twice_equals_once(case):
     assert torch.equal(_run(again.model, x), _run(result.model, x))
 
 
-def test_third_party_neurons_were_canonicalized_or_named(case):
-    name, model, x, y, result, _ = case
-    if name not in THIRD_PARTY:
-        return
+@pytest.mark.parametrize("name", sorted(THIRD_PARTY))
+def test_third_party_neurons_were_canonicalized_or_named(name):
+    model, x, y, result, _ = _case(name)
     foreign = [n for n, m in result.model.named_modules()
                if type(m).__module__.split(".")[0] in ("spikingjelly", "snntorch") and "surrogate" not in n]
     for n in foreign:  # whatever stayed third-party is named in a note

@@ -1,0 +1,37 @@
+"""TraceModel: the SNN-aware tracer (bestcompress/trace.py) as a pass of the binarization pipeline."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..trace import TraceReport, trace_model
+from .base import Pass, PassContext, register_pass
+
+_CARRIED_ATTRS = ("bc_spec", "bc_input_shape", "T")
+
+
+@register_pass
+class TraceModel(Pass):
+    """Trace the module tree into GraphModules (neurons are leaves; fallbacks reported in the notes).
+
+    Requires: an nn.Module; `ctx.example_input` for shape-specialised branches (optional), `ctx.time_steps`
+    to recognise a forward unrolled over time (optional).
+    Ensures: the model is a GraphModule, or an eager root holding traced children; the model's declared
+    attributes (bc_spec, bc_input_shape, T) are kept; `ctx.trace_report` holds what could not be traced.
+    Applying it to a traced model changes nothing.
+    """
+
+    def __init__(self, ctx: PassContext | None = None) -> None:
+        super().__init__(ctx)
+        self.report = TraceReport()
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        x = self.ctx.example_input
+        traced, self.report = trace_model(model, example_input=x, time_steps=self.ctx.time_steps)
+        for attr in _CARRIED_ATTRS:
+            if hasattr(model, attr) and not hasattr(traced, attr):
+                setattr(traced, attr, getattr(model, attr))
+        if getattr(traced, "bc_input_shape", None) is None and x is not None and hasattr(x, "shape"):
+            traced.bc_input_shape = tuple(x.shape[1:])
+        self.ctx.trace_report = self.report
+        self.ctx.notes.extend(f"trace: {line}" for line in self.report.lines())
+        return traced
