@@ -43,7 +43,8 @@ def _keys(runs: list[Run], want) -> list[str]:
     return keys
 
 
-PANELS = (("loss", lambda k: k.endswith("loss")), ("top-1 (%)", lambda k: k.endswith("top1")),
+PANELS = (("loss", lambda k: k.endswith("loss")),
+          ("top-1 (%)", lambda k: k.endswith("top1") and not k.startswith("best")),  # best_* repeats val/test
           ("learning rate", lambda k: k == "lr"))
 
 
@@ -51,6 +52,7 @@ def training_curves(runs: list[Run]) -> bytes:
     """Loss, top-1 (train/val/test) and learning rate per epoch: one row per measure, teacher and student runs in
     side-by-side columns, each row on a shared y axis."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
     kinds = [k for k in ("train", "distill", "run") if any(r.kind == k for r in runs)]
     fig, axes = plt.subplots(len(PANELS), len(kinds), figsize=(5.2 * len(kinds), 8.4), squeeze=False,
                              sharey="row", sharex="col")
@@ -70,6 +72,7 @@ def training_curves(runs: list[Run]) -> bytes:
                 ax.set_ylabel(label)
             if row == len(PANELS) - 1:
                 ax.set_xlabel("epoch")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
                 if label == "learning rate":
                     ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
             if ax.lines:
