@@ -55,7 +55,7 @@ def setup_distributed(device: torch.device | str | None = None) -> DistInfo:
     world = _env_int("WORLD_SIZE", 1)
     if world <= 1:
         return DistInfo()
-    rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    local = _env_int("LOCAL_RANK", 0)
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), local, False)
     use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")

@@ -3,6 +3,7 @@ is one), loss, backward, clipping, optimizer and schedule steps, neuron resets; 
 loss or gradient with one sentence naming the epoch and step."""
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 
@@ -63,7 +64,7 @@ def train_epoch(run, epoch: int, taps) -> dict:
                                           student_features=taps.student if taps is not None else None,
                                           teacher_features=taps.teacher if taps is not None else None)
             loss_value = float(loss.detach())
-            if not torch.isfinite(torch.tensor(loss_value)):
+            if not math.isfinite(loss_value):
                 raise _diverged(run, epoch + 1, step + 1, f"the loss ({loss_value})")
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -20,7 +20,7 @@ from .distributed import DistInfo
 from .evaluation import check_model_fits, has_unused_parameters, neuron_reset_fn, pick_device
 from .optim import make_optimizer, make_scheduler
 from .outputs import two_headed
-from .run_state import load_run_checkpoint, read_metrics, set_rng_state, truncate_metrics
+from .run_state import read_metrics, set_rng_state, truncate_metrics
 
 
 @dataclass

@@ -6,10 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from bestcompress.loading import load_binary, load_model
-from bestcompress.cli import cli
 from bestcompress.training.run_state import read_metrics
 from tests.cli_helpers import assert_user_error, invoke
 

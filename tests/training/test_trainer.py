@@ -2,7 +2,6 @@
 (picked on validation) is the one kept; teacher logits cached; options restored on resume; non-finite stops."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -15,7 +14,7 @@ from bestcompress.data import load_dataset
 from bestcompress.training.evaluation import neuron_reset_fn
 from bestcompress.training.run_state import read_metrics
 from bestcompress.training.trainer import distill, evaluate, make_optimizer, make_scheduler, train
-from bestcompress.errors import CheckpointError, DataError, ModelError
+from bestcompress.errors import CheckpointError, DataError
 from bestcompress.recipe import load_recipe
 from bestcompress.zoo import create_model
 
