@@ -103,6 +103,7 @@ class TraceReport:
         return not self.leaves_added and not self.eager
 
 
+_WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _UNKNOWN = object()
 _VALUE, _SHAPE, _CALL = "bc_value", "bc_shape_derived", "bc_call"
 _SHAPE_METHODS = {"size", "dim", "ndimension", "numel"}
@@ -179,6 +180,8 @@ class SNNTracer(fx.Tracer):
         if qualname in self.extra_leaves or is_neuron(m) or (self._quant and isinstance(m, self._quant)):
             return True
         if getattr(m, "bc_leaf", False):  # modules bestcompress inserts mark themselves as leaves
+            return True
+        if isinstance(m, _WEIGHT_LAYERS):  # subclasses too: weight swaps replace the module the graph calls
             return True
         return super().is_leaf_module(m, qualname)
 

@@ -12,6 +12,58 @@ from .base import Pass, PassContext, PassError, register_pass
 from .shapes import record_calls
 
 
+def _plain_parent(module: nn.Module, rules: dict[type, type]) -> type | None:
+    """The swap-rule class (Conv1d/Conv2d/Linear) that `module`'s class derives from, or None."""
+    return next((base for base in type(module).__mro__ if base in rules), None)
+
+
+def _random_input(module: nn.Module, parent: type, g: torch.Generator) -> torch.Tensor:
+    if parent is nn.Linear:
+        return torch.randn(3, module.in_features, generator=g)
+    dims = 1 if parent is nn.Conv1d else 2
+    size = max(8, *(k * d + 2 for k, d in zip(module.kernel_size, module.dilation)))
+    return torch.randn((2, module.in_channels) + (size,) * dims, generator=g)
+
+
+def _plain_copy(module: nn.Module, parent: type) -> nn.Module:
+    w = module.weight
+    if parent is nn.Linear:
+        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    else:
+        plain = parent(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+                       padding=module.padding, dilation=module.dilation, groups=module.groups,
+                       bias=module.bias is not None, padding_mode=module.padding_mode)
+    plain = plain.to(w.device, w.dtype)
+    with torch.no_grad():
+        plain.weight.copy_(w)
+        if module.bias is not None:
+            plain.bias.copy_(module.bias)
+    return plain.train(module.training)
+
+
+def subclass_mismatch(module: nn.Module, parent: type, seed: int = 0) -> str | None:
+    """None when a subclass of Conv1d/Conv2d/Linear computes exactly as its parent class would with the same
+    weight and bias (checked on seeded random input, like the neuron swaps), else the reason in a few words."""
+    g = torch.Generator().manual_seed(seed)
+    try:
+        x = _random_input(module, parent, g).to(module.weight.device, module.weight.dtype)
+        with torch.no_grad():
+            got = module(x)
+            expected = _plain_copy(module, parent)(x)  # the parent's computation with this module's parameters
+    except Exception as e:  # a forward that needs more than one tensor, or other inputs
+        return f"it could not be run on a random input for the check ({type(e).__name__})"
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        return "its forward returns something other than its parent's output"
+    if not torch.allclose(got, expected, rtol=1e-5, atol=1e-6):
+        return f"its forward computes something else than {parent.__name__} (max difference " \
+               f"{(got - expected).abs().max().item():.3g} on random input)"
+    return None
+
+
+def _was_subclass(name: str, candidates: list) -> bool:
+    return any(n == name and type(m) is not parent for n, m, parent in candidates)
+
+
 def _set_submodule(root: nn.Module, qualname: str, new: nn.Module) -> None:
     parent_name, _, attr = qualname.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -77,8 +129,10 @@ def resolve_keep_fp(model: nn.Module, patterns: tuple[str, ...], example_input) 
 class BinarizeWeights(Pass):
     """Swap every Conv/Linear for its binary Brevitas layer, except those the recipe keeps full precision.
 
-    Requires: a model (traced or not) whose weight layers are nn.Conv1d/Conv2d/Linear.
-    Ensures: every non-kept weight layer is a binary layer with the same `weight`/`bias` values; kept ones untouched.
+    Requires: a model (traced or not) whose weight layers are nn.Conv1d/Conv2d/Linear or subclasses of them.
+    Ensures: every weight layer the recipe does not keep is a binary layer with the same `weight`/`bias` values,
+    subclasses included when they compute as their parent class on random input; each subclass that does not
+    is kept with a note naming its class and why; kept ones untouched.
     """
 
     switch = "weights.binarize"
@@ -96,22 +150,43 @@ class BinarizeWeights(Pass):
         self.rules = dict(rules or BINARY_SWAP_RULES)
         self.kept: set[str] = set()
         self.swapped: list[str] = []
+        self.refused: dict[str, str] = {}  # subclassed layers that compute differently, with the reason
 
     def apply(self, model: nn.Module) -> nn.Module:
         self.kept = resolve_keep_fp(model, self.keep_patterns, self.ctx.example_input)
-        candidates = [(n, m) for n, m in model.named_modules() if type(m) in self.rules or is_binary_layer(m)]
+        self.refused: dict[str, str] = {}
+        self.swapped = []
+        candidates = [(n, m, _plain_parent(m, self.rules)) for n, m in model.named_modules()
+                      if is_binary_layer(m) or _plain_parent(m, self.rules) is not None]
         if not candidates:
             raise ModelError("the model has no Conv1d, Conv2d or Linear layer to binarize.")
-        for name, module in candidates:
+        for name, module, parent in candidates:
             if name in self.kept or is_binary_layer(module):
                 continue
-            _set_submodule(model, name, self.rules[type(module)].from_float(module, scaled=self.scaled))
+            if type(module) is not parent:  # a subclass (IR-Net conv, a wrapper, a parametrized layer)
+                why = subclass_mismatch(module, parent)
+                if why:
+                    self.refused[name] = f"{type(module).__name__} subclasses {parent.__name__} but {why}"
+                    continue
+            _set_submodule(model, name, self.rules[parent].from_float(module, scaled=self.scaled))
             self.swapped.append(name)
         if not self.swapped and not any(is_binary_layer(m) for m in model.modules()):
+            if self.refused:
+                first = next(iter(self.refused.items()))
+                raise ModelError(f"no layer could be binarized: the recipe keeps {', '.join(sorted(self.kept)) or 'none'}"
+                                 f" and {len(self.refused)} layer(s) compute differently from their parent class "
+                                 f"('{first[0]}': {first[1]}).")
             raise ModelError("every Conv/Linear layer of the model is kept full precision by the recipe "
                              "(weights.keep_full_precision); nothing would be binarized.")
-        self.ctx.note(f"BinarizeWeights: {len(self.swapped)} layers binarized, kept full precision: "
+        self.ctx.note(f"BinarizeWeights: {len(self.swapped)} layers binarized, kept full precision by the recipe: "
                       f"{', '.join(sorted(self.kept)) or 'none'}")
+        for name, why in self.refused.items():
+            self.ctx.note(f"BinarizeWeights: kept '{name}' full precision: {why}.")
+        subclassed = [n for n in self.swapped if _was_subclass(n, candidates)]
+        if subclassed:
+            self.ctx.note(f"BinarizeWeights: {len(subclassed)} subclassed layer(s) binarized after checking they "
+                          f"compute as their parent class ({', '.join(subclassed[:4])}"
+                          f"{', ...' if len(subclassed) > 4 else ''}).")
         return model
 
     def check(self, model: nn.Module) -> None:

@@ -94,3 +94,72 @@ def test_binary_layers_are_found_by_is_binary_layer_after_the_pass():
     torch.manual_seed(0)
     out, p, _ = _run(LateFirst(), torch.rand(2, 3, 6, 6))
     assert sorted(n for n, m in out.named_modules() if is_binary_layer(m)) == sorted(p.swapped) == ["fc", "mid"]
+
+
+# -------------------------------------------------------------------------- subclasses of Conv/Linear layers
+
+class NamedConv2d(nn.Conv2d):
+    """A subclass that only adds a helper (as model code often does): computes as Conv2d."""
+
+    def extra_repr(self):
+        return "named " + super().extra_repr()
+
+    def forward(self, x):
+        return self._conv_forward(x, self.weight, self.bias)
+
+
+class SignConv2d(nn.Conv2d):
+    """An IR-Net-style conv that binarizes inside its own forward: computes something else than Conv2d."""
+
+    def forward(self, x):
+        return nn.functional.conv2d(x, torch.sign(self.weight), self.bias, self.stride, self.padding)
+
+
+class ScaledLinear(nn.Linear):
+    def __init__(self, *args, scale=2.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale = scale
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+class SubclassNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.named = NamedConv2d(4, 4, 3, padding=1)
+        self.sign = SignConv2d(4, 4, 3, padding=1)
+        self.same_linear = ScaledLinear(4, 4, scale=1.0)  # scale 1: computes as Linear
+        self.scaled = ScaledLinear(4, 4)
+        self.head = nn.Linear(4, 3)
+        self.lif = LIF()
+
+    def forward(self, x):  # [B, 3, 6, 6]
+        s = self.lif(self.stem(x).unsqueeze(0)).squeeze(0)
+        y = self.sign(self.named(s)).mean((2, 3))
+        return self.head(self.scaled(self.same_linear(y)))
+
+
+def test_subclasses_that_compute_as_their_parent_are_binarized_the_others_named_in_a_note():
+    torch.manual_seed(0)
+    model = SubclassNet().eval()
+    x = torch.rand(2, 3, 6, 6)
+    out, p, notes = _run(model, x)
+    assert isinstance(out.named, BinaryConv2d) and isinstance(out.same_linear, BinaryLinear)
+    assert torch.equal(out.named.weight, model.named.weight)  # same parameters, now binarized
+    assert type(out.sign) is SignConv2d and type(out.scaled) is ScaledLinear  # computes otherwise: kept
+    assert set(p.refused) == {"sign", "scaled"}
+    assert any("'sign'" in n and "SignConv2d subclasses Conv2d" in n and "computes something else" in n
+               for n in notes)
+    kept_note = next(n for n in notes if "kept full precision by the recipe" in n)
+    assert "sign" not in kept_note and "scaled" not in kept_note  # the recipe did not keep them
+    calls = [n.target for n in out.graph.nodes if n.op == "call_module"]
+    assert "named" in calls and "sign" in calls  # subclasses are leaves the graph calls, not inlined convs
+    assert out(x).shape == (2, 3)
+
+
+def test_when_only_refused_subclasses_remain_the_error_does_not_blame_the_recipe():
+    model = nn.Sequential(nn.Linear(4, 4), ScaledLinear(4, 4), nn.Linear(4, 2))
+    with pytest.raises(ModelError, match="compute differently from their parent class"):
+        _run(model, torch.rand(2, 4))
