@@ -54,6 +54,10 @@ def _same_model(file: Path, against: Path, loaded) -> None:
                           "was exported from.")
 
 
+def _verification_line(report) -> str:
+    return "verified: " + report.message("the export")
+
+
 @click.command("export")
 @click.argument("checkpoint", type=PATH)
 @click.option("-f", "--format", "fmt", required=True, metavar="FORMAT",

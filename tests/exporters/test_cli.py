@@ -75,3 +75,48 @@ def test_verify_bad_inputs(tmp_path, ckpt):
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x00\x01garbage")
     assert_user_error(invoke("verify", junk, "--against", ckpt), "junk.onnx")
+
+
+@pytest.fixture(scope="module")
+def packed_file(tmp_path_factory, ckpt):
+    out = tmp_path_factory.mktemp("bcz") / "m.bcz"
+    r = invoke("export", ckpt, "--format", "packed", "-o", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_corrupt_bcz_is_one_sentence_everywhere(tmp_path, ckpt, packed_file):
+    data = packed_file.read_bytes()
+    flipped = tmp_path / "flipped.bcz"
+    flipped.write_bytes(data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + data[len(data) // 2 + 1:])
+    cut = tmp_path / "cut.bcz"
+    cut.write_bytes(data[: len(data) * 3 // 4])
+    for bad in (flipped, cut):
+        assert_user_error(invoke("inspect", bad), bad.name, "corrupted")
+        assert_user_error(invoke("export", bad, "-f", "onnx", "-o", tmp_path / "o.onnx"), bad.name, "corrupted")
+        assert_user_error(invoke("verify", bad, "--against", ckpt), bad.name, "corrupted")
+        assert_user_error(invoke("verify", packed_file, "--against", bad), bad.name, "corrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.bcz", "flipped.bcz"]
+
+
+def test_verify_packed_against_another_model(tmp_path, packed_file):
+    other, source = tiny_binary("spikformer_seq", **{"reversible.enabled": False})
+    path = tmp_path / "other.pt"
+    save_binary(other, source, path)
+    assert_user_error(invoke("verify", packed_file, "--against", path), "m.bcz")
+    from bestcompress.errors import ExportError
+    from bestcompress.exporters import verify_file
+    with pytest.raises(ExportError, match="another model") as e:
+        verify_file(packed_file, other)
+    assert str(e.value).count(". ") == 0
+
+
+def test_verify_refuses_unknown_domains(tmp_path, ckpt):
+    import onnx
+
+    out = tmp_path / "m.onnx"
+    assert invoke("export", ckpt, "-f", "qonnx", "-o", out).exit_code == 0
+    proto = onnx.load(str(out))
+    next(n for n in proto.graph.node if n.op_type == "BipolarQuant").domain = "os"
+    onnx.save(proto, str(out))
+    assert_user_error(invoke("verify", out, "--against", ckpt), "custom-op domain 'os'")
