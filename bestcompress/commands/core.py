@@ -126,8 +126,8 @@ def _check_shape_fits(error: Exception, text: str | None, shape) -> None:
     """After binarize failed on an input of a user-given shape: that shape does not fit (one sentence)."""
     if text is None:
         return
-    raise ModelError(f"--input-shape {text} does not fit the model: running it on an input of shape "
-                     f"{[1, *shape]} failed ({short_reason(error, 120).rstrip('.')}).") from None
+    raise ModelError(f"--input-shape {text} does not fit the model: running it on samples of shape "
+                     f"{list(shape)} failed ({short_reason(error, 120).rstrip('.')}).") from None
 
 
 # ------------------------------------------------------------------------------------------------ binarize
@@ -151,6 +151,7 @@ def binarize(checkpoint, arch, model_factory, model_kwargs, input_shape, trust_c
     from ..convert import binarize as run_binarize
     from ..fileio import check_output_path
     from ..model_facts import model_input_shape
+    from ..passes.base import PassError
     from ..recipe import load_recipe, parse_overrides
     from ..summary import summarize
 
@@ -175,13 +176,10 @@ def binarize(checkpoint, arch, model_factory, model_kwargs, input_shape, trust_c
         calibration = load_dataset(calibrate_data, source, input_shape=shape)
     try:
         result = run_binarize(source, recipe=resolved, input_shape=shape)
-    except BestcompressError as e:
-        if shape is None:
-            raise
-        _check_shape_fits(e, input_shape, shape)
-        raise
-    except Exception as e:  # a user-given shape that the model's forward rejects
-        _check_shape_fits(e, input_shape, shape)
+    except Exception as e:  # a user-given shape that the model's forward rejects (not a user error of another kind)
+        cause = e.__cause__ if isinstance(e, PassError) else e
+        if not isinstance(cause, BestcompressError):
+            _check_shape_fits(cause, input_shape, shape)
         raise
     if calibrate_data is not None:
         from ..training.calibration import calibrate

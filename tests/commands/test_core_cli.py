@@ -221,6 +221,20 @@ def test_inspect_fits_80_columns_and_reads_packed(tmp_path, ckpt):
     assert packed.exit_code == 0 and "packed binary model (spikformer_cifar" in packed.output, packed.output
 
 
+def test_cli_silences_the_triton_warning_of_spikingjelly():
+    import subprocess
+    import sys
+    pytest.importorskip("spikingjelly")
+    code = "import spikingjelly.activation_based.neuron as n, torch; n.LIFNode(step_mode='m')(torch.rand(2, 3))"
+    bare = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    ours = subprocess.run([sys.executable, "-c", "import bestcompress.cli; " + code], capture_output=True, text=True,
+                          timeout=120)
+    assert bare.returncode == ours.returncode == 0, ours.stderr
+    if "Triton not available" not in bare.stderr:
+        pytest.skip("this torch/spikingjelly pair prints no Triton warning")
+    assert "Triton not available" not in ours.stderr, ours.stderr
+
+
 def test_recipes_and_zoo():
     listing = invoke("recipes")
     assert listing.exit_code == 0 and "bestformer" in listing.output and "identity" in listing.output
