@@ -8,7 +8,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch import nn
 
 from .errors import ModelError
-from .model_facts import example_input_for, model_time_steps
+from .model_facts import example_input_for, input_shape_hint, model_time_steps
 from .passes.base import PassContext, Pipeline
 from .passes.neuron_check import deepcopy_module
 from .recipe import Recipe, load_recipe
@@ -48,6 +48,9 @@ def binarize(model: nn.Module, recipe: str | Recipe | None = "bestformer", examp
         raise ModelError("the model has no Conv1d, Conv2d or Linear layer to binarize.")
     if example_input is None:
         example_input = example_input_for(model, input_shape)
+    if example_input is None:
+        raise ModelError(f"The model's input shape is unknown; {input_shape_hint(model)}, or in Python give "
+                         "input_shape= or example_input=.")
     fake = _fake_copy(example_input)
     if fake is not None:
         # The passes read only shapes and call order from the example input: a FakeTensor gives both without

@@ -87,3 +87,61 @@ def test_snntorch_hidden_state_reset_inside_forward_is_replayed_by_the_graph():
         first = result.model(x)
         assert all(m.mem.abs().sum() > 0 for m in kept)
         assert torch.equal(result.model(x), first)  # ... and the forward's utils.reset(self) still clears it
+
+
+# --------------------------------------------------------------------------------- the input shape, inferred
+
+class _ImageNet(torch.nn.Module):
+    """Public-code style: sizes as constructor attributes on a child, the input shape declared nowhere else."""
+
+    def __init__(self, with_size=True):
+        super().__init__()
+        from bestcompress.nn.lif import LIF
+        self.patch_embed = torch.nn.Module()
+        if with_size:
+            self.patch_embed.img_size_h, self.patch_embed.img_size_w = 8, 6
+        self.patch_embed.proj_conv = torch.nn.Conv2d(2, 4, 3, padding=1)
+        self.lif = LIF()
+        self.mid = torch.nn.Conv2d(4, 4, 1)
+        self.head = torch.nn.Linear(4, 3)
+        self.T = 2
+
+    def forward(self, x):
+        y = self.patch_embed.proj_conv(x).unsqueeze(0).repeat(self.T, 1, 1, 1, 1)
+        y = self.lif(y).flatten(0, 1)
+        return self.head(self.mid(y).mean((2, 3))).reshape(self.T, x.shape[0], -1).mean(0)
+
+
+class _Seq(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(1, 4, 3, padding=1)
+        self.mid = torch.nn.Conv1d(4, 4, 1)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.mid(self.conv(x)).mean(2))
+
+
+def test_input_shape_comes_from_size_attributes_and_the_first_conv():
+    from bestcompress.model_facts import model_input_shape
+    assert model_input_shape(_ImageNet()) == (2, 8, 6)
+    timm_style = _ImageNet(with_size=False)
+    timm_style.default_cfg = {"input_size": (2, 10, 10)}
+    assert model_input_shape(timm_style) == (2, 10, 10)
+    result = binarize(_ImageNet(), overrides={"reversible.enabled": False})  # no input shape passed
+    assert result.model.bc_input_shape == (2, 8, 6)
+    seq = _Seq()
+    seq.seq_len = 12
+    assert model_input_shape(seq) == (1, 12)
+
+
+@pytest.mark.parametrize("model, expected", [
+    (_ImageNet(with_size=False), r"--input-shape C,H,W \(its first layer 'patch_embed.proj_conv' is a Conv2d with 2 "
+                                 r"input channels, e.g. 2,32,32\)"),
+    (_Seq(), r"--input-shape C,L \(its first layer 'conv' is a Conv1d with 1 input channels, e.g. 1,40"),
+])
+def test_an_unknown_input_shape_says_exactly_what_to_pass(model, expected):
+    from bestcompress.errors import ModelError
+    with pytest.raises(ModelError, match=expected):
+        binarize(model)
