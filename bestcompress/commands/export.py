@@ -123,6 +123,10 @@ def verify(file, against, data, samples, tolerance, trust_checkpoint):
     if not report.passed:
         raise ExportError(report.message(f"'{file}'"))
     click.echo(report.message(f"'{file}'"))
+    from ..engine.verify import check_packed_file  # a .bcz: the 1-bit engine must be spike-exact too
+    engine_line = check_packed_file(file, loaded.model, data=data, samples=samples, tolerance=tolerance)
+    if engine_line:
+        click.echo(engine_line)
     worst = sorted((n for n in report.neurons if n.flipped), key=lambda n: -n.flip_fraction)[:5]
     for n in worst:
         click.echo(f"  {n.path}: {100 * n.flip_fraction:.3g} % spikes differ")

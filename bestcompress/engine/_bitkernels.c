@@ -23,7 +23,8 @@
 #include <string.h>
 #include <math.h>
 
-#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
+    defined(__AVX512CD__)
 #include <immintrin.h>
 #define BC_AVX512 1
 #elif defined(__AVX2__)
@@ -54,7 +55,35 @@ static PyObject *bc_analyze(PyObject *self, PyObject *args) {
     const uint32_t *u = (const uint32_t *)(uintptr_t)addr;
     int lo = 1 << 20, hi = -(1 << 20), bad = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++) {
+    Py_ssize_t i = 0;
+#if defined(BC_AVX512)
+    {
+        const __m512i absmask = _mm512_set1_epi32(0x7fffffff), ff = _mm512_set1_epi32(0xff);
+        const __m512i mmask = _mm512_set1_epi32(0x7fffff), hidden = _mm512_set1_epi32(0x800000);
+        __m512i vlo = _mm512_set1_epi32(1 << 20), vhi = _mm512_set1_epi32(-(1 << 20));
+        __mmask16 badm = 0;
+        for (; i + 16 <= n; i += 16) {
+            __m512i v = _mm512_loadu_si512((const void *)(u + i));
+            __mmask16 nz = _mm512_test_epi32_mask(v, absmask);
+            if (!nz) continue;
+            __m512i e = _mm512_and_si512(_mm512_srli_epi32(v, 23), ff);
+            badm |= _mm512_mask_cmplt_epi32_mask(nz, v, _mm512_setzero_si512());          /* sign bit */
+            badm |= _mm512_mask_cmpeq_epi32_mask(nz, e, _mm512_setzero_si512());          /* subnormal */
+            badm |= _mm512_mask_cmpeq_epi32_mask(nz, e, ff);                              /* inf / nan */
+            __m512i m = _mm512_or_si512(_mm512_and_si512(v, mmask), hidden);
+            __m512i low = _mm512_and_si512(m, _mm512_sub_epi32(_mm512_setzero_si512(), m));
+            __m512i ctz = _mm512_sub_epi32(_mm512_set1_epi32(31), _mm512_lzcnt_epi32(low));
+            __m512i l = _mm512_add_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(150)), ctz);
+            __m512i h = _mm512_sub_epi32(e, _mm512_set1_epi32(127));
+            vlo = _mm512_mask_min_epi32(vlo, nz, vlo, l);
+            vhi = _mm512_mask_max_epi32(vhi, nz, vhi, h);
+        }
+        bad = badm != 0;
+        lo = _mm512_reduce_min_epi32(vlo);
+        hi = _mm512_reduce_max_epi32(vhi);
+    }
+#endif
+    for (; !bad && i < n; i++) {
         uint32_t v = u[i];
         if ((v & 0x7fffffffu) == 0) continue;          /* +0 and -0 */
         uint32_t e = (v >> 23) & 0xffu;
@@ -117,7 +146,21 @@ static PyObject *bc_pack(PyObject *self, PyObject *args) {
                         words[0] |= (uint64_t)(xr[k] != 0.0f) << (k - k0);
                 }
                 total += __builtin_popcountll(words[0]);
-            } else {
+            }
+#if defined(BC_AVX512)
+            else if (k1 - k0 == 64) {
+                const __m512 inv = _mm512_set1_ps(ldexpf(1.0f, -lsb));
+                __m512i qs = _mm512_setzero_si512();
+                for (int c = 0; c < 4; c++) {
+                    __m512i q = _mm512_cvttps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k0 + 16 * c), inv));
+                    qs = _mm512_add_epi32(qs, q);
+                    for (int p = 0; p < P; p++)
+                        words[p] |= (uint64_t)_mm512_test_epi32_mask(q, _mm512_set1_epi32(1 << p)) << (16 * c);
+                }
+                total += _mm512_reduce_add_epi32(qs);
+            }
+#endif
+            else {
                 const uint32_t *ur = (const uint32_t *)xr;
                 for (Py_ssize_t k = k0; k < k1; k++) {
                     uint32_t q = quantum(ur[k], lsb);

@@ -14,6 +14,7 @@ The compiled kernels (`_bitkernels`, built at install) are used when they import
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 try:  # built at install by setup.py; absent when no compiler was available
-    from . import _bitkernels as _ext
+    _ext = importlib.import_module(__name__.rpartition(".")[0] + "._bitkernels")
 except ImportError:  # pragma: no cover - depends on the install
     _ext = None
 

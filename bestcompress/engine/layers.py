@@ -129,7 +129,7 @@ class PackedConv(_PackedLayer):
             patches, ho, wo = pixels, h, w
         else:
             patches, ho, wo = kernels.im2col(pixels, n, h, w, self.kernel, self.stride, self.padding, self.dilation)
-        y = self._product(patches).view(n, ho, wo, self.out_features).permute(0, 3, 1, 2)
+        y = self._product(patches).view(n, ho, wo, self.out_features).permute(0, 3, 1, 2).contiguous()
         return y if self.dims == 2 else y[:, :, 0]
 
 

@@ -135,3 +135,25 @@ def verify(engine, model: nn.Module | None = None, data=None, samples: int = 4, 
     report.packed_calls = sum(v["packed"] for v in st["layers"].values()) + st["matmul"]["packed"]
     report.float_calls = sum(v["float"] for v in st["layers"].values()) + st["matmul"]["float"]
     return report
+
+
+def check_packed_file(path, model: nn.Module, data=None, samples: int | None = None,
+                      tolerance: float = DEFAULT_TOLERANCE) -> str | None:
+    """For `bestcompress verify FILE`: when FILE is a .bcz, check the engine on it against `model` too.
+
+    Returns:
+        None when the file is not a .bcz, else the one-sentence verdict.
+    Raises:
+        ExportError: the engine is not spike-exact with the model.
+    """
+    from ..errors import ExportError
+    from ..exporters.packed import is_packed
+    from .runtime import load
+
+    if not is_packed(path):
+        return None
+    report = verify(load(path), model, data=data, samples=samples or 4, tolerance=tolerance)
+    what = f"The 1-bit engine on '{path}'"
+    if not report.passed:
+        raise ExportError(report.message(what))
+    return report.message(what)

@@ -1,0 +1,175 @@
+"""The 1-bit engine against fp32 PyTorch: per binary layer, and the whole model at batch 1 and 32.
+
+Builds Spikformer-4-384 T=4 (`spikformer_cifar`, 32 px), binarizes it with the bestformer recipe, calibrates the
+BatchNorms of both so that the neurons fire (make_it_fire), and measures, interleaved in one process (A B A B ...,
+process CPU time, one torch thread; the engine's kernels are single-threaded too):
+  - per binary layer: that layer in the engine on the input it really receives (spikes, or the residual stream's
+    few bit planes) vs an fp32 torch Conv2d/Linear of the same shape on the same input;
+  - the whole model: fp32 PyTorch (the full-precision source model, same architecture) vs the engine, and the
+    binary PyTorch model for reference, at batch 1 and 32;
+  - weight memory: the engine's packed words vs the sign bits vs the fp32 weights of the binary layers.
+The engine is checked spike-exact against the binary PyTorch model first. Ratios are fp32 time ÷ engine time.
+Results: benchmarks/results/engine.json (keys layer_speedup_median, model_speedup_b1, model_speedup_b32) and
+engine.md.
+
+    python benchmarks/bench_engine.py [--reps 7] [--reps-b32 3] [--arch spikformer_cifar]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bestcompress import engine as E
+from bestcompress.convert import binarize
+from bestcompress.engine.layers import PackedConv
+from bestcompress.nn.binary import is_binary_layer
+from bestcompress.nn.calibrate import make_it_fire
+from bestcompress.zoo import create_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = {"layer_speedup_median": 8.0, "model_speedup_b1": 3.0}
+
+
+def cpu_seconds(fn, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        t = time.process_time()
+        fn()
+        out.append(time.process_time() - t)
+    return out
+
+
+def interleaved(fns: dict, reps: int) -> dict[str, float]:
+    """Median CPU seconds of each callable, measured A B C A B C ... after one warm-up each."""
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            times[k] += cpu_seconds(f, 1)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def fp32_twin(layer: nn.Module) -> nn.Module:
+    """An fp32 torch layer of the binary layer's shape (random weights: the time does not depend on them)."""
+    if isinstance(layer, nn.Linear):
+        twin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    else:
+        cls = nn.Conv2d if layer.weight.dim() == 4 else nn.Conv1d
+        twin = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                   layer.dilation, layer.groups, bias=layer.bias is not None)
+    return twin.eval()
+
+
+def layer_inputs(engine, x) -> dict[str, torch.Tensor]:
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(mod, args, out):
+            seen.setdefault(name, args[0].detach().clone())
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in engine.packed_layers().items()]
+    try:
+        engine(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="spikformer_cifar")
+    parser.add_argument("--recipe", default="bestformer")
+    parser.add_argument("--reps", type=int, default=7, help="interleaved repetitions per layer and at batch 1")
+    parser.add_argument("--reps-b32", type=int, default=3, help="interleaved repetitions at batch 32")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    fp = create_model(args.arch).eval()
+    binary = binarize(fp, args.recipe).model
+    shape = tuple(binary.bc_input_shape)
+    make_it_fire(binary, shape)
+    make_it_fire(fp, shape)
+    engine = E.from_model(binary)
+    g = torch.Generator().manual_seed(1)
+    x1, x32 = torch.rand((1,) + shape, generator=g), torch.rand((32,) + shape, generator=g)
+
+    report = E.verify(engine, binary, samples=2, batch=1)
+    print(report.message())
+
+    layers = dict((n, m) for n, m in binary.named_modules() if is_binary_layer(m))
+    packed = engine.packed_layers()
+    rows = []
+    with torch.no_grad():
+        inputs = layer_inputs(engine, x1)
+        for name, x in inputs.items():
+            twin, ours = fp32_twin(layers[name]), packed[name]
+            t = interleaved({"fp32": lambda: twin(x), "engine": lambda: ours(x)}, args.reps)
+            kind = "conv" if isinstance(ours, PackedConv) else "linear"
+            rows.append({"layer": name, "kind": kind, "input": list(x.shape), "planes": ours.last_planes,
+                         "fp32_ms": 1e3 * t["fp32"], "engine_ms": 1e3 * t["engine"],
+                         "speedup": t["fp32"] / t["engine"]})
+            print(f"{name:28s} {kind:6s} {str(list(x.shape)):20s} planes {ours.last_planes}  fp32 "
+                  f"{1e3 * t['fp32']:7.3f} ms  engine {1e3 * t['engine']:7.3f} ms  {t['fp32'] / t['engine']:5.2f}x")
+
+        whole = {}
+        for label, x, reps in (("b1", x1, args.reps), ("b32", x32, args.reps_b32)):
+            t = interleaved({"fp32": lambda: fp(x), "engine": lambda: engine(x), "binary_torch": lambda: binary(x)},
+                            reps)
+            whole[label] = {k + "_ms": 1e3 * v for k, v in t.items()}
+            whole[label]["speedup"] = t["fp32"] / t["engine"]
+            whole[label]["speedup_vs_binary_torch"] = t["binary_torch"] / t["engine"]
+            print(f"whole model {label}: fp32 {1e3 * t['fp32']:.1f} ms, engine {1e3 * t['engine']:.1f} ms, binary "
+                  f"PyTorch {1e3 * t['binary_torch']:.1f} ms: {t['fp32'] / t['engine']:.2f}x faster than fp32")
+
+    mem = engine.memory()
+    fp32_weight_bytes = sum(m.weight.numel() * 4 for m in layers.values())
+    speedups = sorted(r["speedup"] for r in rows)
+    result = {
+        "arch": args.arch, "recipe": args.recipe, "input_shape": list(shape), "threads": args.threads,
+        "backend": E.backend_description(), "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "spike_exact": report.passed, "verify": report.to_dict(),
+        "layer_speedup_median": statistics.median(speedups), "layer_speedup_min": speedups[0],
+        "layer_speedup_max": speedups[-1], "model_speedup_b1": whole["b1"]["speedup"],
+        "model_speedup_b32": whole["b32"]["speedup"], "whole_model": whole, "layers": rows,
+        "memory": {**mem, "binary_layers_fp32_weight_bytes": fp32_weight_bytes}, "targets": TARGETS,
+        "method": "interleaved A B A B, median process CPU time, torch.set_num_threads(threads), engine kernels "
+                  "single-threaded; fp32 = the full-precision source model / an fp32 torch layer of the same shape",
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "engine.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["# 1-bit engine vs fp32 PyTorch", "",
+             f"{args.arch} ({args.recipe}), input {list(shape)}, {args.threads} thread(s), {E.backend_description()}; "
+             f"spike-exact: {report.passed}. Interleaved, median process CPU time.", "",
+             "| measure | fp32 PyTorch | engine | speed-up | target |", "|---|---|---|---|---|",
+             f"| binary layers (median of {len(rows)}) | | | {result['layer_speedup_median']:.2f}× "
+             f"(min {speedups[0]:.2f}×, max {speedups[-1]:.2f}×) | ≥ 8× |"]
+    for label in ("b1", "b32"):
+        w = whole[label]
+        lines.append(f"| whole model, batch {label[1:]} | {w['fp32_ms']:.1f} ms | {w['engine_ms']:.1f} ms | "
+                     f"{w['speedup']:.2f}× | {'≥ 3×' if label == 'b1' else ''} |")
+    lines += ["", f"Weight memory of the binary layers: fp32 {fp32_weight_bytes / 1e6:.2f} MB, sign bits "
+              f"{mem['sign_bit_bytes'] / 1e6:.3f} MB, engine in RAM {mem['packed_weight_bytes'] / 1e6:.3f} MB "
+              "(bits in 64-bit words per channel group, plus biases).", "",
+              "| layer | input | bit planes | fp32 ms | engine ms | speed-up |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['layer']} | {r['input']} | {r['planes']} | {r['fp32_ms']:.3f} | {r['engine_ms']:.3f} | "
+              f"{r['speedup']:.2f}× |" for r in rows]
+    (RESULTS / "engine.md").write_text("\n".join(lines) + "\n")
+    print(f"layer speed-up median {result['layer_speedup_median']:.2f}x, whole model b1 "
+          f"{result['model_speedup_b1']:.2f}x, b32 {result['model_speedup_b32']:.2f}x; wrote {RESULTS / 'engine.json'}")
+
+
+if __name__ == "__main__":
+    main()
