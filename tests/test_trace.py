@@ -147,3 +147,94 @@ def test_traced_module_keeps_plain_attributes_through_deepcopy():
     clone = copy.deepcopy(gm)
     assert type(clone).__name__ == "Block" and clone.describe() == "block scale 0.5"
     assert clone.bc_spec == {"arch": "x"} and clone.bc_recipe == {"name": "r"}
+
+
+# ------------------------------------------------------------------ models written in the style of public code
+
+class BNAndPad(nn.Module):
+    """Pads a BatchNorm output with the values BN maps zero to, by slice assignment (untraceable under fx)."""
+
+    def __init__(self, pad: int, channels: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.pad = pad
+
+    def forward(self, x):
+        out = self.bn(x)
+        pad_values = (self.bn.bias - self.bn.running_mean * self.bn.weight
+                      / torch.sqrt(self.bn.running_var + self.bn.eps)).detach()
+        out = nn.functional.pad(out, [self.pad] * 4)
+        pad_values = pad_values.view(1, -1, 1, 1)
+        out[:, :, 0:self.pad, :] = pad_values
+        out[:, :, -self.pad:, :] = pad_values
+        return out
+
+
+class ManyPads(nn.Module):
+    """40 untraceable submodules: more than any fixed retry cap of 32."""
+
+    def __init__(self, n: int = 40):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(2, 2, 3) for _ in range(n))
+        self.pads = nn.ModuleList(BNAndPad(1, 2) for _ in range(n))
+        self.lif = LIF()
+
+    def forward(self, x):
+        for conv, pad in zip(self.convs, self.pads):
+            x = conv(pad(x))
+        return self.lif(x.unsqueeze(0))[0]
+
+
+def test_more_than_32_untraceable_submodules_all_become_leaves_and_the_root_is_traced():
+    torch.manual_seed(0)
+    model = ManyPads().eval()
+    x = torch.randn(2, 2, 6, 6)
+    with pytest.raises(Exception):
+        fx.symbolic_trace(model.pads[0])  # slice assignment: plain fx cannot trace it
+    gm, report = trace_model(model)
+    assert isinstance(gm, fx.GraphModule) and not report.eager
+    assert sorted(n for n, _ in report.leaves_added) == sorted(f"pads.{i}" for i in range(40))
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+
+
+class ShapeBranches(nn.Module):
+    """Spike-driven-Transformer style: the forward branches on the input's rank and loops over its time axis."""
+
+    def __init__(self, T: int = 3):
+        super().__init__()
+        self.T = T
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.lif = LIF()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        if len(x.shape) < 5:  # a static image: repeat it over T steps
+            x = x.unsqueeze(0).repeat(self.T, 1, 1, 1, 1)
+        if x.ndim != 5:
+            raise ValueError("expected [T, B, C, H, W]")
+        T, B = x.shape[0], x.shape[1]
+        y = self.lif(self.conv(x.flatten(0, 1)).reshape(T, B, 4, *x.shape[3:]))
+        outs = [self.head(y[t].mean((2, 3))) for t in range(x.shape[0])]
+        return torch.stack(outs).mean(0)
+
+
+def test_shape_branches_are_specialised_on_the_example_input_and_reported():
+    torch.manual_seed(0)
+    model = ShapeBranches()
+    x = torch.rand(2, 2, 5, 5)
+    plain, plain_report = trace_model(ShapeBranches())
+    assert plain_report.eager  # without an example input the branches stay untraceable
+    gm, report = trace_model(model, example_input=x)
+    assert isinstance(gm, fx.GraphModule) and report.clean
+    lines = "\n".join(report.lines())
+    assert "len(getattr) = 4" in lines and "bool(ne) = False" in lines and "index(getitem) = 3" in lines
+    for batch in (2, 5):  # the batch size stays free: only the branches were specialised
+        xb = torch.rand(batch, 2, 5, 5)
+        assert torch.equal(gm(xb), model(xb))
+
+
+def test_a_branch_on_a_tensor_value_is_not_specialised():
+    model = WithDataDependentChild()
+    gm, report = trace_model(model, example_input=torch.randn(2, 3, 4))
+    assert [n for n, _ in report.leaves_added] == ["gate"] and not report.specialised
