@@ -220,6 +220,99 @@ static PyObject *bc_im2col(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------------- channel-major (NCHW) inputs */
+
+/* planes [P, N*HW, Cw] (pixel-major words, bit c%64 of word c/64) and per-pixel sums of q, read straight from
+ * an NCHW tensor: no transposing copy. Spikes (P = 1, lsb = 0) visit only the set bits. */
+static PyObject *bc_pack_nchw(PyObject *self, PyObject *args) {
+    unsigned long long xa, oa, ra;
+    Py_ssize_t N, C, HW, Cw;
+    int P, lsb;
+    if (!PyArg_ParseTuple(args, "KnnnniiKK", &xa, &N, &C, &HW, &Cw, &P, &lsb, &oa, &ra)) return NULL;
+    const float *x = (const float *)(uintptr_t)xa;
+    uint64_t *out = (uint64_t *)(uintptr_t)oa;
+    int64_t *rowsum = (int64_t *)(uintptr_t)ra;
+    Py_BEGIN_ALLOW_THREADS
+    const Py_ssize_t plane = N * HW * Cw;
+    memset(out, 0, (size_t)(P * plane) * sizeof(uint64_t));
+    memset(rowsum, 0, (size_t)(N * HW) * sizeof(int64_t));
+    for (Py_ssize_t n = 0; n < N; n++)
+        for (Py_ssize_t c = 0; c < C; c++) {
+            const float *xc = x + (n * C + c) * HW;
+            uint64_t *base = out + n * HW * Cw + (c >> 6);
+            int64_t *rs = rowsum + n * HW;
+            const uint64_t bit = 1ull << (c & 63);
+            Py_ssize_t p = 0;
+            if (P == 1 && lsb == 0) {
+#if defined(BC_AVX512)
+                const __m512 z = _mm512_setzero_ps();
+                for (; p + 16 <= HW; p += 16) {
+                    unsigned m = _mm512_cmp_ps_mask(_mm512_loadu_ps(xc + p), z, _CMP_NEQ_UQ);
+                    while (m) {
+                        int j = __builtin_ctz(m);
+                        base[(p + j) * Cw] |= bit;
+                        rs[p + j] += 1;
+                        m &= m - 1;
+                    }
+                }
+#endif
+                for (; p < HW; p++)
+                    if (xc[p] != 0.0f) { base[p * Cw] |= bit; rs[p] += 1; }
+            } else {
+                const uint32_t *uc = (const uint32_t *)xc;
+                for (; p < HW; p++) {
+                    uint32_t q = quantum(uc[p], lsb);
+                    if (!q) continue;
+                    rs[p] += q;
+                    for (int pl = 0; pl < P; pl++)
+                        if ((q >> pl) & 1u) base[pl * plane + p * Cw] |= bit;
+                }
+            }
+        }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* bit im2col straight into the column layout [P, N, Kw, Npad] (Npad >= Ho*Wo, Kw = kh*kw*Cw) with per-patch sums
+ * colsum [N, Npad]: the B operand of out[n] = W · patches[n]ᵀ, whose rows are NCHW output channels. */
+static PyObject *bc_im2col_cols(PyObject *self, PyObject *args) {
+    unsigned long long ia, ra, oa, sa;
+    Py_ssize_t P, N, H, W, Cw, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, Npad;
+    if (!PyArg_ParseTuple(args, "KKnnnnnnnnnnnnnnnnKK", &ia, &ra, &P, &N, &H, &W, &Cw, &kh, &kw, &sh, &sw, &ph,
+                          &pw, &dh, &dw, &Ho, &Wo, &Npad, &oa, &sa))
+        return NULL;
+    const uint64_t *in = (const uint64_t *)(uintptr_t)ia;
+    const int64_t *pix = (const int64_t *)(uintptr_t)ra;
+    uint64_t *out = (uint64_t *)(uintptr_t)oa;
+    int64_t *colsum = (int64_t *)(uintptr_t)sa;
+    Py_BEGIN_ALLOW_THREADS
+    const Py_ssize_t Kw = kh * kw * Cw;
+    memset(out, 0, (size_t)(P * N * Kw * Npad) * sizeof(uint64_t));
+    memset(colsum, 0, (size_t)(N * Npad) * sizeof(int64_t));
+    for (Py_ssize_t p = 0; p < P; p++)
+        for (Py_ssize_t n = 0; n < N; n++) {
+            const uint64_t *ip = in + (p * N + n) * H * W * Cw;
+            uint64_t *op = out + (p * N + n) * Kw * Npad;
+            for (Py_ssize_t i = 0; i < kh; i++)
+                for (Py_ssize_t j = 0; j < kw; j++)
+                    for (Py_ssize_t y = 0; y < Ho; y++) {
+                        Py_ssize_t yy = y * sh - ph + i * dh;
+                        if (yy < 0 || yy >= H) continue;
+                        for (Py_ssize_t x = 0; x < Wo; x++) {
+                            Py_ssize_t xx = x * sw - pw + j * dw;
+                            if (xx < 0 || xx >= W) continue;
+                            Py_ssize_t q = yy * W + xx, col = y * Wo + x;
+                            const uint64_t *src = ip + q * Cw;
+                            uint64_t *dst = op + ((i * kw + j) * Cw) * Npad + col;
+                            for (Py_ssize_t c = 0; c < Cw; c++) dst[c * Npad] = src[c];
+                            if (p == 0) colsum[n * Npad + col] += pix[n * H * W + q];
+                        }
+                    }
+        }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* -------------------------------------------------------------------------------------------- transpose */
 
 static PyObject *bc_transpose(PyObject *self, PyObject *args) {
@@ -244,6 +337,8 @@ typedef struct {
     const uint64_t *a;      /* [Pa][batch][M][Kw] */
     const uint64_t *b;      /* [Pb][batch][Kw][Npad] */
     const int64_t *rowsum;  /* [batch][M] (mode 0) */
+    const int64_t *colsum;  /* [batch][Npad] (mode 0, trans: the activations are the columns) */
+    int trans;              /* trans: a = weights, b = activations; alpha/bias per row */
     float *out;             /* out[batch * obs + m * ors + n] */
     const float *alpha, *bias;
     Py_ssize_t M, N, Npad, Kw, a_ps, a_bs, b_ps, b_bs, obs, ors;
@@ -251,11 +346,12 @@ typedef struct {
     float scale;            /* 2^(lsb_a + lsb_b) */
 } gemm_args;
 
-static inline float finish(const gemm_args *g, int64_t acc, int64_t rs, Py_ssize_t n) {
+static inline float finish(const gemm_args *g, int64_t acc, int64_t rs, Py_ssize_t m, Py_ssize_t n) {
     int64_t v = g->mode == 0 ? 2 * acc - rs : acc;
     float f = (float)v * g->scale;
-    if (g->alpha) f = f * g->alpha[n];
-    if (g->bias) f = f + g->bias[n];
+    Py_ssize_t c = g->trans ? m : n;
+    if (g->alpha) f = f * g->alpha[c];
+    if (g->bias) f = f + g->bias[c];
     return f;
 }
 
@@ -276,8 +372,9 @@ static void tile_scalar(const gemm_args *g, Py_ssize_t bt, Py_ssize_t m0, Py_ssi
                         acc += __builtin_popcountll(ar[k] & bc[k * g->Npad]);
                 }
             }
-            int64_t rs = g->rowsum ? g->rowsum[bt * g->M + m] : 0;
-            g->out[bt * g->obs + m * g->ors + n] = finish(g, acc, rs, n);
+            int64_t rs = g->trans ? (g->colsum ? g->colsum[bt * g->Npad + n] : 0)
+                                  : (g->rowsum ? g->rowsum[bt * g->M + m] : 0);
+            g->out[bt * g->obs + m * g->ors + n] = finish(g, acc, rs, m, n);
         }
 }
 
@@ -310,16 +407,23 @@ static void tile_scalar(const gemm_args *g, Py_ssize_t bt, Py_ssize_t m0, Py_ssi
         __m256 sc = _mm256_set1_ps(g->scale);                                                                  \
         for (int r = 0; r < MB; r++) {                                                                         \
             Py_ssize_t m = m0 + r;                                                                             \
-            __m512i rs = _mm512_set1_epi64(g->rowsum ? g->rowsum[bt * g->M + m] : 0);                         \
+            __m512i rs = _mm512_set1_epi64(!g->trans && g->rowsum ? g->rowsum[bt * g->M + m] : 0);            \
             float *o = g->out + bt * g->obs + m * g->ors;                                                      \
             for (int v = 0; v < NV; v++) {                                                                     \
                 Py_ssize_t n = n0 + 8 * v;                                                                     \
                 if (n >= g->N) break;                                                                          \
+                if (g->trans && g->colsum)                                                                     \
+                    rs = _mm512_loadu_si512((const void *)(g->colsum + bt * g->Npad + n));                     \
                 __m512i iv = g->mode == 0 ? _mm512_sub_epi64(_mm512_add_epi64(acc[r][v], acc[r][v]), rs) : acc[r][v]; \
                 __m256 f = _mm256_mul_ps(_mm512_cvtepi64_ps(iv), sc);                                          \
                 __mmask8 mk = g->N - n >= 8 ? (__mmask8)0xff : (__mmask8)((1u << (g->N - n)) - 1u);            \
-                if (g->alpha) f = _mm256_mul_ps(f, _mm256_maskz_loadu_ps(mk, g->alpha + n));                   \
-                if (g->bias) f = _mm256_add_ps(f, _mm256_maskz_loadu_ps(mk, g->bias + n));                     \
+                if (g->trans) {                                                                                \
+                    if (g->alpha) f = _mm256_mul_ps(f, _mm256_set1_ps(g->alpha[m]));                           \
+                    if (g->bias) f = _mm256_add_ps(f, _mm256_set1_ps(g->bias[m]));                             \
+                } else {                                                                                       \
+                    if (g->alpha) f = _mm256_mul_ps(f, _mm256_maskz_loadu_ps(mk, g->alpha + n));               \
+                    if (g->bias) f = _mm256_add_ps(f, _mm256_maskz_loadu_ps(mk, g->bias + n));                 \
+                }                                                                                              \
                 _mm256_mask_storeu_ps(o + n, mk, f);                                                           \
             }                                                                                                  \
         }                                                                                                      \
@@ -363,10 +467,12 @@ static PyObject *bc_gemm(PyObject *self, PyObject *args) {
     Py_ssize_t batch;
     gemm_args g;
     int scalar_only;
-    if (!PyArg_ParseTuple(args, "KKKKKKinnnnnnnnnnniifi", &aa, &ba, &ra, &oa, &la, &bia, &g.mode, &batch, &g.M,
+    unsigned long long ca;
+    if (!PyArg_ParseTuple(args, "KKKKKKinnnnnnnnnnniifiKi", &aa, &ba, &ra, &oa, &la, &bia, &g.mode, &batch, &g.M,
                           &g.N, &g.Npad, &g.Kw, &g.a_ps, &g.a_bs, &g.b_ps, &g.b_bs, &g.obs, &g.ors, &g.Pa, &g.Pb,
-                          &g.scale, &scalar_only))
+                          &g.scale, &scalar_only, &ca, &g.trans))
         return NULL;
+    g.colsum = (const int64_t *)(uintptr_t)ca;
     g.a = (const uint64_t *)(uintptr_t)aa;
     g.b = (const uint64_t *)(uintptr_t)ba;
     g.rowsum = (const int64_t *)(uintptr_t)ra;
@@ -390,6 +496,8 @@ static PyMethodDef methods[] = {
     {"pack", bc_pack, METH_VARARGS, "pack(x, rows, K, Kw, P, lsb, out, rowsum)"},
     {"im2col", bc_im2col, METH_VARARGS, "bit im2col over a [P, N, H, W, Cw] word layout"},
     {"transpose", bc_transpose, METH_VARARGS, "transpose(in, batch, rows, Kw, Npad, out)"},
+    {"pack_nchw", bc_pack_nchw, METH_VARARGS, "pack an NCHW tensor along C into [P, N*HW, Cw] words"},
+    {"im2col_cols", bc_im2col_cols, METH_VARARGS, "bit im2col into the column layout [P, N, Kw, Npad]"},
     {"gemm", bc_gemm, METH_VARARGS, "popcount GEMM (see the module docstring)"},
     {"isa", bc_isa, METH_NOARGS, "the vector instruction set the kernels were compiled for"},
     {NULL, NULL, 0, NULL},

@@ -227,7 +227,7 @@ def gemm(a: Packed, b_cols: torch.Tensor, n: int, batch: int = 1, b_planes: int 
         _ext.gemm(a.words.data_ptr(), b_cols.data_ptr(), a.rowsum.data_ptr() if weights else 0, out.data_ptr(),
                   0 if alpha is None else alpha.data_ptr(), 0 if bias is None else bias.data_ptr(), mode, batch,
                   m, n, npad, kw, total * kw, m * kw, b_cols.shape[1] * kw * npad, kw * npad, m * n, n, pa, b_planes,
-                  scale, 0)
+                  scale, 0, 0, 0)
         return out
     res = _np_gemm(_u64(a.words).reshape(pa, batch, m, kw), _u64(b_cols), a.rowsum.numpy() if weights else None,
                    mode, n, scale)
@@ -236,3 +236,40 @@ def gemm(a: Packed, b_cols: torch.Tensor, n: int, batch: int = 1, b_planes: int 
     if bias is not None:
         res = res + bias.numpy()
     return torch.from_numpy(np.ascontiguousarray(res, dtype=np.float32))
+
+
+def conv_nchw(x: torch.Tensor, weight_rows: torch.Tensor, cout: int, kernel, stride, padding, dilation,
+              alpha: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+              max_planes: int = MAX_PLANES) -> tuple[torch.Tensor, int] | None:
+    """A ±1-weight convolution of a float32 NCHW input, compiled kernels only: the input is packed along C
+    straight from NCHW, im2col writes the column layout, and out[n] = W · patches[n]ᵀ lands in NCHW order, so no
+    transposing copy is made. Returns (output, bit planes of x), or None when x does not pack.
+
+    Args:
+        weight_rows: [1, Cout, kh·kw·Cw] words of w⁺ (channel groups padded to whole words).
+    """
+    x = x.detach().contiguous()
+    n, c, h, w = x.shape
+    planes, lsb = _ext.analyze(x.data_ptr(), x.numel())
+    if planes < 0 or planes > max_planes:
+        return None
+    cw = words_for(c)
+    pixels = torch.empty((planes, n * h * w, cw), dtype=torch.int64)
+    pixsum = torch.empty(n * h * w, dtype=torch.int64)
+    _ext.pack_nchw(x.data_ptr(), n, c, h * w, cw, planes, lsb, pixels.data_ptr(), pixsum.data_ptr())
+    (kh, kw_), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw_ - 1) - 1) // sw + 1
+    hw = ho * wo
+    npad = (hw + 7) // 8 * 8
+    kwords = kh * kw_ * cw
+    cols = torch.empty((planes, n, kwords, npad), dtype=torch.int64)
+    colsum = torch.empty((n, npad), dtype=torch.int64)
+    _ext.im2col_cols(pixels.data_ptr(), pixsum.data_ptr(), planes, n, h, w, cw, kh, kw_, sh, sw, ph, pw, dh, dw, ho,
+                     wo, npad, cols.data_ptr(), colsum.data_ptr())
+    out = torch.empty((n, cout, ho, wo), dtype=torch.float32)
+    _ext.gemm(weight_rows.data_ptr(), cols.data_ptr(), 0, out.data_ptr(),
+              0 if alpha is None else alpha.data_ptr(), 0 if bias is None else bias.data_ptr(), 0, n,
+              cout, hw, npad, kwords, cout * kwords, 0, n * kwords * npad, kwords * npad, cout * hw, hw, 1, planes,
+              float(2.0 ** lsb), 0, colsum.data_ptr(), 1)
+    return out, planes

@@ -29,10 +29,13 @@ def _signs_and_scale(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None
 class _PackedLayer(nn.Module):
     """Common part: sign bits in words [1, 1, Kw, Npad], optional α, float bias, call statistics."""
 
+    rows_layout = False  # weight_words as rows [1, N, Kw] (convolutions) instead of columns [1, 1, Kw, Npad]
+
     def _setup(self, plus_rows: torch.Tensor, alpha: torch.Tensor | None, bias: torch.Tensor | None,
                out_features: int, bits: int) -> None:
         packed = kernels.pack_rows(plus_rows)
-        self.register_buffer("weight_words", kernels.to_columns(packed.words), persistent=False)
+        words = packed.words if self.rows_layout else kernels.to_columns(packed.words)
+        self.register_buffer("weight_words", words, persistent=False)
         self.register_buffer("alpha", alpha, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone(),
                              persistent=False)
@@ -47,16 +50,22 @@ class _PackedLayer(nn.Module):
         extra = sum(t.numel() * 4 for t in (self.alpha, self.bias) if t is not None)
         return self.weight_words.numel() * 8 + extra
 
+    def _columns(self) -> torch.Tensor:
+        return kernels.to_columns(self.weight_words) if self.rows_layout else self.weight_words
+
     def _float_weight(self, shape) -> torch.Tensor:
-        kw, npad = self.weight_words.shape[-2:]
-        words = self.weight_words[0, 0, :, :self.out_features].t().contiguous()  # [N, Kw]
+        if self.rows_layout:
+            words = self.weight_words[0]
+        else:
+            words = self.weight_words[0, 0, :, :self.out_features].t().contiguous()  # [N, Kw]
+        kw = words.shape[-1]
         bits = (words.unsqueeze(-1) >> torch.arange(64)) & 1  # [N, Kw, 64]
         w = bits.reshape(self.out_features, kw * 64).to(torch.float32) * 2 - 1
         return self._unflatten(w)[:self.out_features].reshape(shape) * (
             1.0 if self.alpha is None else self.alpha.view((-1,) + (1,) * (len(shape) - 1)))
 
     def _product(self, a: kernels.Packed) -> torch.Tensor:
-        return kernels.gemm(a, self.weight_words, self.out_features, alpha=self.alpha, bias=self.bias)[0]
+        return kernels.gemm(a, self._columns(), self.out_features, alpha=self.alpha, bias=self.bias)[0]
 
 
 class PackedLinear(_PackedLayer):
@@ -86,6 +95,8 @@ class PackedLinear(_PackedLayer):
 
 class PackedConv(_PackedLayer):
     """Conv1d/Conv2d (zero padding, groups = 1) with W ∈ {±α_c}: bit im2col over channel-packed pixels."""
+
+    rows_layout = True
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
@@ -117,6 +128,13 @@ class PackedConv(_PackedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x4 = x if self.dims == 2 else x.unsqueeze(2)
+        if kernels.backend() == "compiled" and x4.dtype == torch.float32:
+            done = kernels.conv_nchw(x4, self.weight_words, self.out_features, self.kernel, self.stride,
+                                     self.padding, self.dilation, self.alpha, self.bias, MAX_LAYER_PLANES)
+            if done is not None:
+                self.stats["packed"] += 1
+                y, self.last_planes = done
+                return y if self.dims == 2 else y[:, :, 0]
         n, c, h, w = x4.shape
         pixels = kernels.pack_rows(x4.permute(0, 2, 3, 1).reshape(n * h * w, c), MAX_LAYER_PLANES)
         if pixels is None:

@@ -107,7 +107,7 @@ class Engine:
             cin = x.shape[1] if isinstance(mod, PackedConv) else x.shape[-1]
             planes = max(1, mod.last_planes)
             rows = x.numel() // max(1, cin)
-            kw = mod.weight_words.shape[-2]
+            kw = mod.weight_words.shape[-1 if mod.rows_layout else -2]
             peak[0] = max(peak[0], x.numel() * 4 + out.numel() * 4 + planes * rows * kw * 8)
 
         handles = [m.register_forward_hook(hook) for m in self.packed_layers().values()]

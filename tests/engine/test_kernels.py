@@ -100,3 +100,26 @@ def test_bit_im2col_convolution_equals_conv2d(backend, kernel, stride, padding, 
     cols = kernels.to_columns(kernels.pack_rows(rows.reshape(cout, -1)).words)
     got = kernels.gemm(patches, cols, cout)[0].view(n, ho, wo, cout).permute(0, 3, 1, 2)
     assert torch.equal(got, F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation))
+
+
+@pytest.mark.skipif(not compiled_available(), reason="the compiled kernels are not built")
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [((3, 3), (1, 1), (1, 1), (1, 1)),
+                                                             ((1, 1), (1, 1), (0, 0), (1, 1)),
+                                                             ((3, 2), (2, 1), (1, 0), (1, 2))])
+def test_nchw_convolution_without_transposing_copies_equals_conv2d(kernel, stride, padding, dilation):
+    g = torch.Generator().manual_seed(5)
+    n, c, h, w_, cout = 2, 70, 9, 7, 12
+    w = _signs(g, cout, c, *kernel)
+    cw = kernels.words_for(c)
+    rows = torch.zeros(cout, kernel[0], kernel[1], cw * 64)
+    rows[..., :c] = (w > 0).to(torch.float32).permute(0, 2, 3, 1)
+    with use_backend("compiled"):
+        weight_rows = kernels.pack_rows(rows.reshape(cout, -1)).words
+        bias = torch.randn(cout, generator=g)
+        for x in (_spikes(g, n, c, h, w_), _spikes(g, n, c, h, w_) + 0.25 * _spikes(g, n, c, h, w_)):
+            got, planes = kernels.conv_nchw(x, weight_rows, cout, kernel, stride, padding, dilation)
+            assert torch.equal(got, F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation))
+            alpha = torch.rand(cout, generator=g) + 0.5
+            scaled, _ = kernels.conv_nchw(x, weight_rows, cout, kernel, stride, padding, dilation, alpha, bias)
+            assert torch.equal(scaled, got * alpha.view(-1, 1, 1) + bias.view(-1, 1, 1))
+        assert kernels.conv_nchw(x - 0.5, weight_rows, cout, kernel, stride, padding, dilation) is None
