@@ -11,11 +11,12 @@ Covered:
   is kept between calls until reset(), which spikingjelly's functional.reset_net calls).
 - legacy spikingjelly (clock_driven, 0.0.0.0.x): MultiStepLIFNode / MultiStepIFNode / MultiStepParametricLIFNode
   and the single-step LIFNode / IFNode / ParametricLIFNode, recognised by class and attribute names.
-- snntorch Leaky with explicit state (init_hidden=False) -> bestcompress.nn.leaky.Leaky (snntorch's update
-  order, strict threshold, ATan or sigmoid surrogate).
-Kept, with a note: snntorch neurons with init_hidden=True (their state is cleared through snntorch's class-level
-registry, snntorch.utils.reset / Leaky.reset_hidden, which a replacement cannot join), every other snntorch,
-norse and sinabs neuron, and any setting without a canonical form (other surrogates, state quantization, ...).
+- snntorch Leaky -> bestcompress.nn.leaky.Leaky (snntorch's update order, strict threshold, ATan or sigmoid
+  surrogate), with explicit state (init_hidden=False: the membrane the model passes is never stored) or with
+  hidden state (init_hidden=True: kept in the neuron; `utils.reset(self)` or `reset_mem()` inside a forward is
+  replayed by the traced graph, and bestcompress.nn.state.reset_state clears it between batches).
+Kept, with a note: every other snntorch, norse and sinabs neuron, and any setting without a canonical form
+(other surrogates, state quantization, ...).
 """
 from __future__ import annotations
 
@@ -133,9 +134,6 @@ def _to_plif(m: nn.Module, legacy_multi: bool | None = None) -> nn.Module:
 
 
 def _to_leaky(m: nn.Module) -> nn.Module:
-    if m.init_hidden:
-        raise Unsupported("init_hidden=True: its state is cleared through snntorch's class-level registry "
-                          "(snntorch.utils.reset, Leaky.reset_hidden), which a replacement cannot join")
     if getattr(m, "inhibition", False):
         raise Unsupported("inhibition=True has no canonical form")
     if getattr(m, "state_quant", False):
@@ -143,7 +141,8 @@ def _to_leaky(m: nn.Module) -> nn.Module:
     surrogate, alpha = _snntorch_surrogate(m)
     params = dict(m.named_parameters(recurse=False))
     new = Leaky(beta=m.beta, threshold=m.threshold, reset_mechanism=m.reset_mechanism,
-                reset_delay=bool(getattr(m, "reset_delay", True)), init_hidden=False, output=bool(m.output),
+                reset_delay=bool(getattr(m, "reset_delay", True)), init_hidden=bool(m.init_hidden),
+                output=bool(m.output),
                 graded_spikes_factor=m.graded_spikes_factor, learn_beta="beta" in params,
                 learn_threshold="threshold" in params, learn_graded_spikes_factor="graded_spikes_factor" in params,
                 surrogate=surrogate, alpha=alpha)
@@ -344,8 +343,10 @@ class CanonicalizeNeurons(Pass):
                               "without reset_net between batches carried state over, and now does not.")
             if any("snntorch" in r for r in counts):
                 self.ctx.note("CanonicalizeNeurons: the snntorch Leaky neurons became bestcompress Leaky "
-                              "(single-step, state in .mem): clear them with reset()/reset_mem(); "
-                              "snntorch.utils.reset and Leaky.reset_hidden no longer reach them.")
+                              "(single-step); a membrane the model passes is not stored, hidden state "
+                              "(init_hidden) is cleared by bestcompress.nn.state.reset_state (the trainer calls "
+                              "it per batch) or reset_mem(); snntorch.utils.reset outside the model no longer "
+                              "reaches them.")
         for name, why in self.kept.items():
             self.ctx.note(f"CanonicalizeNeurons: kept '{name}' as it is ({why}).")
 

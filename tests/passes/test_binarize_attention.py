@@ -9,6 +9,7 @@ from bestcompress.model_facts import example_input_for
 from bestcompress.errors import ModelError
 from bestcompress.nn.attention import AttentionMapNeuron, AttentionScale
 from bestcompress.nn.intercept import InterceptedAttention
+from bestcompress.nn.leaky import Leaky
 from bestcompress.nn.lif import LIF
 from bestcompress.passes import BinarizeAttention, PassContext, Pipeline
 from bestcompress.nn.attention import StepAttentionScale, StepMapNeuron
@@ -223,7 +224,7 @@ def test_snntorch_time_loop_traces_whole_and_stays_a_function_of_its_input():
     assert [type(m) for m in gm.modules() if isinstance(m, AttentionMapNeuron)] == [StepMapNeuron]
     # the init_hidden neuron's reset inside forward (init_mems) runs on every call of the graph
     resets = [n for n in gm.graph.nodes if n.target is call_state_method and n.args[0].target == "blocks.0.fc1_lif"]
-    assert [n.args[1] for n in resets] == ["reset_mem"]
+    assert [n.args[1] for n in resets] == ["reset_mem"] and type(gm.get_submodule("blocks.0.fc1_lif")) is Leaky
     maps = []
     gm.get_submodule("blocks.0.attn.attn_map_lif").register_forward_hook(lambda m, a, o: maps.append(o[0]))
     x = torch.rand((2,) + model.input_shape)

@@ -107,7 +107,7 @@ def test_shared_neuron_is_replaced_everywhere_by_one_module():
     assert sorted(p.replaced) == ["a", "b"]
 
 
-def test_snntorch_leaky_with_explicit_state_is_replaced_and_init_hidden_is_kept():
+def test_snntorch_leaky_with_explicit_and_with_hidden_state_is_replaced():
     snn = pytest.importorskip("snntorch")
     from snntorch import surrogate
 
@@ -135,9 +135,9 @@ def test_snntorch_leaky_with_explicit_state_is_replaced_and_init_hidden_is_kept(
     out, p, notes = _apply(model)
     assert type(out.lif1) is Leaky
     assert (out.lif1.reset_mechanism, out.lif1.surrogate, out.lif1.alpha) == ("zero", "sigmoid", 10.0)
-    assert isinstance(out.lif2, snn.Leaky) and "init_hidden=True" in p.kept["lif2"]
-    assert any("snntorch.utils.reset" in n for n in notes)
-    assert torch.equal(out(x), expected) and torch.equal(out(x), expected)
+    assert type(out.lif2) is Leaky and out.lif2.init_hidden and not p.kept
+    assert any("snntorch.utils.reset" in n and "reset_state" in n for n in notes)
+    assert torch.equal(out(x), expected) and torch.equal(out(x), expected)  # its forward calls reset_mem()
 
 
 def test_other_library_neurons_are_named_in_a_note():
