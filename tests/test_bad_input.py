@@ -243,3 +243,5 @@ def test_the_fixtures_are_good_where_they_should_be(folder, monkeypatch):
     assert result.exit_code == 0, result.output
     result = invoke("inspect", "good.bcz")
     assert result.exit_code == 0 and "packed binary model" in result.output, result.output
+    result = invoke("evaluate", "good.bcz", "--data", "synthetic", "--limit-batches", "1", "--json")
+    assert result.exit_code == 0 and '"kind": "packed"' in result.output, result.output
