@@ -145,11 +145,11 @@ def ort_runner(proto, spikes: dict[str, str], stepwise: bool = True) -> GraphFn:
     import onnxruntime as ort
 
     outputs = [o.name for o in proto.graph.output]
-    if stepwise:
-        graph, fed = cut_at_spikes(proto, spikes)
-    else:
-        graph, fed = G.with_outputs(proto, [t for t in spikes.values()]), {}
     try:
+        if stepwise:
+            graph, fed = cut_at_spikes(proto, spikes)
+        else:
+            graph, fed = G.with_outputs(proto, [t for t in spikes.values()]), {}
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         sess = ort.InferenceSession(graph.SerializeToString(), opts, providers=["CPUExecutionProvider"])
