@@ -261,10 +261,40 @@ class _SnnStepAttention(nn.Module):
         return self.out_fc(y), (m0, m1, m2, m3)
 
 
+class _SnnStepMLP(nn.Module):
+    def __init__(self, dim: int, beta: float) -> None:
+        super().__init__()
+        import snntorch as snn
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.lif1, self.lif2 = snn.Leaky(beta=beta), snn.Leaky(beta=beta, reset_mechanism="zero")
+
+    def forward(self, x, mems):
+        s, m0 = self.lif1(self.fc1(x), mems[0])
+        y, m1 = self.lif2(self.fc2(s), mems[1])
+        return y, (m0, m1)
+
+
+class _SnnStepBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, beta: float) -> None:
+        super().__init__()
+        self.attn, self.mlp = _SnnStepAttention(dim, heads, beta), _SnnStepMLP(dim, beta)
+
+    def init_mems(self):
+        a = self.attn
+        return (tuple(lif.init_leaky() for lif in (a.q_lif, a.k_lif, a.v_lif, a.attn_lif)),
+                (self.mlp.lif1.init_leaky(), self.mlp.lif2.init_leaky()))
+
+    def forward(self, x, mems):
+        y, a_mems = self.attn(x, mems[0])
+        x = x + y
+        y, m_mems = self.mlp(x, mems[1])
+        return x + y, (a_mems, m_mems)
+
+
 class SnnTorchTimeLoopTransformer(nn.Module):
     """snntorch's tutorial style: init_hidden=False neurons, membranes made by `init_leaky()` in forward, an
-    explicit `for step in range(self.num_steps)` loop over a static input, batch-first inside each step,
-    logits averaged over steps. Input [B, N, F]."""
+    explicit `for step in range(self.num_steps)` loop over a static input, batch-first inside each step, blocks of
+    (spiking Q·Kᵀ·V attention, spiking MLP) with residuals, logits averaged over steps. Input [B, N, F]."""
 
     def __init__(self, tokens: int = 4, features: int = 8, dim: int = 16, heads: int = 2, depth: int = 2,
                  num_classes: int = 3, num_steps: int = 3, beta: float = 0.8) -> None:
@@ -274,23 +304,18 @@ class SnnTorchTimeLoopTransformer(nn.Module):
         self.input_shape = (tokens, features)
         self.embed = nn.Linear(features, dim)
         self.embed_lif = snn.Leaky(beta=beta)
-        self.blocks = nn.ModuleList(_SnnStepAttention(dim, heads, beta) for _ in range(depth))
-        self.mlp_fc = nn.Linear(dim, dim)
-        self.mlp_lif = snn.Leaky(beta=beta)
+        self.blocks = nn.ModuleList(_SnnStepBlock(dim, heads, beta) for _ in range(depth))
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, x):
         mem = self.embed_lif.init_leaky()
-        mlp_mem = self.mlp_lif.init_leaky()
-        mems = [tuple(lif.init_leaky() for lif in (b.q_lif, b.k_lif, b.v_lif, b.attn_lif)) for b in self.blocks]
+        mems = [blk.init_mems() for blk in self.blocks]
         out = 0
         for step in range(self.num_steps):
             h, mem = self.embed_lif(self.embed(x), mem)
             for i, blk in enumerate(self.blocks):
-                y, mems[i] = blk(h, mems[i])
-                h = h + y
-            s, mlp_mem = self.mlp_lif(self.mlp_fc(h), mlp_mem)
-            out = out + self.head((h + s).mean(1))
+                h, mems[i] = blk(h, mems[i])
+            out = out + self.head(h.mean(1))
         return out / self.num_steps
 
 
