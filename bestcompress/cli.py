@@ -33,14 +33,25 @@ def _sentence(text: str) -> str:
 class BestcompressGroup(click.Group):
     """Runs a command; a user error (ours, or click's usage errors) becomes one sentence and exit code 2."""
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as e:  # the group's own options (`bestcompress --bogus`)
+            raise _usage(e) from None
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except BestcompressError as e:
             raise UserError(_sentence(e)) from None
         except click.UsageError as e:
-            where = e.ctx.command_path if e.ctx is not None else "bestcompress"
-            raise UserError(_sentence(e.format_message()).rstrip(".") + f" (see `{where} --help`).") from None
+            raise _usage(e) from None
+
+
+def _usage(e: click.UsageError) -> UserError:
+    """click's usage error (usage line, hint, message) as one sentence naming the command's --help."""
+    where = e.ctx.command_path if e.ctx is not None else "bestcompress"
+    return UserError(_sentence(e.format_message()).rstrip(".") + f" (see `{where} --help`).")
 
 
 @click.group(cls=BestcompressGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -216,6 +216,7 @@ CASES = {
     "recipes-unknown-subcommand": (["recipes", "delete"], ["delete"]),
     "zoo-extra-argument": (["zoo", "spikformer"], []),
     "unknown-command": (["compress", "fp.pt"], ["compress"]),
+    "unknown-group-option": (["--bogus", "zoo"], ["--bogus"]),
 }
 
 
