@@ -339,6 +339,8 @@ typedef struct {
     const int64_t *rowsum;  /* [batch][M] (mode 0) */
     const int64_t *colsum;  /* [batch][Npad] (mode 0, trans: the activations are the columns) */
     int trans;              /* trans: a = weights, b = activations; alpha/bias per row */
+    int bn;                 /* folded BatchNorm: 0 none; 1 fma(y, p0, p1); 2 ((y - p0) * p1) * p2 + p3 */
+    const float *bp[4];
     float *out;             /* out[batch * obs + m * ors + n] */
     const float *alpha, *bias;
     Py_ssize_t M, N, Npad, Kw, a_ps, a_bs, b_ps, b_bs, obs, ors;
@@ -352,6 +354,8 @@ static inline float finish(const gemm_args *g, int64_t acc, int64_t rs, Py_ssize
     Py_ssize_t c = g->trans ? m : n;
     if (g->alpha) f = f * g->alpha[c];
     if (g->bias) f = f + g->bias[c];
+    if (g->bn == 1) f = fmaf(f, g->bp[0][c], g->bp[1][c]);
+    else if (g->bn == 2) f = ((f - g->bp[0][c]) * g->bp[1][c]) * g->bp[2][c] + g->bp[3][c];
     return f;
 }
 
@@ -420,9 +424,22 @@ static void tile_scalar(const gemm_args *g, Py_ssize_t bt, Py_ssize_t m0, Py_ssi
                 if (g->trans) {                                                                                \
                     if (g->alpha) f = _mm256_mul_ps(f, _mm256_set1_ps(g->alpha[m]));                           \
                     if (g->bias) f = _mm256_add_ps(f, _mm256_set1_ps(g->bias[m]));                             \
+                    if (g->bn == 1)                                                                            \
+                        f = _mm256_fmadd_ps(f, _mm256_set1_ps(g->bp[0][m]), _mm256_set1_ps(g->bp[1][m]));       \
+                    else if (g->bn == 2)                                                                       \
+                        f = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_sub_ps(f, _mm256_set1_ps(g->bp[0][m])), \
+                            _mm256_set1_ps(g->bp[1][m])), _mm256_set1_ps(g->bp[2][m])), _mm256_set1_ps(g->bp[3][m])); \
                 } else {                                                                                       \
                     if (g->alpha) f = _mm256_mul_ps(f, _mm256_maskz_loadu_ps(mk, g->alpha + n));               \
                     if (g->bias) f = _mm256_add_ps(f, _mm256_maskz_loadu_ps(mk, g->bias + n));                 \
+                    if (g->bn == 1)                                                                            \
+                        f = _mm256_fmadd_ps(f, _mm256_maskz_loadu_ps(mk, g->bp[0] + n),                        \
+                                            _mm256_maskz_loadu_ps(mk, g->bp[1] + n));                          \
+                    else if (g->bn == 2)                                                                       \
+                        f = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(                                         \
+                                _mm256_sub_ps(f, _mm256_maskz_loadu_ps(mk, g->bp[0] + n)),                     \
+                                _mm256_maskz_loadu_ps(mk, g->bp[1] + n)), _mm256_maskz_loadu_ps(mk, g->bp[2] + n)), \
+                            _mm256_maskz_loadu_ps(mk, g->bp[3] + n));                                          \
                 }                                                                                              \
                 _mm256_mask_storeu_ps(o + n, mk, f);                                                           \
             }                                                                                                  \
@@ -467,12 +484,17 @@ static PyObject *bc_gemm(PyObject *self, PyObject *args) {
     Py_ssize_t batch;
     gemm_args g;
     int scalar_only;
-    unsigned long long ca;
-    if (!PyArg_ParseTuple(args, "KKKKKKinnnnnnnnnnniifiKi", &aa, &ba, &ra, &oa, &la, &bia, &g.mode, &batch, &g.M,
-                          &g.N, &g.Npad, &g.Kw, &g.a_ps, &g.a_bs, &g.b_ps, &g.b_bs, &g.obs, &g.ors, &g.Pa, &g.Pb,
-                          &g.scale, &scalar_only, &ca, &g.trans))
+    unsigned long long ca, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
+    g.bn = 0;
+    if (!PyArg_ParseTuple(args, "KKKKKKinnnnnnnnnnniifiKi|iKKKK", &aa, &ba, &ra, &oa, &la, &bia, &g.mode, &batch,
+                          &g.M, &g.N, &g.Npad, &g.Kw, &g.a_ps, &g.a_bs, &g.b_ps, &g.b_bs, &g.obs, &g.ors, &g.Pa,
+                          &g.Pb, &g.scale, &scalar_only, &ca, &g.trans, &g.bn, &b0, &b1, &b2, &b3))
         return NULL;
     g.colsum = (const int64_t *)(uintptr_t)ca;
+    g.bp[0] = (const float *)(uintptr_t)b0;
+    g.bp[1] = (const float *)(uintptr_t)b1;
+    g.bp[2] = (const float *)(uintptr_t)b2;
+    g.bp[3] = (const float *)(uintptr_t)b3;
     g.a = (const uint64_t *)(uintptr_t)aa;
     g.b = (const uint64_t *)(uintptr_t)ba;
     g.rowsum = (const int64_t *)(uintptr_t)ra;

@@ -205,8 +205,30 @@ def to_columns(words: torch.Tensor, batch: int = 1) -> torch.Tensor:
     return out
 
 
+def _bn_args(bn) -> tuple:
+    if bn is None:
+        return (0, 0, 0, 0, 0)
+    mode, params = bn
+    ptrs = [t.data_ptr() for t in params] + [0] * (4 - len(params))
+    return (mode, *ptrs)
+
+
+def apply_bn(y: torch.Tensor, bn, channel_axis: int) -> torch.Tensor:
+    """The folded BatchNorm epilogue in torch/NumPy arithmetic (the NumPy twin of the kernels' epilogue)."""
+    if bn is None:
+        return y
+    mode, params = bn
+    shape = [1] * y.dim()
+    shape[channel_axis] = -1
+    p = [t.view(shape) for t in params]
+    if mode == 1:  # fma(y, a, b): exact product in float64, one rounding of the sum
+        return (y.double() * p[0].double() + p[1].double()).to(torch.float32)
+    return ((y - p[0]) * p[1]) * p[2] + p[3]
+
+
 def gemm(a: Packed, b_cols: torch.Tensor, n: int, batch: int = 1, b_planes: int = 1, b_lsb: int = 0,
-         weights: bool = True, alpha: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+         weights: bool = True, alpha: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+         bn=None) -> torch.Tensor:
     """out[batch, m, n] = Σ_k a[m, k]·b[k, n] from packed operands.
 
     Args:
@@ -227,7 +249,7 @@ def gemm(a: Packed, b_cols: torch.Tensor, n: int, batch: int = 1, b_planes: int 
         _ext.gemm(a.words.data_ptr(), b_cols.data_ptr(), a.rowsum.data_ptr() if weights else 0, out.data_ptr(),
                   0 if alpha is None else alpha.data_ptr(), 0 if bias is None else bias.data_ptr(), mode, batch,
                   m, n, npad, kw, total * kw, m * kw, b_cols.shape[1] * kw * npad, kw * npad, m * n, n, pa, b_planes,
-                  scale, 0, 0, 0)
+                  scale, 0, 0, 0, *_bn_args(bn))
         return out
     res = _np_gemm(_u64(a.words).reshape(pa, batch, m, kw), _u64(b_cols), a.rowsum.numpy() if weights else None,
                    mode, n, scale)
@@ -235,12 +257,12 @@ def gemm(a: Packed, b_cols: torch.Tensor, n: int, batch: int = 1, b_planes: int 
         res = res * alpha.numpy()
     if bias is not None:
         res = res + bias.numpy()
-    return torch.from_numpy(np.ascontiguousarray(res, dtype=np.float32))
+    return apply_bn(torch.from_numpy(np.ascontiguousarray(res, dtype=np.float32)), bn, -1)
 
 
 def conv_nchw(x: torch.Tensor, weight_rows: torch.Tensor, cout: int, kernel, stride, padding, dilation,
               alpha: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-              max_planes: int = MAX_PLANES) -> tuple[torch.Tensor, int] | None:
+              max_planes: int = MAX_PLANES, bn=None) -> tuple[torch.Tensor, int] | None:
     """A ±1-weight convolution of a float32 NCHW input, compiled kernels only: the input is packed along C
     straight from NCHW, im2col writes the column layout, and out[n] = W · patches[n]ᵀ lands in NCHW order, so no
     transposing copy is made. Returns (output, bit planes of x), or None when x does not pack.
@@ -271,5 +293,5 @@ def conv_nchw(x: torch.Tensor, weight_rows: torch.Tensor, cout: int, kernel, str
     _ext.gemm(weight_rows.data_ptr(), cols.data_ptr(), 0, out.data_ptr(),
               0 if alpha is None else alpha.data_ptr(), 0 if bias is None else bias.data_ptr(), 0, n,
               cout, hw, npad, kwords, cout * kwords, 0, n * kwords * npad, kwords * npad, cout * hw, hw, 1, planes,
-              float(2.0 ** lsb), 0, colsum.data_ptr(), 1)
+              float(2.0 ** lsb), 0, colsum.data_ptr(), 1, *_bn_args(bn))
     return out, planes

@@ -64,8 +64,19 @@ class _PackedLayer(nn.Module):
         return self._unflatten(w)[:self.out_features].reshape(shape) * (
             1.0 if self.alpha is None else self.alpha.view((-1,) + (1,) * (len(shape) - 1)))
 
+    bn = None  # a folded BatchNorm epilogue (plan.py): (mode, [float32 per-channel tensors])
+
+    def fold_bn(self, mode: int, params: list[torch.Tensor]) -> None:
+        """Apply a BatchNorm to this layer's outputs in the kernel's epilogue (plan.py checks it is exact)."""
+        for i, t in enumerate(params):
+            self.register_buffer(f"bn_{i}", t.detach().to(torch.float32).contiguous().clone(), persistent=False)
+        self.bn = (mode, [getattr(self, f"bn_{i}") for i in range(len(params))])
+
+    def _float_tail(self, y: torch.Tensor, channel_axis: int) -> torch.Tensor:
+        return kernels.apply_bn(y, self.bn, channel_axis) if self.bn is not None else y
+
     def _product(self, a: kernels.Packed) -> torch.Tensor:
-        return kernels.gemm(a, self._columns(), self.out_features, alpha=self.alpha, bias=self.bias)[0]
+        return kernels.gemm(a, self._columns(), self.out_features, alpha=self.alpha, bias=self.bias, bn=self.bn)[0]
 
 
 class PackedLinear(_PackedLayer):
@@ -87,7 +98,8 @@ class PackedLinear(_PackedLayer):
         packed = kernels.pack_rows(x.reshape(-1, self.in_features), MAX_LAYER_PLANES)
         if packed is None:
             self.stats["float"] += 1
-            return F.linear(x, self._float_weight((self.out_features, self.in_features)), self.bias)
+            y = F.linear(x, self._float_weight((self.out_features, self.in_features)), self.bias)
+            return self._float_tail(y, -1)
         self.stats["packed"] += 1
         self.last_planes = packed.planes
         return self._product(packed).view(lead + (self.out_features,))
@@ -130,7 +142,7 @@ class PackedConv(_PackedLayer):
         x4 = x if self.dims == 2 else x.unsqueeze(2)
         if kernels.backend() == "compiled" and x4.dtype == torch.float32:
             done = kernels.conv_nchw(x4, self.weight_words, self.out_features, self.kernel, self.stride,
-                                     self.padding, self.dilation, self.alpha, self.bias, MAX_LAYER_PLANES)
+                                     self.padding, self.dilation, self.alpha, self.bias, MAX_LAYER_PLANES, self.bn)
             if done is not None:
                 self.stats["packed"] += 1
                 y, self.last_planes = done
@@ -140,7 +152,7 @@ class PackedConv(_PackedLayer):
         if pixels is None:
             self.stats["float"] += 1
             conv = F.conv2d if self.dims == 2 else F.conv1d
-            return conv(x, self._float_weight(self._shape), self.bias, **self._torch_args)
+            return self._float_tail(conv(x, self._float_weight(self._shape), self.bias, **self._torch_args), 1)
         self.stats["packed"] += 1
         self.last_planes = pixels.planes
         if self.kernel == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0):

@@ -4,7 +4,10 @@ The model keeps its own graph (a torch.fx GraphModule, or an eager root with tra
 Conv1d/Conv2d/Linear module becomes a PackedLinear/PackedConv holding only sign bits, and every matmul node of
 every graph becomes `popcount_matmul`. Neurons, normalizations, the full-precision first layer and heads, pooling
 and couplings stay the model's own torch ops, so spikes are computed by the same code as in PyTorch.
-BatchNorm is not folded into the popcount outputs: folding changes float rounding, and that is not exact.
+A BatchNorm (eval mode) right after a packed layer is folded into the kernel's epilogue when the fold is exact:
+the epilogue repeats PyTorch's own BatchNorm arithmetic for the layout it would see (contiguous: fma(y, α, β) with
+α = rsqrt(var + ε)·γ; transposed views, as Spikformer's Linear → transpose → BN1d → transpose: ((y − μ)·(1/√(var+ε)))·γ
++ β), and each fold is checked bit for bit against the BatchNorm module on a probe before it is kept.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import torch
 from torch import fx, nn
 
 from ..nn.binary import BinaryLinear, is_binary_layer
-from .layers import PackedConv, PackedLinear, popcount_matmul
+from .kernels import apply_bn
+from .layers import PackedConv, PackedLinear, _PackedLayer, popcount_matmul
 
 _MATMULS = (operator.matmul, torch.matmul)
 
@@ -28,6 +32,7 @@ class Plan:
     packed: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)
     matmuls: int = 0
+    folded: list[str] = field(default_factory=list)
 
 
 def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -52,12 +57,81 @@ def _rewrite_matmuls(gm: fx.GraphModule) -> int:
     return count
 
 
-def compile_model(model: nn.Module, copy_model: bool = True) -> tuple[nn.Module, Plan]:
+def _bn_params(bn: nn.modules.batchnorm._BatchNorm, mode: int) -> list[torch.Tensor]:
+    var, mean = bn.running_var.to(torch.float32), bn.running_mean.to(torch.float32)
+    w = bn.weight if bn.weight is not None else torch.ones_like(var)
+    b = bn.bias if bn.bias is not None else torch.zeros_like(var)
+    w, b = w.detach().to(torch.float32), b.detach().to(torch.float32)
+    if mode == 1:
+        alpha = torch.rsqrt(var + bn.eps) * w
+        beta = (b.double() - mean.double() * alpha.double()).to(torch.float32)  # fma(-μ, α, β)
+        return [alpha, beta]
+    return [mean, 1 / torch.sqrt(var + bn.eps), w, b]
+
+
+def _fold_is_exact(bn, mode: int, params, channels: int, layer: _PackedLayer, transposed: bool) -> bool:
+    """Does the epilogue reproduce `bn` bit for bit on a probe in the layout it will see?"""
+    g = torch.Generator().manual_seed(0)
+    if transposed:  # [rows, tokens, C] viewed as [rows, C, tokens]
+        probe = torch.randint(-600, 600, (3, 5, channels), generator=g).to(torch.float32) * 0.25
+        probe = probe + torch.randn(probe.shape, generator=g)
+        ref = bn(probe.transpose(-1, -2)).transpose(-1, -2)
+        return bool(torch.equal(ref, apply_bn(probe, (mode, params), -1)))
+    dims = 2 if isinstance(layer, PackedLinear) else (layer.dims + 2)
+    shape = (3, channels) + (5,) * (dims - 2)
+    probe = torch.randint(-600, 600, shape, generator=g).to(torch.float32) * 0.25 + torch.randn(shape, generator=g)
+    return bool(torch.equal(bn(probe), apply_bn(probe, (mode, params), 1)))
+
+
+def _is_swap_last_two(node) -> bool:
+    return (node.op == "call_method" and node.target == "transpose" and len(node.args) == 3
+            and set(node.args[1:]) == {-1, -2} and not node.kwargs)
+
+
+def _fold_batchnorms(gm: fx.GraphModule, plan: Plan) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), _PackedLayer):
+            continue
+        layer = gm.get_submodule(node.target)
+        if layer.bn is not None or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        chain, transposed = [], False
+        if _is_swap_last_two(user) and isinstance(layer, PackedLinear) and len(user.users) == 1:
+            chain, transposed = [user], True
+            user = next(iter(user.users))
+        if user.op != "call_module" or user.args[0] is not (chain[0] if chain else node) or len(user.args) != 1:
+            continue
+        bn = gm.get_submodule(user.target)
+        if (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training or bn.running_mean is None
+                or bn.num_features != layer.out_features):
+            continue
+        last = user
+        if transposed:
+            if len(user.users) != 1 or not _is_swap_last_two(next(iter(user.users))):
+                continue
+            last = next(iter(user.users))
+        mode = 2 if transposed else 1
+        params = _bn_params(bn, mode)
+        with torch.no_grad():
+            if not _fold_is_exact(bn, mode, params, layer.out_features, layer, transposed):
+                continue
+        layer.fold_bn(mode, params)
+        last.replace_all_uses_with(node)
+        for dead in ([last, user] if transposed else [user]) + chain:
+            gm.graph.erase_node(dead)
+        plan.folded.append(f"{node.target} + {user.target}")
+    gm.graph.lint()
+    gm.recompile()
+
+
+def compile_model(model: nn.Module, copy_model: bool = True, fold_bn: bool = True) -> tuple[nn.Module, Plan]:
     """The engine form of a binary model (eval mode, no gradients needed).
 
     Args:
         model: a binary model (from binarize, bc.load or load_packed).
         copy_model: work on a deep copy (the caller's model is left as it is).
+        fold_bn: fold BatchNorms into the packed layers' epilogues where that is bit-exact.
     Returns:
         (engine model, plan).
     """
@@ -77,6 +151,8 @@ def compile_model(model: nn.Module, copy_model: bool = True) -> tuple[nn.Module,
         plan.packed.append(name)
     for gm in [m for m in model.modules() if isinstance(m, fx.GraphModule)]:
         plan.matmuls += _rewrite_matmuls(gm)
+        if fold_bn:
+            _fold_batchnorms(gm, plan)
     for p in model.parameters():
         p.requires_grad_(False)
     return model, plan

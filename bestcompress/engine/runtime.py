@@ -120,7 +120,8 @@ class Engine:
         return int(peak[0])
 
     def describe(self) -> str:
-        return (f"{len(self.plan.packed)} packed binary layers, {self.plan.matmuls} popcount matmuls, "
+        return (f"{len(self.plan.packed)} packed binary layers ({len(self.plan.folded)} with their BatchNorm folded), "
+                f"{self.plan.matmuls} popcount matmuls, "
                 f"{len(self.plan.kept)} binary layers kept in PyTorch; {kernels.backend_description()}")
 
 
