@@ -238,3 +238,27 @@ def test_a_branch_on_a_tensor_value_is_not_specialised():
     model = WithDataDependentChild()
     gm, report = trace_model(model, example_input=torch.randn(2, 3, 4))
     assert [n for n, _ in report.leaves_added] == ["gate"] and not report.specialised
+
+
+def test_a_forward_unrolled_over_time_marks_each_steps_nodes():
+    from bestcompress.trace import annotate_time_steps
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre, self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+            self.lif = LIF(step_mode="s")
+
+        def forward(self, x):
+            h, out = self.pre(x), 0
+            for _ in range(3):
+                out = out + self.lif(self.fc(h))
+            return self.head(out)
+
+    gm, _ = trace_model(Loop())
+    assert gm.bc_time_steps == 3 and annotate_time_steps(gm) == 3
+    by_target = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            by_target.setdefault(n.target, []).append(n.meta.get("bc_time_step"))
+    assert by_target == {"pre": [None], "fc": [0, 1, 2], "lif": [0, 1, 2], "head": [None]}
