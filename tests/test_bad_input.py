@@ -49,6 +49,11 @@ def folder(tmp_path_factory):
     flipped = bytearray(bcz)
     flipped[info.header_offset + 30 + len(info.filename) + info.compress_size // 2] ^= 0xFF  # inside its data
     (d / "corrupt.bcz").write_bytes(bytes(flipped))
+    with zipfile.ZipFile(d / "good.bcz") as z:
+        blob = next(i for i in z.infolist() if i.filename.startswith("blob_"))
+    flipped = bytearray(bcz)
+    flipped[blob.header_offset + 30 + len(blob.filename) + blob.compress_size // 2] ^= 0xFF
+    (d / "corrupt_blob.bcz").write_bytes(bytes(flipped))
     nan_fp = tiny_model("spikformer_cifar").eval()
     with torch.no_grad():
         nan_fp.head.weight[0, 0] = float("nan")
@@ -135,7 +140,8 @@ CASES = {
     # ------------------------------------------------------------------------------------------- inspect
     "inspect-missing": (["inspect", "nope.pt"], ["does not exist"]),
     "inspect-truncated-bcz": (["inspect", "truncated.bcz"], []),
-    "inspect-corrupt-bcz": (["inspect", "corrupt.bcz"], []),
+    "inspect-corrupt-bcz": (["inspect", "corrupt.bcz"], ["corrupted"]),
+    "inspect-corrupt-blob-bcz": (["inspect", "corrupt_blob.bcz"], ["corrupted"]),
     "inspect-shape-misfit": (["inspect", "fp.pt", "--input-shape", "1,16,16"], ["failed"]),
     "inspect-pickle": (["inspect", "pickled.pt"], ["pickled Python code", "--trust-checkpoint"]),
     "inspect-no-such-option": (["inspect", "fp.pt", "--bogus"], ["--bogus"]),
@@ -164,6 +170,8 @@ CASES = {
     "train-tiny-no-arch": (["train", "--init", "fp.pt", "--tiny", *SYN, "-o", "t.pt"], ["--tiny"]),
     "train-set-lr": (["train", "--arch", "spikformer_cifar", "--tiny", *SYN, "--set", "train.lr=-1", "-o", "t.pt"],
                      ["train.lr"]),
+    "train-set-structure": (["train", "--arch", "spikformer_cifar", "--tiny", *SYN, "--set", "weights.binarize=false",
+                             "-o", "t.pt"], ["weights.binarize", "binarize"]),
     # ------------------------------------------------------------------------------------------- distill
     "distill-fp": (["distill", "fp.pt", *SYN, "-o", "c.pt"], ["full-precision"]),
     "distill-packed": (["distill", "good.bcz", *SYN, "-o", "c.pt"], [".bcz"]),

@@ -121,6 +121,7 @@ def train(arch, model_factory, model_kwargs, tiny, init_checkpoint, trust_checkp
     _need_data(data, resume)
     given = _given(recipe=recipe, overrides=overrides, epochs=epochs, seed=seed, data=data, encoding=encoding,
                    subset=subset, limit_batches=limit_batches)
+    _no_structure_overrides(given["overrides"])
     kwargs = parse_model_kwargs(model_kwargs)
     if tiny:
         if arch is None:
@@ -157,6 +158,16 @@ def _report_run(console, what: str, result, output, run_dir) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- distill
+
+def _no_structure_overrides(items) -> None:
+    """`train` builds no binary model: a --set of a structure key would do nothing there, so it is an error."""
+    from ..errors import RecipeError
+    from ..recipe import STRUCTURE_SECTIONS
+    for key in items or {}:
+        if key.split(".")[0] in STRUCTURE_SECTIONS:
+            raise RecipeError(f"--set {key} does nothing in `train` (it shapes the binary model); give it to "
+                              "`bestcompress binarize` instead.")
+
 
 def _check_structure(built, overrides) -> None:
     """The structure keys (weights, attention, neurons, reversible) were fixed by binarize: a --set asking for
