@@ -31,10 +31,9 @@ class TraceReport:
     concrete_args: dict[str, object] = field(default_factory=dict)
     specialised: list[str] = field(default_factory=list)  # shape branches taken as the example input takes them
     state_constants: list[str] = field(default_factory=list)  # neuron state read at trace time, now constant
-    front_end: str = "torch.fx"
 
     def lines(self) -> list[str]:
-        out = [f"front-end: {self.front_end}"] if self.front_end != "torch.fx" else []
+        out = []
         for name, why in self.leaves_added:
             out.append(f"'{name or '<root>'}' kept as an opaque leaf (tracing it failed: {why})")
         for name, why in self.eager:

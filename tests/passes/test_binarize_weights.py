@@ -163,3 +163,14 @@ def test_when_only_refused_subclasses_remain_the_error_does_not_blame_the_recipe
     model = nn.Sequential(nn.Linear(4, 4), ScaledLinear(4, 4), nn.Linear(4, 2))
     with pytest.raises(ModelError, match="compute differently from their parent class"):
         _run(model, torch.rand(2, 4))
+
+
+def test_a_parametrized_layer_binarizes_with_the_weight_it_computes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)), nn.Linear(4, 2))
+    x = torch.rand(2, 4)
+    weight = model[1].weight.detach().clone()  # computed from weight_g and weight_v
+    out, p, notes = _run(model, x)
+    assert isinstance(out.get_submodule("1"), BinaryLinear) and not p.refused
+    assert torch.allclose(out.get_submodule("1").weight, weight)
+    assert any("1 subclassed layer(s) binarized after checking" in n for n in notes)
