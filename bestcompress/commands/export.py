@@ -32,28 +32,6 @@ def _load(path: Path, trust: bool, input_shape, command: str):
     return loaded
 
 
-def _same_model(file: Path, against: Path, loaded) -> None:
-    """A packed FILE must hold the model `against` holds (same tensors, same shapes), before any comparison."""
-    from ..exporters.packed import is_packed, read_header
-
-    if not is_packed(file):
-        return
-    header = read_header(file)
-    ours = loaded.model.state_dict()
-    theirs = list(header.get("state_keys") or [])
-    differ = sorted(set(theirs) ^ set(ours))
-    if not differ and header.get("input_shape") and loaded.info.get("input_shape"):
-        if list(header["input_shape"]) != list(loaded.info["input_shape"]):
-            differ = ["input shape"]
-    if not differ:
-        index = header.get("index") or {}
-        differ = [k for k in theirs if f"fp/{k}" in index and list(index[f"fp/{k}"][2]) != list(ours[k].shape)]
-    if differ:
-        raise ExportError(f"'{file}' does not hold the model in '{against}' ({len(differ)} tensor"
-                          f"{'s' if len(differ) != 1 else ''} differ, e.g. '{differ[0]}'); give the checkpoint it "
-                          "was exported from.")
-
-
 def _verification_line(report) -> str:
     return "verified: " + report.message("the export")
 
@@ -118,7 +96,6 @@ def verify(file, against, data, samples, tolerance, trust_checkpoint):
     if not Path(file).exists():
         raise ExportError(f"'{file}' does not exist.")
     loaded = _load(against, trust_checkpoint, None, "verify --against")
-    _same_model(Path(file), against, loaded)
     report = verify_file(file, loaded.model, data=data, samples=samples, tolerance=tolerance)
     if not report.passed:
         raise ExportError(report.message(f"'{file}'"))
