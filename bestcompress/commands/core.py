@@ -217,8 +217,11 @@ def inspect(file, arch, model_factory, model_kwargs, input_shape, trust_checkpoi
     if as_csv:
         click.echo(summary.to_csv(), nl=False)
         return
+    from ..engine.runtime import memory_line, packed_memory  # a .bcz: what the 1-bit engine holds in RAM
+    engine_mem = packed_memory(loaded)
     if as_json:
-        click.echo(json.dumps({"kind": kind, "spec": info.get("spec"), **summary.to_dict()}, indent=2, default=str))
+        click.echo(json.dumps({"kind": kind, "spec": info.get("spec"), **summary.to_dict(),
+                               **({"engine_memory": engine_mem} if engine_mem else {})}, indent=2, default=str))
         return
     what = {"binary": "binary", "packed": "packed binary"}.get(loaded.kind, "full-precision")
     stored = info.get("recipe")
@@ -228,6 +231,8 @@ def inspect(file, arch, model_factory, model_kwargs, input_shape, trust_checkpoi
     origin = spec.get("arch") or spec.get("factory") or spec.get("pickle") or "unknown"
     _say(console, f"{file}: {what} model ({origin}{recipe})")
     summary.render(console)
+    if engine_mem:
+        _say(console, memory_line(engine_mem))
 
 
 # ------------------------------------------------------------------------------------------------- recipes

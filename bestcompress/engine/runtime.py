@@ -148,4 +148,19 @@ def load(path: str | os.PathLike) -> Engine:
     return Engine(model, input_shape=tuple(shape) if shape else None, source=str(path), copy_model=False)
 
 
-__all__ = ["Engine", "Plan", "from_model", "load"]
+__all__ = ["Engine", "Plan", "from_model", "load", "memory_line", "packed_memory"]
+
+
+def packed_memory(loaded) -> dict | None:
+    """The engine's memory for a loaded .bcz (`bc.load`'s Loaded), for `inspect`; None for other kinds."""
+    if getattr(loaded, "kind", None) != "packed":
+        return None
+    shape = (loaded.info or {}).get("input_shape")
+    return Engine(loaded.model, input_shape=tuple(shape) if shape else None).memory()
+
+
+def memory_line(mem: dict) -> str:
+    act = mem.get("activation_bytes")
+    act_text = f", activations {act / 1e6:.3f} MB (largest layer, batch 1)" if act else ""
+    return (f"1-bit engine memory: packed binary weights {mem['packed_weight_bytes'] / 1e6:.3f} MB (sign bits "
+            f"{mem['sign_bit_bytes'] / 1e6:.3f} MB), other parameters {mem['other_bytes'] / 1e6:.3f} MB{act_text}")

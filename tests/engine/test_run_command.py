@@ -67,3 +67,13 @@ def test_verify_a_packed_file_checks_the_engine(digits_model):
     r = invoke("verify", path, "--against", path)
     assert r.exit_code == 0, r.output
     assert "1-bit engine" in r.output and "spike-exact" in r.output
+
+
+def test_inspect_a_packed_file_shows_the_engine_memory(digits_model):
+    path, binary = digits_model
+    r = invoke("inspect", path)
+    assert r.exit_code == 0 and "1-bit engine memory" in r.output, r.output
+    mem = json.loads(invoke("inspect", path, "--json").output)["engine_memory"]
+    bits = sum(m.weight.numel() for n, m in binary.named_modules() if hasattr(m, "binary_weight"))
+    assert mem["sign_bit_bytes"] == (bits + 7) // 8 and mem["packed_weight_bytes"] >= mem["sign_bit_bytes"]
+    assert mem["activation_bytes"] > 0
