@@ -131,9 +131,10 @@ def test_a_spec_naming_code_is_refused_by_every_command(files, spec, kind, suffi
         assert_user_error(result)
         assert not files["marker"].exists(), (args, result.output)
         line = result.output.strip()
+        assert "--model" in line or "--teacher-model" in line, line  # says which option builds the model
+        assert "--trust-checkpoint" in line, line
         if spec != "pickle_spec":
-            assert "--model" in line or "--teacher-model" in line, line  # says which factory to pass
-            assert "--trust-checkpoint" in line, line
+            assert _specs(files["marker"])[spec]["factory"] in line, line  # names the factory to pass
 
 
 @pytest.mark.parametrize("name", ["pickle_fp.pt", "pickle_only.pt", "pickle_legacy.pt"])
