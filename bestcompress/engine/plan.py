@@ -2,8 +2,9 @@
 
 The model keeps its own graph (a torch.fx GraphModule, or an eager root with traced children): every binary
 Conv1d/Conv2d/Linear module becomes a PackedLinear/PackedConv holding only sign bits, and every matmul node of
-every graph becomes `popcount_matmul`. Neurons, normalizations, the full-precision first layer and heads, pooling
-and couplings stay the model's own torch ops, so spikes are computed by the same code as in PyTorch.
+every graph becomes `popcount_matmul`. Neurons, normalizations, the full-precision first layer and heads and
+couplings stay the model's own torch ops, so spikes are computed by the same code as in PyTorch; max pooling
+becomes separable maxima of strided views (exact, and faster than torch's max_pool2d with its indices).
 A BatchNorm (eval mode) right after a packed layer is folded into the kernel's epilogue when the fold is exact:
 the epilogue repeats PyTorch's own BatchNorm arithmetic for the layout it would see (contiguous: fma(y, α, β) with
 α = rsqrt(var + ε)·γ; transposed views, as Spikformer's Linear → transpose → BN1d → transpose: ((y − μ)·(1/√(var+ε)))·γ
@@ -21,6 +22,7 @@ from torch import fx, nn
 from ..nn.binary import BinaryLinear, is_binary_layer
 from .kernels import apply_bn
 from .layers import PackedConv, PackedLinear, _PackedLayer, popcount_matmul
+from .pooling import SeparableMaxPool2d
 
 _MATMULS = (operator.matmul, torch.matmul)
 
@@ -33,6 +35,7 @@ class Plan:
     kept: dict[str, str] = field(default_factory=dict)
     matmuls: int = 0
     folded: list[str] = field(default_factory=list)
+    pools: int = 0
 
 
 def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -149,6 +152,10 @@ def compile_model(model: nn.Module, copy_model: bool = True, fold_bn: bool = Tru
             continue
         _set_module(model, name, new)
         plan.packed.append(name)
+    for name, pool in list(model.named_modules()):
+        if SeparableMaxPool2d.supports(pool):
+            _set_module(model, name, SeparableMaxPool2d(pool))
+            plan.pools += 1
     for gm in [m for m in model.modules() if isinstance(m, fx.GraphModule)]:
         plan.matmuls += _rewrite_matmuls(gm)
         if fold_bn:
