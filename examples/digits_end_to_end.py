@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 
 from bestcompress.convert import binarize  # noqa: E402
 from bestcompress.checkpoint import save_binary  # noqa: E402
-from bestcompress.data import load_dataset  # noqa: E402
+from bestcompress.data import load_dataset, validation_split  # noqa: E402
+from bestcompress.recipe import load_recipe  # noqa: E402
 from bestcompress.training.calibration import calibrate  # noqa: E402
 from bestcompress.training.trainer import distill, evaluate, train  # noqa: E402
 from bestcompress.summary import summarize  # noqa: E402
@@ -84,7 +85,9 @@ def main(argv=None) -> int:
     student = result.model
     before = evaluate(student, data)
     print(f"  binary model, 0 epochs: top-1 {before['top1']:.2f}%")
-    seen, layers = calibrate(student, data, batches=CALIBRATE_BATCHES, batch_size=TEACHER["train.batch_size"],
+    # the validation split distill will use (so calibration, like training, never sees a validation digit)
+    split = validation_split(data, load_recipe("bestformer").train.val_fraction, args.seed)
+    seen, layers = calibrate(student, split, batches=CALIBRATE_BATCHES, batch_size=TEACHER["train.batch_size"],
                              seed=args.seed)
     calibrated = evaluate(student, data)
     save_binary(student, teacher, out / "bin.pt")
@@ -92,7 +95,7 @@ def main(argv=None) -> int:
           f"{calibrated['top1']:.2f}%")
 
     step(f"3/4 distilling with CIE ({args.student_epochs} epochs, teacher = the full-precision model)")
-    run = distill(student, teacher, data, out=out / "bin_cie.pt", source_model=teacher, epochs=args.student_epochs,
+    run = distill(student, teacher, split, out=out / "bin_cie.pt", source_model=teacher, epochs=args.student_epochs,
                   overrides=STUDENT, run_dir=out / "runs" / "student", seed=args.seed)
     after = evaluate(student, data)  # the best epoch's weights (picked on validation), as saved in bin_cie.pt
     print(f"  kept epoch {run.best_epoch} of {args.student_epochs} (validation top-1 {run.best_top1:.2f}%)")
