@@ -48,7 +48,8 @@ def _is_packed(path: Path) -> bool:
 
 
 def load(path: str | os.PathLike, *, arch: str | None = None, model: str | None = None,
-         model_kwargs: Mapping | None = None, trust: bool = False, option: str = "--model") -> Loaded:
+         model_kwargs: Mapping | None = None, trust: bool = False, option: str = "--model",
+         want: str | None = None, command: str = "this step") -> Loaded:
     """Load the model stored in `path`, whatever kind of file it is.
 
     Args:
@@ -59,13 +60,18 @@ def load(path: str | os.PathLike, *, arch: str | None = None, model: str | None 
         model_kwargs: options for the zoo model or the factory (default for a factory: the stored ones).
         trust: allow unpickling arbitrary objects and calling code a file names (only for trusted files).
         option: the command-line option that names a factory, for messages.
+        want: 'fp' or 'binary' (binary or packed): another kind of file is refused with one sentence before any
+            model is built; `command` names the step in that sentence.
     Returns:
         A Loaded; `kind` says whether the model is full precision, binary or packed.
     """
     path = Path(path)
     if _is_packed(path):
+        _check_kind(path, "packed", want, command)
         return _load_packed(path, arch, model, model_kwargs, trust)
     obj = load_checkpoint_file(path, trust=trust)
+    binary = isinstance(obj, Mapping) and obj.get("format") == FORMAT and obj.get("kind") == "binary"
+    _check_kind(path, "binary" if binary else "fp", want, command)
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         obj = check_format(obj, path)
         if obj.get("kind") == "binary":
@@ -97,14 +103,14 @@ def load_model(path: str | os.PathLike | None = None, arch: str | None = None, m
     """
     if path is None:
         return _fp_from_obj(None, None, arch, model, model_kwargs, trust, option).eval()
-    loaded = load(path, arch=arch, model=model, model_kwargs=model_kwargs, trust=trust, option=option)
+    loaded = load(path, arch=arch, model=model, model_kwargs=model_kwargs, trust=trust, option=option,
+                  want=None if allow_binary else "fp")
     if loaded.kind == "fp":
         return loaded.model
-    if loaded.kind == "binary" and allow_binary:
+    if loaded.kind == "binary":
         return loaded.source
-    what = "artifact" if loaded.kind == "packed" else "checkpoint"
-    raise CheckpointError(f"'{path}' is already a binary bestcompress {what}; this step takes a full-precision model "
-                          "(fine-tune a binary one with `bestcompress distill`).")
+    _check_kind(Path(path), loaded.kind, "fp", "this step")
+    return loaded.model  # pragma: no cover (_check_kind raised)
 
 
 def load_binary(path: str | os.PathLike, trust: bool = False, model: str | None = None,
@@ -127,6 +133,17 @@ def load_binary(path: str | os.PathLike, trust: bool = False, model: str | None 
 
 
 # -------------------------------------------------------------------------------------------- the kinds
+
+def _check_kind(path: Path, kind: str, want: str | None, command: str) -> None:
+    """One sentence when a file holds another kind of model than the step takes (before anything is built)."""
+    if want == "fp" and kind != "fp":
+        what = "artifact" if kind == "packed" else "checkpoint"
+        raise CheckpointError(f"'{path}' is already a binary bestcompress {what}; {command} takes a full-precision "
+                              "model (fine-tune a binary one with `bestcompress distill`).")
+    if want == "binary" and kind == "fp":
+        raise CheckpointError(f"'{path}' is a full-precision model; {command} takes a binary checkpoint or .bcz, "
+                              "so run `bestcompress binarize` first.")
+
 
 def _refuse_arch(path: Path, arch: str, spec) -> None:
     stored = spec.get("arch") if isinstance(spec, Mapping) else None

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import yaml
 
-from ..errors import BestcompressError, CheckpointError, ModelError, short_reason
+from ..errors import BestcompressError, ModelError, short_reason
 from .options import threads_option
 
 PATH = click.Path(dir_okay=False, path_type=Path)  # existence is checked by the loaders (one-sentence errors)
@@ -106,20 +106,18 @@ def recipe_file(recipe) -> Path | None:
     return p if p.suffix in (".yaml", ".yml") or p.is_file() else None
 
 
-def load_source(path, arch=None, model_factory=None, model_kwargs=None, trust=False, option="--model"):
+def load_source(path, arch=None, model_factory=None, model_kwargs=None, trust=False, option="--model", want=None,
+                command="this step"):
     """bc.load with the command line's model options (model_kwargs: the --model-kwargs text)."""
     from ..loading import load
     kwargs = parse_model_kwargs(model_kwargs) if isinstance(model_kwargs, (str, type(None))) else model_kwargs
-    return load(path, arch=arch, model=model_factory, model_kwargs=kwargs or None, trust=trust, option=option)
+    return load(path, arch=arch, model=model_factory, model_kwargs=kwargs or None, trust=trust, option=option,
+                want=want, command=command)
 
 
 def load_binary_model(path, trust=False, model_factory=None, model_kwargs=None, command="this command"):
     """A binary model (binary checkpoint or .bcz) through bc.load; a full-precision file is one sentence."""
-    loaded = load_source(path, None, model_factory, model_kwargs, trust)
-    if not loaded.is_binary:
-        raise CheckpointError(f"'{path}' is a full-precision model; {command} takes a binary checkpoint or .bcz, "
-                              "so run `bestcompress binarize` first.")
-    return loaded
+    return load_source(path, None, model_factory, model_kwargs, trust, want="binary", command=command)
 
 
 def _check_shape_fits(error: Exception, text: str | None, shape) -> None:
@@ -160,12 +158,8 @@ def binarize(checkpoint, arch, model_factory, model_kwargs, input_shape, trust_c
     resolved = load_recipe(recipe, parse_overrides(overrides))  # recipe errors before any heavy work
     output = output or checkpoint.with_name(f"{checkpoint.stem}_binary.pt")
     check_output_path(output, inputs=[checkpoint, factory_file(model_factory), recipe_file(recipe)], probe=True)
-    loaded = load_source(checkpoint, arch, model_factory, kwargs, trust_checkpoint)
-    if loaded.is_binary:
-        raise CheckpointError(f"Checkpoint '{checkpoint}' is already a binary bestcompress "
-                              f"{'artifact' if loaded.kind == 'packed' else 'checkpoint'}; give the full-precision "
-                              "one.")
-    source = loaded.model
+    source = load_source(checkpoint, arch, model_factory, kwargs, trust_checkpoint, want="fp",
+                         command="binarize").model
     check_finite(source.state_dict(), f"Checkpoint '{checkpoint}'")
     if shape is not None:
         source.bc_input_shape = shape

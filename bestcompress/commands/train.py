@@ -211,10 +211,10 @@ def distill(checkpoint, teacher, teacher_arch, teacher_model, teacher_kwargs, tr
     run_dir = run_dir or (resume.parent if resume else Path("runs") / checkpoint.stem)
     from ..building import factory_file
     _check_output(output, run_dir, checkpoint, teacher, resume, factory_file(teacher_model))
-    student, source, info = load_binary(checkpoint, trust=trust_checkpoint)
-    _check_structure(info["recipe"], overrides)
     if teacher is None and (teacher_arch is not None or teacher_model is not None):
         raise ModelError("--teacher-arch/--teacher-model need the teacher's weights: add --teacher FILE.")
+    student, source, info = load_binary(checkpoint, trust=trust_checkpoint)
+    _check_structure(info["recipe"], overrides)
     if teacher is None and resume is not None:  # the run's own teacher file, if it had one
         stored = (run_options(resume, "distill").get("teacher") or {}).get("file")
         teacher = Path(stored) if stored else None
