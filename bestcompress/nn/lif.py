@@ -152,6 +152,21 @@ class LIF(nn.Module):
             v = v + self.v_reset
         return v
 
+    def kernel_params(self) -> tuple | None:
+        """This neuron's parameters for the fused kernel (nn/lif_kernel.py), or None when the kernel would not
+        compute exactly what charge/fire/reset_membrane compute (a subclass or an instance that changes them)."""
+        cls = type(self)
+        integrate = isinstance(self, IF)
+        if (cls.charge is not (IF.charge if integrate else LIF.charge) or cls.fire is not LIF.fire
+                or cls.reset_membrane is not LIF.reset_membrane):
+            return None
+        if any(k in self.__dict__ for k in ("charge", "fire", "reset_membrane", "forward")):
+            return None  # patched for export (bipolar spikes) or taps
+        hard = self.v_reset is not None
+        return (math.inf if integrate else float(self.tau), float(self.v_threshold),
+                float(self.v_reset) if hard else 0.0, hard, bool(self.decay_input), bool(self.detach_reset),
+                float(self.alpha), getattr(self, "surrogate", "sigmoid") == "atan", integrate)
+
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
         """One time step [B, ...] from the kept membrane; starts afresh after reset() or `period` calls."""
         if self.v is None or (self.period and self._steps >= self.period):
@@ -167,7 +182,8 @@ class LIF(nn.Module):
             return self.single_step_forward(x)
         if isinstance(x, FakeTensor):  # shape inference (binarize's passes): spikes have the input's shape
             return torch.empty_like(x)
-        fused = fused_lif(self, x)  # one pass over T forward and backward (nn/lif_kernel.py), same spikes
+        params = self.kernel_params()
+        fused = fused_lif(x, params) if params is not None else None  # one pass over T each way, same spikes
         if fused is not None:
             return fused
         v = self.initial_membrane(x[0])

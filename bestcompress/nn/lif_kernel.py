@@ -11,9 +11,10 @@ with the same surrogate. Two backends, equal in spikes (bit for bit) and gradien
   says which one runs and why).
 
 `BESTCOMPRESS_LIF=reference|torch|cpp|auto` (default auto) selects the backend; 'reference' keeps the plain loop.
-The fused path serves LIF, IF and the attention-map neuron with their own charge/fire/reset (subclasses that
-change them, such as ParametricLIF whose tau is learnable, keep the plain loop), CPU float tensors, and never runs
-while a graph is being traced or exported (those record the plain ops).
+The fused path serves LIF, IF and the attention-map neuron with their own charge/fire/reset (`LIF.kernel_params`
+says when: subclasses that change them, such as ParametricLIF whose tau is learnable, keep the plain loop), CPU
+float tensors, and never runs while a graph is being traced or exported (those record the plain ops). This module
+knows nothing of the neuron classes (a leaf below nn/lif.py).
 """
 from __future__ import annotations
 
@@ -66,14 +67,6 @@ def lif_backend() -> tuple[str, str]:
     if want == "cpp":
         raise RuntimeError(f"BESTCOMPRESS_LIF=cpp but the {_state['why']}")
     return "torch", _state["why"]
-
-
-def _params(neuron) -> tuple:
-    from .lif import IF
-    hard = neuron.v_reset is not None
-    return (float(neuron.tau) if not isinstance(neuron, IF) else math.inf, float(neuron.v_threshold),
-            float(neuron.v_reset) if hard else 0.0, hard, bool(neuron.decay_input), bool(neuron.detach_reset),
-            float(neuron.alpha), getattr(neuron, "surrogate", "sigmoid") == "atan", isinstance(neuron, IF))
 
 
 def _torch_forward(x, tau, v_th, v_reset, hard, decay_input, detach_reset, alpha, atan, integrate):
@@ -146,14 +139,8 @@ class _FusedLIF(torch.autograd.Function):
         return gx, None, None
 
 
-def can_fuse(neuron, x: torch.Tensor) -> bool:
-    """True when the fused path computes exactly what `neuron`'s plain loop computes for input x."""
-    from .lif import LIF
-    cls = type(neuron)
-    if cls.charge is not _plain_charge(cls) or cls.fire is not LIF.fire or cls.reset_membrane is not LIF.reset_membrane:
-        return False
-    if any(k in neuron.__dict__ for k in ("charge", "fire", "reset_membrane", "forward")):
-        return False  # patched for export (bipolar spikes) or taps
+def can_fuse(x: torch.Tensor) -> bool:
+    """True when x is a plain CPU float tensor outside any tracing/export (which must record the plain ops)."""
     if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return False
     if x.dim() < 1 or x.shape[0] == 0:
@@ -163,14 +150,11 @@ def can_fuse(neuron, x: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling()
 
 
-def _plain_charge(cls):
-    from .lif import IF, LIF
-    return IF.charge if issubclass(cls, IF) else LIF.charge
-
-
-def fused_lif(neuron, x: torch.Tensor) -> torch.Tensor | None:
-    """The neuron's spikes for time-first x by the fused kernel, or None when the plain loop must run."""
+def fused_lif(x: torch.Tensor, params: tuple) -> torch.Tensor | None:
+    """Spikes of a neuron with kernel `params` for time-first x by the fused kernel, or None when the plain loop
+    must run. params = (tau, v_threshold, v_reset, hard, decay_input, detach_reset, alpha, atan, integrate), as
+    `LIF.kernel_params()` gives them."""
     backend, _ = lif_backend()
-    if backend == "reference" or not can_fuse(neuron, x):
+    if backend == "reference" or not can_fuse(x):
         return None
-    return _FusedLIF.apply(x.contiguous(), backend, _params(neuron))
+    return _FusedLIF.apply(x.contiguous(), backend, params)

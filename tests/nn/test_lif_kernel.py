@@ -59,6 +59,8 @@ def test_fused_path_is_taken_and_plain_kept_where_it_must(monkeypatch):
     patched.fire = lambda h: (h >= 0).float()  # patched for export: plain loop
     patched(x)
     assert calls == [1]
+    assert ParametricLIF().kernel_params() is None and patched.kernel_params() is None
+    assert IF().kernel_params()[-1] is True and LIF().kernel_params()[-1] is False
 
 
 def test_backend_reports_what_runs(monkeypatch):
