@@ -202,7 +202,8 @@ def fold_transpose_into_quant_init(proto: onnx.ModelProto) -> onnx.ModelProto:
         drop.append(node)
     if not drop:
         return proto
-    keep = [n for n in g.node if all(n is not d for d in drop)]
+    dropped = {id(d) for d in drop}
+    keep = [n for n in g.node if id(n) not in dropped]
     del g.node[:]
     g.node.extend(keep)
     return infer_shapes(remove_unused(proto))
@@ -229,7 +230,8 @@ def remove_unused(proto: onnx.ModelProto) -> onnx.ModelProto:
     used = {i for n in g.node for i in n.input} | {o for n in g.node for o in n.output} | {o.name for o in g.output}
     inits = [i for i in g.initializer if i.name in used]
     vis = [v for v in g.value_info if v.name in used]
-    ins = [i for i in g.input if i.name in used and i.name not in {x.name for x in inits}]
+    init_names = {x.name for x in inits}
+    ins = [i for i in g.input if i.name in used and i.name not in init_names]
     del g.initializer[:]
     g.initializer.extend(inits)
     del g.value_info[:]

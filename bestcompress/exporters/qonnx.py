@@ -7,6 +7,7 @@ What the verifier needs to match graph tensors with PyTorch modules is stored in
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import warnings
 from pathlib import Path
@@ -129,6 +130,19 @@ def model_meta(model: nn.Module, example_input: torch.Tensor) -> dict:
             "spec": getattr(model, "bc_spec", None), "recipe": recipe.get("name") if isinstance(recipe, dict) else None}
 
 
+@contextlib.contextmanager
+def _no_jit_lint():
+    """The TorchScript exporter lints its graph ten times, each quadratic in the graph size (69 s of 123 on a
+    136-binary-layer Spikformer); the lint only checks the exporter's own invariants, and the exported graph is
+    verified numerically against PyTorch anyway, so it is skipped."""
+    lint = torch._C._jit_pass_lint
+    torch._C._jit_pass_lint = lambda graph: None
+    try:
+        yield
+    finally:
+        torch._C._jit_pass_lint = lint
+
+
 def to_qonnx(model: nn.Module, example_input: torch.Tensor, progress=None):
     """Export a binary model to a cleaned-up QONNX graph (in memory).
 
@@ -156,7 +170,7 @@ def to_qonnx(model: nn.Module, example_input: torch.Tensor, progress=None):
     with tempfile.TemporaryDirectory(prefix="bc_export_") as tmp:
         raw = Path(tmp) / "raw.onnx"
         try:
-            with torch.no_grad(), warnings.catch_warnings():
+            with torch.no_grad(), warnings.catch_warnings(), _no_jit_lint():
                 warnings.simplefilter("ignore")
                 Manager.export(work, args=example_input, export_path=str(raw), dynamo=False)  # TorchScript
             proto = onnx.load(str(raw))
