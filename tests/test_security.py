@@ -156,7 +156,11 @@ def test_the_factory_named_on_the_command_line_builds_the_model(files, tmp_path)
     _rewrite_spec(files["good_bin"], spec, src)
     with pytest.raises(CheckpointError, match=f"pass --model {factory}:build"):
         load(src)
-    result = invoke("inspect", src, "--model", f"{factory}:build")
+    for args in (["inspect", src], ["export", src, "-f", "packed", "-o", tmp_path / "out.bcz"],
+                 ["evaluate", src, "--data", "synthetic", "--limit-batches", "1"]):
+        result = invoke(*args, "--model", f"{factory}:build")  # every command that names the option takes it
+        assert result.exit_code == 0, result.output
+    result = invoke("verify", files["good_bcz"], "--against", src, "--model", f"{factory}:build")
     assert result.exit_code == 0, result.output
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():

@@ -20,16 +20,21 @@ def _parse_shape(text: str | None):
     return parse_input_shape(text)
 
 
-def _load(path: Path, trust: bool, input_shape, command: str):
+def _load(path: Path, trust: bool, input_shape, command: str, model_factory: str | None = None):
     """The binary model of a binary checkpoint or .bcz (bc.load), refusing non-finite weights."""
     from ..checkpoint import check_finite
     from .core import load_binary_model
 
-    loaded = load_binary_model(path, trust=trust, command=command)
+    loaded = load_binary_model(path, trust=trust, model_factory=model_factory, command=command)
     check_finite(loaded.model.state_dict(), f"'{path}'")
     if input_shape is not None:
         loaded.model.bc_input_shape = tuple(input_shape)
     return loaded
+
+
+def _factory_option(f):
+    return click.option("--model", "model_factory", metavar="FILE.py:FN",
+                        help="The factory that built the source model, when the checkpoint names your own code.")(f)
 
 
 def _verification_line(report) -> str:
@@ -50,17 +55,20 @@ def _verification_line(report) -> str:
               help="Largest allowed output difference.")
 @click.option("--trust-checkpoint", is_flag=True,
               help="Allow a pickled source model or a factory the file names (runs code: trusted files only).")
+@_factory_option
 @threads_option
-def export(checkpoint, fmt, output, input_shape, batch_size, data, samples, tolerance, trust_checkpoint):
+def export(checkpoint, fmt, output, input_shape, batch_size, data, samples, tolerance, trust_checkpoint,
+           model_factory):
     """Export a binary checkpoint (or .bcz) to FORMAT; the export is verified against PyTorch before it is written."""
+    from ..building import factory_file
     from ..exporters import check_output_path, export_model
     from ..fileio import probe_writable
 
     # unknown format, missing or read-only folder, output == input: fail before loading anything
-    output = check_output_path(output, fmt, inputs=[checkpoint, data])
+    output = check_output_path(output, fmt, inputs=[checkpoint, data, factory_file(model_factory)])
     probe_writable(output.parent if str(output.parent) else Path("."), ExportError)
     shape = _parse_shape(input_shape)
-    model = _load(checkpoint, trust_checkpoint, shape, "export").model
+    model = _load(checkpoint, trust_checkpoint, shape, "export", model_factory).model
     result = export_model(model, fmt, output, input_shape=shape, batch_size=batch_size, data=data, samples=samples,
                           tolerance=tolerance)
     size = (f"{result.ratio:.1f}× smaller than" if result.ratio >= 1 else f"{1 / result.ratio:.2f}× the size of")
@@ -88,14 +96,15 @@ def export(checkpoint, fmt, output, input_shape, batch_size, data, samples, tole
               help="Largest allowed output difference.")
 @click.option("--trust-checkpoint", is_flag=True,
               help="Allow a pickled source model or a factory the file names (runs code: trusted files only).")
+@_factory_option
 @threads_option
-def verify(file, against, data, samples, tolerance, trust_checkpoint):
+def verify(file, against, data, samples, tolerance, trust_checkpoint, model_factory):
     """Re-check an exported FILE (.onnx, .bcz or a FINN folder) against the PyTorch model."""
     from ..exporters import verify_file
 
     if not Path(file).exists():
         raise ExportError(f"'{file}' does not exist.")
-    loaded = _load(against, trust_checkpoint, None, "verify --against")
+    loaded = _load(against, trust_checkpoint, None, "verify --against", model_factory)
     report = verify_file(file, loaded.model, data=data, samples=samples, tolerance=tolerance)
     if not report.passed:
         raise ExportError(report.message(f"'{file}'"))

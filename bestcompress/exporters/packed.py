@@ -239,7 +239,9 @@ def verify_packed(path: str | Path, model: nn.Module, data=None, samples: int | 
     from .prepare import neuron_paths
 
     path = Path(path)
-    loaded = loaded if loaded is not None else load_packed(path)
+    # The factory that built `model` (already run in this process, with the user's consent) rebuilds the artifact.
+    spec = getattr(model, "bc_spec", None) or {}
+    loaded = loaded if loaded is not None else load_packed(path, factory=spec.get("factory"))
     mine, theirs_shapes = _structure(model), _structure(loaded)
     if mine != theirs_shapes:
         diff = sorted(set(mine) ^ set(theirs_shapes)) or [k for k in mine if mine[k] != theirs_shapes[k]]
