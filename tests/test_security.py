@@ -162,6 +162,9 @@ def test_the_factory_named_on_the_command_line_builds_the_model(files, tmp_path)
         assert result.exit_code == 0, result.output
     result = invoke("verify", files["good_bcz"], "--against", src, "--model", f"{factory}:build")
     assert result.exit_code == 0, result.output
+    result = invoke("distill", src, "--model", f"{factory}:build", "--data", "synthetic", "--epochs", "1",
+                    "--limit-batches", "1", "-o", tmp_path / "cie.pt", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.output
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(load(src, model=f"{factory}:build").model(x), load(files["good_bin"]).model(x))

@@ -187,6 +187,8 @@ def _check_structure(built, overrides) -> None:
 
 @click.command()
 @click.argument("checkpoint", type=PATH)
+@click.option("--model", "model_factory", metavar="FILE.py:FN",
+              help="The factory that built CHECKPOINT's source model, when the checkpoint names your own code.")
 @click.option("--teacher", type=PATH, help="Teacher checkpoint [default: the full-precision model CHECKPOINT was "
                                            "made from].")
 @click.option("--teacher-arch", help="Zoo architecture of --teacher (when it cannot be detected).")
@@ -197,8 +199,9 @@ def _check_structure(built, overrides) -> None:
 @_run_options
 @click.option("-o", "--output", type=PATH, help="Output checkpoint [default: <checkpoint stem>_cie.pt].")
 @threads_option
-def distill(checkpoint, teacher, teacher_arch, teacher_model, teacher_kwargs, trust_checkpoint, data, encoding,
-            subset, limit_batches, device, epochs, recipe, overrides, seed, run_dir, resume, progress, output):
+def distill(checkpoint, model_factory, teacher, teacher_arch, teacher_model, teacher_kwargs, trust_checkpoint, data,
+            encoding, subset, limit_batches, device, epochs, recipe, overrides, seed, run_dir, resume, progress,
+            output):
     """Recover a binary model's accuracy with CIE (reversible couplings + distillation from the teacher)."""
     from ..loading import load_binary, load_model
     from ..training.run_state import run_options
@@ -210,10 +213,11 @@ def distill(checkpoint, teacher, teacher_arch, teacher_model, teacher_kwargs, tr
     output = output or checkpoint.with_name(f"{checkpoint.stem}_cie.pt")
     run_dir = run_dir or (resume.parent if resume else Path("runs") / checkpoint.stem)
     from ..building import factory_file
-    _check_output(output, run_dir, checkpoint, teacher, resume, factory_file(teacher_model))
+    _check_output(output, run_dir, checkpoint, teacher, resume, factory_file(teacher_model),
+                  factory_file(model_factory))
     if teacher is None and (teacher_arch is not None or teacher_model is not None):
         raise ModelError("--teacher-arch/--teacher-model need the teacher's weights: add --teacher FILE.")
-    student, source, info = load_binary(checkpoint, trust=trust_checkpoint)
+    student, source, info = load_binary(checkpoint, trust=trust_checkpoint, model=model_factory)
     _check_structure(info["recipe"], overrides)
     if teacher is None and resume is not None:  # the run's own teacher file, if it had one
         stored = (run_options(resume, "distill").get("teacher") or {}).get("file")
