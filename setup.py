@@ -3,8 +3,9 @@
 Tool: a plain setuptools Extension over the CPython API (no NumPy headers, no pybind11): setuptools is already the
 build backend, so the kernels add no build dependency, and `optional=True` keeps `pip install -e .` working
 without a compiler (the engine then runs its NumPy fallback and says so). The kernels are compiled for the
-installing machine (-march=native: AVX-512 VPOPCNTDQ / AVX2 on x86, NEON on ARM) and never contract floating
-point (-ffp-contract=off) so results round exactly as documented. Set BESTCOMPRESS_NO_NATIVE=1 for a portable
+installing machine (-march=native: vectorised AVX-512 VPOPCNTDQ tiles where the CPU has them, else the hardware
+64-bit popcount, POPCNT on x86 / NEON CNT on ARM) and never contract floating point (-ffp-contract=off), so
+results round exactly as documented. Set BESTCOMPRESS_NO_NATIVE=1 for a portable
 build, BESTCOMPRESS_NO_EXT=1 to skip the extension.
 """
 import os

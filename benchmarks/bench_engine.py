@@ -4,7 +4,8 @@ Builds Spikformer-4-384 T=4 (`spikformer_cifar`, 32 px), binarizes it with the b
 BatchNorms of both so that the neurons fire (make_it_fire), and measures, interleaved in one process (A B A B ...,
 process CPU time, one torch thread; the engine's kernels are single-threaded too):
   - per binary layer: that layer in the engine on the input it really receives (spikes, or the residual stream's
-    few bit planes) vs an fp32 torch Conv2d/Linear of the same shape on the same input;
+    few bit planes) vs an fp32 torch Conv2d/Linear of the same shape on the same input (followed by the model's
+    BatchNorm in both when the engine folded it into the layer);
   - the whole model: fp32 PyTorch (the full-precision source model, same architecture) vs the engine, and the
     binary PyTorch model for reference, at batch 1 and 32;
   - weight memory: the engine's packed words vs the sign bits vs the fp32 weights of the binary layers.
@@ -70,6 +71,18 @@ def fp32_twin(layer: nn.Module) -> nn.Module:
     return twin.eval()
 
 
+class WithBatchNorm(nn.Module):
+    """The fp32 twin followed by the BatchNorm the engine folded into that layer, in the model's layout."""
+
+    def __init__(self, layer: nn.Module, bn: nn.Module, transposed: bool) -> None:
+        super().__init__()
+        self.layer, self.bn, self.transposed = layer, bn, transposed
+
+    def forward(self, x):
+        y = self.layer(x)
+        return self.bn(y.transpose(-1, -2)).transpose(-1, -2) if self.transposed else self.bn(y)
+
+
 def layer_inputs(engine, x) -> dict[str, torch.Tensor]:
     seen: dict[str, torch.Tensor] = {}
 
@@ -115,8 +128,11 @@ def main() -> None:
     rows = []
     with torch.no_grad():
         inputs = layer_inputs(engine, x1)
+        folds = dict(f.split(" + ") for f in engine.plan.folded)
         for name, x in inputs.items():
             twin, ours = fp32_twin(layers[name]), packed[name]
+            if ours.bn is not None:  # compare like with like: the engine's layer includes its BatchNorm
+                twin = WithBatchNorm(twin, binary.get_submodule(folds[name]), ours.bn[0] == 2).eval()
             t = interleaved({"fp32": lambda: twin(x), "engine": lambda: ours(x)}, args.reps)
             planes = ours.last_planes
             spikes = (torch.rand(x.shape, generator=g) < 0.2).to(torch.float32)  # what a spike-fed layer sees

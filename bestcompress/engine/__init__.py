@@ -7,7 +7,8 @@
 
 Every binary Conv1d/Conv2d/Linear runs as popcounts over bit-packed inputs when those are spikes or sums of
 spikes (and ½-couplings), the spike×spike attention matmuls likewise; everything else is the model's own torch
-code. Kernels: the compiled extension (AVX-512 VPOPCNTDQ / AVX2 / NEON, built at install) or a NumPy fallback.
+code. Kernels: the compiled extension built at install (vectorised AVX-512 VPOPCNTDQ tiles; elsewhere one hardware
+popcount per 64-bit word: x86 POPCNT, ARM NEON CNT) or, without a compiler, a NumPy fallback.
 """
 from .kernels import backend, backend_description, compiled_available, use_backend
 from .runtime import Engine, from_model, load
