@@ -83,17 +83,13 @@ def export_all(model: nn.Module, outputs: dict[str, str | os.PathLike], example_
             opts = ExportOptions(example_input=example_input, data=data, samples=samples, tolerance=tolerance,
                                  seed=seed, verify=verify, progress=say, qonnx_graph=graph)
             result = spec.export(model, paths[fmt], opts)
-            result.seconds = time.perf_counter() - t0 + (graph_seconds(start, t0) if not results else 0.0)
+            # the first format's time includes tracing the shared graph
+            result.seconds = time.perf_counter() - (t0 if results else start)
             result.fp32_bytes = fp32_bytes(model)
             results[fmt] = result
     finally:
         model.train(was_training)
     return results
-
-
-def graph_seconds(start: float, first_format_start: float) -> float:
-    """Seconds spent before the first format started (tracing the shared graph): counted in that format's time."""
-    return first_format_start - start
 
 
 def export_model(model: nn.Module, format: str, path: str | os.PathLike, example_input: torch.Tensor | None = None,
