@@ -9,10 +9,10 @@ What it shows, step by step:
 3. distill  the binary model with CIE (the recipe's distillation losses against the full-precision teacher),
            starting from the teacher's weights; a validation split of the training digits picks the best epoch;
 4. export   the binary model to QONNX, standard ONNX and the packed 1-bit format, each verified against PyTorch
-           (skipped with a note if the export package is not available);
+           (records in exports.json);
 5. print    teacher vs student accuracy on the 360 held-out digits side by side (binary right after
            binarization, after calibration, after CIE), and the model summary totals (parameters, size, MACs, SOPs,
-           energy).
+           energy), and write report.html (training curves, per-layer bits/MACs/firing rates, the summary).
 
     python examples/digits_end_to_end.py                 # outputs under runs/digits
     python examples/digits_end_to_end.py --out /tmp/d --teacher-epochs 2 --student-epochs 1   # a quick check
@@ -119,29 +119,36 @@ def main(argv=None) -> int:
         print(f"  {line}")
     for line in exported:
         print(line)
+    from bestcompress.report import build_report, write_report
+    page = write_report(build_report([out], data="digits", batches=2), out / "report.html")
     print(f"\nfiles in {out}: fp.pt (teacher), bin.pt (binarized), bin_cie.pt (distilled), exports; "
           f"run logs in {out / 'runs'}")
+    print(f"report (training curves, per-layer bits/MACs/firing rates, summary): {page}")
     print(f"total time {time.time() - t_start:.0f}s")
     return 0
 
 
 def export_all(model, out: Path) -> list[str]:
-    try:
-        from bestcompress.exporters import export_model
-    except ImportError:
-        return ["export: skipped (bestcompress.exporters is not available in this installation)"]
+    """Export to each format (verified before writing); the records go to exports.json for the report."""
+    import json
+
     from bestcompress.errors import BestcompressError
+    from bestcompress.exporters import export_model
+    from bestcompress.fileio import atomic_write
     lines = ["\nexports (each verified against PyTorch before it was written):"]
+    records = []
     for fmt, name in (("qonnx", "bin_cie.qonnx.onnx"), ("onnx", "bin_cie.onnx"), ("packed", "bin_cie.bcz")):
         try:
             r = export_model(model, fmt, out / name)
         except BestcompressError as e:
             lines.append(f"  {fmt:<7} not exported: {e}")
             continue
+        records.append(r.to_dict())
         v = r.verification
         check = (f"max |diff| {v.max_abs_diff:.1e} on {v.samples} samples ({v.runtime})" if v is not None
                  else "not verified")
         lines.append(f"  {fmt:<7} {r.path}  {r.bytes / 1024:.1f} kB  {check}")
+    atomic_write(out / "exports.json", lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1, default=str)))
     return lines
 
 
