@@ -37,6 +37,20 @@ def _factory_option(f):
                         help="The factory that built the source model, when the checkpoint names your own code.")(f)
 
 
+def _verification_options(f):
+    """The options `export` and `verify` share: what to verify on, how strictly, and what may run."""
+    for option in reversed([
+        click.option("--data", type=PATH, help="An .npz file with an array x of real inputs to verify on."),
+        click.option("--samples", type=click.IntRange(min=1), help="How many inputs to verify on [default: one batch]."),
+        click.option("--tolerance", default=1e-4, show_default=True, type=click.FloatRange(min=0),
+                     help="Largest allowed output difference."),
+        click.option("--trust-checkpoint", is_flag=True,
+                     help="Allow a pickled source model or a factory the file names (runs code: trusted files only)."),
+        _factory_option, threads_option]):
+        f = option(f)
+    return f
+
+
 def _verification_line(report) -> str:
     return "verified: " + report.message("the export")
 
@@ -49,14 +63,7 @@ def _verification_line(report) -> str:
 @click.option("--input-shape", help="Per-sample input shape, e.g. 3,32,32 [default: from the checkpoint].")
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
               help="Batch size fixed in ONNX graphs.")
-@click.option("--data", type=PATH, help="An .npz file with an array x of real inputs to verify on.")
-@click.option("--samples", type=click.IntRange(min=1), help="How many inputs to verify on [default: one batch].")
-@click.option("--tolerance", default=1e-4, show_default=True, type=click.FloatRange(min=0),
-              help="Largest allowed output difference.")
-@click.option("--trust-checkpoint", is_flag=True,
-              help="Allow a pickled source model or a factory the file names (runs code: trusted files only).")
-@_factory_option
-@threads_option
+@_verification_options
 def export(checkpoint, fmt, output, input_shape, batch_size, data, samples, tolerance, trust_checkpoint,
            model_factory):
     """Export a binary checkpoint (or .bcz) to FORMAT; the export is verified against PyTorch before it is written."""
@@ -90,14 +97,7 @@ def export(checkpoint, fmt, output, input_shape, batch_size, data, samples, tole
 @click.command("verify")
 @click.argument("file", type=PATH)
 @click.option("--against", required=True, type=PATH, help="The binary checkpoint (or .bcz) the file was exported from.")
-@click.option("--data", type=PATH, help="An .npz file with an array x of real inputs.")
-@click.option("--samples", type=click.IntRange(min=1), help="How many inputs to compare [default: one batch].")
-@click.option("--tolerance", default=1e-4, show_default=True, type=click.FloatRange(min=0),
-              help="Largest allowed output difference.")
-@click.option("--trust-checkpoint", is_flag=True,
-              help="Allow a pickled source model or a factory the file names (runs code: trusted files only).")
-@_factory_option
-@threads_option
+@_verification_options
 def verify(file, against, data, samples, tolerance, trust_checkpoint, model_factory):
     """Re-check an exported FILE (.onnx, .bcz or a FINN folder) against the PyTorch model."""
     from ..exporters import verify_file

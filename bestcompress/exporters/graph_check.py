@@ -199,3 +199,12 @@ def verify_graph(proto, model: nn.Module, runtime: str | None = None, data=None,
     run = (qonnx_runner if runtime == "qonnx" else ort_runner)(proto, spikes, stepwise)
     return compare(model, run, x, batch, list(spikes), runtime, tolerance, kind, stepwise=stepwise and bool(spikes),
                    tie_eps=tie_eps, progress=progress)
+
+
+def verify_file_graph(path: str | Path, model: nn.Module, runtime: str, opts) -> VerifyReport:
+    """An exported ONNX/QONNX file re-checked against `model` (unknown custom-op domains refused first); `opts`
+    is the format's ExportOptions (data, samples, tolerance, seed, progress)."""
+    proto = read_graph(path)
+    check_domains(proto, f"'{path}'")
+    return verify_graph(proto, model, runtime, opts.data, opts.samples, opts.tolerance, opts.seed,
+                        progress=opts.progress)

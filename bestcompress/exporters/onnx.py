@@ -19,7 +19,7 @@ from ..errors import ExportError, short_reason
 from . import graph as G
 from .formats import ExportFormat, ExportOptions, ExportResult, path_bytes, register_format, write_verified
 from .graph import get_meta, set_meta
-from .graph_check import check_domains, is_qonnx, read_graph, verify_graph
+from .graph_check import is_qonnx, read_graph, verify_file_graph, verify_graph
 from .qonnx import _starts_with, qonnx_graph
 
 
@@ -107,10 +107,7 @@ def _export(model: nn.Module, path: Path, opts: ExportOptions) -> ExportResult:
 
 
 def _verify(path: Path, model: nn.Module, opts: ExportOptions):
-    proto = read_graph(path)
-    check_domains(proto, f"'{path}'")
-    return verify_graph(proto, model, "onnxruntime", opts.data, opts.samples, opts.tolerance, opts.seed,
-                        progress=opts.progress)
+    return verify_file_graph(path, model, "onnxruntime", opts)
 
 
 def _recognise(path: Path) -> bool:

@@ -15,7 +15,6 @@ How the sign bits rebuild the binary weights bit-exactly is `packing.py`'s job.
 """
 from __future__ import annotations
 
-import copy
 import json
 import struct
 import zipfile

@@ -20,7 +20,7 @@ from ..errors import ExportError, short_reason
 from . import graph as G
 from .formats import ExportFormat, ExportOptions, ExportResult, path_bytes, register_format, write_verified
 from .graph import META_KEY, get_meta, set_meta  # noqa: F401  (the metadata helpers live with the graph tools)
-from .graph_check import check_domains, is_qonnx, read_graph, verify_graph
+from .graph_check import is_qonnx, read_graph, verify_file_graph, verify_graph
 from .prepare import TAP_DOMAIN, TAP_OP, binary_layer_paths, export_copy
 
 META_VERSION = 1
@@ -211,10 +211,7 @@ def _export(model: nn.Module, path: Path, opts: ExportOptions) -> ExportResult:
 
 
 def _verify(path: Path, model: nn.Module, opts: ExportOptions):
-    proto = read_graph(path)
-    check_domains(proto, f"'{path}'")
-    return verify_graph(proto, model, "qonnx", opts.data, opts.samples, opts.tolerance, opts.seed,
-                        progress=opts.progress)
+    return verify_file_graph(path, model, "qonnx", opts)
 
 
 def _starts_with(path: Path, magic: bytes) -> bool:
