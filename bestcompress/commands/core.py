@@ -198,16 +198,26 @@ def binarize(checkpoint, arch, model_factory, model_kwargs, input_shape, trust_c
 @_model_options
 @click.option("--csv", "as_csv", is_flag=True, help="Print the per-layer table as CSV.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--plot", type=PATH, default=None, metavar="FILE.png",
+              help="Also draw the per-layer bars (bits, parameters, MACs, firing rates) into FILE.png.")
 @threads_option
-def inspect(file, arch, model_factory, model_kwargs, input_shape, trust_checkpoint, as_csv, as_json):
+def inspect(file, arch, model_factory, model_kwargs, input_shape, trust_checkpoint, as_csv, as_json, plot):
     """Per-layer bits, memory and MACs of a binary, packed (.bcz) or full-precision checkpoint."""
     from ..summary import summarize
 
     shape = parse_input_shape(input_shape)
+    if plot is not None:
+        from ..errors import ReportError
+        from ..fileio import check_output_path
+        check_output_path(plot, ReportError, inputs=[file], probe=True)
     loaded = load_source(file, arch, model_factory, model_kwargs, trust_checkpoint)
     kind, info = ("binary" if loaded.is_binary else "fp"), loaded.info
     summary = summarize(loaded.model, input_shape=shape)
     console = _console()
+    if plot is not None:
+        from ..report import plot_layers
+        plot_layers(loaded.model, plot, input_shape=shape)
+        click.echo(f"Wrote the per-layer bars to {plot}", err=as_csv or as_json)
     if as_csv:
         click.echo(summary.to_csv(), nl=False)
         return

@@ -18,7 +18,10 @@ import click
 @click.option("--trust-checkpoint", is_flag=True, help="Allow model files that hold pickled code.")
 def report(paths, output, png_dir, data, batches, trust_checkpoint):
     """Training curves, per-layer bits/MACs/firing rates and the summary of run folders and model files."""
+    from ..errors import ReportError
+    from ..fileio import check_output_path
     from ..report import build_report, write_report
+    check_output_path(output, ReportError, inputs=[p for p in paths if p.is_file()], probe=True)  # before any work
     built = build_report(list(paths), data=data, batches=batches, trust=trust_checkpoint)
     page = write_report(built, output, png_dir)
     click.echo(f"Wrote {page} ({len(built.runs)} runs, {len(built.models)} models"

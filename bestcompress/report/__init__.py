@@ -37,6 +37,7 @@ class Report:
     exports: list[dict] = field(default_factory=list)
     data_name: str | None = None
     notes: list[str] = field(default_factory=list)
+    inputs: list[Path] = field(default_factory=list)  # every file read (the page may overwrite none of them)
     curves_png: bytes = b""
 
 
@@ -93,7 +94,8 @@ def build_report(paths: list[str | os.PathLike], data: str | None = None, batche
     if not paths:
         raise ReportError("Give at least one run folder or model file to report on.")
     sources = collect([Path(p) for p in paths])
-    report = Report(runs=sources.runs, exports=sources.exports, data_name=data)
+    report = Report(runs=sources.runs, exports=sources.exports, data_name=data,
+                    inputs=sources.models + [r.folder / "metrics.jsonl" for r in sources.runs])
     if sources.runs:
         report.curves_png = training_curves(sources.runs)
     else:
@@ -110,7 +112,7 @@ def write_report(report: Report, output: str | os.PathLike, png_dir: str | os.Pa
     from ..fileio import atomic_write, check_output_path
     from .page import render_html
 
-    output = check_output_path(output, ReportError)
+    output = check_output_path(output, ReportError, inputs=report.inputs)
     if png_dir is not None:
         png_dir = Path(png_dir)
         png_dir.mkdir(parents=True, exist_ok=True)

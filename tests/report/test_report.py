@@ -107,6 +107,16 @@ def test_inspect_plot_draws_the_layer_bars(job, tmp_path):
     assert out.read_bytes().startswith(PNG) and out.stat().st_size > 5000
 
 
+def test_inspect_plot_and_report_never_overwrite_an_input(job, tmp_path):
+    before = (job / "bin.pt").read_bytes()
+    assert_user_error(invoke("report", job / "bin.pt", "-o", job / "bin.pt"), "is the input")
+    assert_user_error(invoke("inspect", job / "bin.pt", "--plot", job / "bin.pt"), "is the input")
+    assert (job / "bin.pt").read_bytes() == before
+    result = invoke("inspect", job / "bin.pt", "--plot", tmp_path / "bars.png")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "bars.png").read_bytes().startswith(PNG)
+
+
 @pytest.mark.parametrize("case", ["missing", "empty_folder", "no_epochs", "bad_exports"])
 def test_bad_input_is_one_sentence_and_exit_2(case, tmp_path):
     target = tmp_path / "x"
