@@ -16,7 +16,7 @@ Prints mean ± std over the seeds and writes benchmarks/results/ablation_cie.jso
 {"<task>": {"<epochs>": {"<variant>": {"top1": [...], "mean": m, "std": s}}}} (plus a "_meta" entry) and
 ablation_cie.md. Runs go to a pool of worker processes (one torch thread each).
 
-    python benchmarks/ablation_cie.py --plan reduced --student-train-size 2000 --budget-min 75   # what ran here
+    python benchmarks/ablation_cie.py --plan reduced --student-train-size 2000 --budget-min 84 --reuse-teachers
     python benchmarks/ablation_cie.py --plan full --tasks mnist1d,mnist1d_hard --seeds 3 --epochs 12,30
     python benchmarks/ablation_cie.py --plan full --tasks mnist1d --seeds 1 --epochs 1 --variants plain,default \\
         --teacher-epochs 1 --train-size 500                          # a smoke run
@@ -70,17 +70,34 @@ VARIANTS = {
                 {**_NO_COUPLINGS, **_CAL, "distill.losses": ["feature"], "distill.feature_weight": 1.0}),
     "attention": ("+ calibration + attention-relation distillation (w 1), no couplings",
                   {**_NO_COUPLINGS, **_CAL, "distill.losses": ["attention"], "distill.attention_weight": 1.0}),
+    "couplings_soft": ("+ calibration + preserving couplings + soft KD (τ 2, α 0.5) on head2",
+                       {**_CAL, "reversible.enabled": True, "reversible.form": "preserving",
+                        "distill.losses": ["soft"], "distill.alpha": 0.5, "distill.temperature": 2.0}),
     "default": ("the default `bestformer` recipe as shipped", None),
 }
+# the first default candidate (bestformer.yaml while the first part of the reduced plan ran), kept for the record
+DEFAULT_V1 = ("first default candidate: calibration + preserving couplings + soft KD (τ 2) + feature alignment",
+              {**_CAL, "reversible.enabled": True, "reversible.form": "preserving",
+               "distill.losses": ["soft", "feature"], "distill.alpha": 0.5, "distill.temperature": 2.0,
+               "distill.feature_weight": 1.0})
 ALWAYS = ("fp", "plain", "calibrated_0ep", "default")
 # the reduced plan: (task, epochs, variants, seeds), in order of priority
 REDUCED = [
     ("mnist1d", 12, ["plain", "default"], 3),
+    ("mnist1d", 12, ["calibrated", "couplings_preserving", "soft", "feature", "attention", "paper_cie"], 1),
     ("mnist1d_hard", 12, ["plain", "default"], 3),
     ("mnist1d", 30, ["plain", "default"], 1),
     ("mnist1d_hard", 30, ["plain", "default"], 1),
-    ("mnist1d", 12, ["calibrated", "couplings_preserving", "couplings_paper", "soft", "feature", "hard",
-                     "attention", "paper_cie"], 1),
+    ("mnist1d", 12, ["couplings_paper", "hard"], 1),
+]
+# run after (part of) REDUCED, with --merge: the best single component (soft KD) and it with couplings, every cell
+FOLLOWUP = [
+    ("mnist1d", 12, ["soft", "couplings_soft"], 3),
+    ("mnist1d_hard", 12, ["plain", "couplings_soft"], 3),
+    ("mnist1d", 30, ["plain", "couplings_soft"], 1),
+    ("mnist1d_hard", 30, ["plain", "couplings_soft"], 1),
+    ("mnist1d_hard", 12, ["soft"], 3),
+    ("mnist1d", 12, ["couplings_paper", "hard"], 1),
 ]
 
 
@@ -119,7 +136,14 @@ def make_task(task: str, work: Path, train_size: int | None) -> str:
     return str(path)
 
 
-def run_teacher(task: str, seed: int, data_path: str, epochs: int, work: str) -> dict:
+def run_teacher(task: str, seed: int, data_path: str, epochs: int, work: str, reuse: bool = False) -> dict:
+    """Train the task's teacher (or, with `reuse`, take the one an earlier run of the same setting saved)."""
+    record = Path(work) / f"teacher_{task}_seed{seed}.json"
+    setting = {"model": MODEL, "epochs": epochs, "overrides": TEACHER, "data": data_path}
+    if reuse and record.exists():
+        cached = json.loads(record.read_text())
+        if cached.get("setting") == setting and Path(cached["result"]["path"]).exists():
+            return {**cached["result"], "reused": True}
     import torch
     from bestcompress.checkpoint import save_fp
     from bestcompress.training.trainer import train
@@ -132,9 +156,12 @@ def run_teacher(task: str, seed: int, data_path: str, epochs: int, work: str) ->
     path = Path(work) / f"teacher_{task}_seed{seed}.pt"
     save_fp(result.model, path)
     best = result.best
-    return {"task": task, "seed": seed, "variant": "fp", "epochs": epochs, "top1": best["test_top1"],
-            "best_epoch": result.best_epoch, "val_top1": best.get("val_top1"), "time_s": time.time() - t0,
-            "path": str(path), "params": sum(p.numel() for p in model.parameters())}
+    out = {"task": task, "seed": seed, "variant": "fp", "epochs": epochs, "top1": best["test_top1"],
+           "best_epoch": result.best_epoch, "val_top1": best.get("val_top1"), "time_s": time.time() - t0,
+           "path": str(path), "params": sum(p.numel() for p in model.parameters()),
+           "curve_test": [m.get("test_top1") for m in result.metrics]}
+    record.write_text(json.dumps({"setting": setting, "result": out}))
+    return out
 
 
 def _student_overrides(variant: str) -> dict:
@@ -193,9 +220,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def build_plan(args) -> list[tuple[str, int, str, int]]:
     """[(task, epochs, variant, seed)] of student runs, in order of priority."""
-    if args.plan == "reduced":
+    if args.plan in ("reduced", "followup"):
         jobs = []
-        for task, epochs, variants, seeds in REDUCED:
+        for task, epochs, variants, seeds in (REDUCED if args.plan == "reduced" else FOLLOWUP):
             jobs += [(task, epochs, v, s) for s in range(seeds) for v in variants]
         return jobs
     variants = [v for v in args.variants.split(",") if v not in ("fp", "calibrated_0ep")]
@@ -220,9 +247,10 @@ def summarize_runs(runs: list[dict], plan_epochs: dict[str, set[int]]) -> dict:
                 vals = [r["top1"] for r in sorted(rs, key=lambda r: r["seed"])]
                 if vals:
                     cell[key] = {"top1": vals, "mean": _mean_std(vals)[0], "std": _mean_std(vals)[1]}
-            for (t, v, e), rs in sorted(by.items(), key=lambda kv: list(VARIANTS).index(kv[0][1])
-                                        if kv[0][1] in VARIANTS else -1):
-                if t != task or e != epochs or v not in VARIANTS:
+            order = list(VARIANTS) + ["default_v1"]
+            for (t, v, e), rs in sorted(by.items(), key=lambda kv: order.index(kv[0][1])
+                                        if kv[0][1] in order else -1):
+                if t != task or e != epochs or v not in order:
                     continue
                 rs = sorted(rs, key=lambda r: r["seed"])
                 vals = [r["top1"] for r in rs]
@@ -238,6 +266,20 @@ def summarize_runs(runs: list[dict], plan_epochs: dict[str, set[int]]) -> dict:
     return table
 
 
+def _relabel(runs: list[dict], default_is: str | None) -> list[dict]:
+    if not default_is:
+        return runs
+    out = []
+    for r in runs:
+        if r["variant"] == "default":
+            out.append({**r, "variant": "default_v1"})
+        else:
+            out.append(r)
+            if r["variant"] == default_is:
+                out.append({**r, "variant": "default"})
+    return out
+
+
 def _markdown(table: dict, meta: dict) -> str:
     lines = [f"CIE ablation: `spikformer_seq` (D={MODEL['embed_dims']}, depth {MODEL['depths']}, "
              f"{MODEL['num_heads']} heads, T={MODEL['T']}, {meta['params'] / 1e3:.0f} k parameters). Test top-1 (%) "
@@ -250,8 +292,11 @@ def _markdown(table: dict, meta: dict) -> str:
                 if not v["top1"]:
                     lines.append(f"| {key} | not run | | |")
                     continue
-                what = {"fp": "full-precision teacher", "calibrated_0ep": "default recipe's binary model, "
-                        "BatchNorm recalibrated, 0 epochs"}.get(key) or VARIANTS[key][0]
+                what = {"fp": "full-precision teacher", "calibrated_0ep": "binary model of the first default "
+                        "candidate, BatchNorm recalibrated, 0 epochs", "default_v1": DEFAULT_V1[0]}.get(key) \
+                    or VARIANTS[key][0]
+                if key == "default" and meta.get("default_is"):
+                    what = f"the shipped `bestformer` recipe (= {meta['default_is'].split(chr(39))[1]})"
                 per = ", ".join(f"{x:.1f}" for x in v["top1"])
                 lines.append(f"| {key} | {v['mean']:.2f} ± {v['std']:.2f} ({len(v['top1'])}) | {per} | {what} |")
             lines.append("")
@@ -262,7 +307,13 @@ def _markdown(table: dict, meta: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--plan", choices=("reduced", "full"), default="reduced",
+    p.add_argument("--merge", action="store_true",
+                   help="keep the runs of an existing results JSON and skip the runs it already holds")
+    p.add_argument("--summarize-only", action="store_true", help="rewrite the JSON/markdown from its runs")
+    p.add_argument("--default-is", default=None, metavar="VARIANT",
+                   help="the shipped bestformer recipe equals this variant's configuration: list its runs as "
+                        "`default` and earlier `default` runs as `default_v1` (DEFAULT_V1)")
+    p.add_argument("--plan", choices=("reduced", "followup", "full"), default="reduced",
                    help="reduced: the REDUCED list (fits ~50 min on 2 cores); full: tasks × epochs × variants × seeds")
     p.add_argument("--tasks", type=lambda s: s.split(","), default=["mnist1d", "mnist1d_hard"])
     p.add_argument("--seeds", type=int, default=3)
@@ -276,7 +327,11 @@ def main(argv=None) -> int:
     p.add_argument("--student-train-size", type=int, default=None,
                    help="cut the students' training set only (the teacher trains on --train-size)")
     p.add_argument("--workers", type=int, default=2, help="parallel processes (one thread each)")
-    p.add_argument("--budget-min", type=float, default=None, help="start no new run after this many minutes")
+    p.add_argument("--budget-min", type=float, default=None,
+                   help="start no run that would end (by the seconds per epoch measured so far) after this many "
+                        "minutes")
+    p.add_argument("--reuse-teachers", action="store_true",
+                   help="take teachers saved in --work by an earlier run of the same setting")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "ablation_cie")
     p.add_argument("--name", default="ablation_cie")
@@ -290,11 +345,25 @@ def main(argv=None) -> int:
     seeds_needed = {t: max(s for tt, _, _, s in jobs if tt == t) + 1 for t in tasks}
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
+    previous: list[dict] = []
+    previous_meta: dict = {}
+    existing = args.out / f"{args.name}.json"
+    if (args.merge or args.summarize_only) and existing.exists():
+        old_doc = json.loads(existing.read_text())
+        previous, previous_meta = old_doc.get("_runs", []), old_doc.get("_meta", {})
+        have = {(r["task"], r["epochs"], r["variant"], r["seed"]) for r in previous}
+        jobs = [j for j in jobs if j not in have]
+        for r in previous:
+            if r["variant"] not in ("fp", "calibrated_0ep"):
+                plan_epochs.setdefault(r["task"], set()).add(r["epochs"])
+    if args.summarize_only:
+        jobs = []
     data = {t: make_task(t, args.work, args.train_size) for t in tasks}
     student_data = {t: make_task(t, args.work, args.student_train_size or args.train_size) for t in tasks}
     t_start = time.time()
-    runs: list[dict] = []
-    skipped: list[str] = []
+    runs: list[dict] = [r for r in previous if args.summarize_only or r["variant"] not in ("fp", "calibrated_0ep")]
+    skipped: list[str] = list(previous_meta.get("skipped", []))
+    merged = {id(r) for r in runs}  # rates for --budget-min come from this invocation's runs only
     teachers: dict[tuple[str, int], str] = {}
     waiting = list(jobs)
     meta = {"command": "python benchmarks/ablation_cie.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -312,7 +381,13 @@ def main(argv=None) -> int:
                           "changes its validation split and data order); see _meta.plan and the REDUCED list in the "
                           "script for which cells ran with how many seeds." if args.teacher_seeds == 1 else
                           "One teacher per seed."))
-        table = summarize_runs(runs, plan_epochs)
+        table = summarize_runs(_relabel(runs, args.default_is), plan_epochs)
+        if args.default_is:
+            meta["default_is"] = (f"the shipped bestformer recipe has variant '{args.default_is}''s configuration; "
+                                  f"`default` lists those runs; `default_v1` is {DEFAULT_V1[0]} "
+                                  f"({DEFAULT_V1[1]})")
+        if previous_meta:
+            meta["earlier_invocations"] = previous_meta.get("earlier_invocations", []) + [previous_meta.get("command")]
         doc = {**table, "_meta": meta, "_runs": runs}
         tmp = args.out / f".{args.name}.json.tmp"
         tmp.write_text(json.dumps(doc, indent=1))
@@ -323,12 +398,22 @@ def main(argv=None) -> int:
         os.replace(tmp, args.out / f"{args.name}.md")
         return md
 
+    if args.summarize_only:
+        print(write(final=True))
+        return 0
     ctx = get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx, initializer=_init_worker) as pool:
         pending = set()
         for t in tasks:
             for s in range(min(args.teacher_seeds, seeds_needed[t])):
-                pending.add(pool.submit(run_teacher, t, s, data[t], args.teacher_epochs, str(args.work)))
+                pending.add(pool.submit(run_teacher, t, s, data[t], args.teacher_epochs, str(args.work),
+                                        args.reuse_teachers))
+
+        def _estimate(epochs: int, variant: str) -> float:
+            """Seconds a run is expected to take: epochs × the slowest seconds per epoch seen so far."""
+            rates = [r["time_s"] / r["epochs"] for r in runs if r.get("epochs") and r["variant"] not in
+                     ("fp", "calibrated_0ep") and r.get("time_s") and id(r) not in merged]
+            return epochs * max(rates) if rates else 0.0
 
         def submit_ready():
             for job in list(waiting):
@@ -336,7 +421,8 @@ def main(argv=None) -> int:
                 tp = teachers.get((task, seed % args.teacher_seeds))
                 if tp is None or len(pending) >= args.workers:
                     continue
-                if args.budget_min is not None and time.time() - t_start > 60 * args.budget_min:
+                if args.budget_min is not None and time.time() - t_start + _estimate(epochs, variant) > \
+                        60 * args.budget_min:
                     skipped.append(f"{task} {epochs}ep {variant} seed {seed}")
                     waiting.remove(job)
                     continue

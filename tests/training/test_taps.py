@@ -99,3 +99,21 @@ def test_attention_operands_are_tapped_in_call_order(teacher):
         assert taps.student.attention == []
     assert _hooks(student, teacher) == before
     assert not torch.overrides._get_current_function_mode_stack()  # no mode left behind
+
+
+def test_hierarchical_student_and_teacher_blocks_match_stage_by_stage():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from topology_models import Hierarchical, example
+    torch.manual_seed(0)
+    fp = Hierarchical().eval()
+    x = example()
+    student = binarize(fp, "bestformer", example_input=x).model.train()
+    with feature_taps(student, fp) as taps:
+        with torch.no_grad():
+            fp(x)
+            student(x)
+        # stage 1 has one block, stage 2 two: one MLP stream per block, in forward order
+        assert [tuple(t.shape[-2:]) for t in taps.teacher] == [(8, 8), (4, 16), (4, 16)]
+        assert [s.shape for s in taps.student] == [t.shape for t in taps.teacher]
