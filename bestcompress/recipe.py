@@ -53,9 +53,9 @@ class ReversibleConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    losses: tuple[Literal["hard", "soft", "feature", "attention"], ...] = ("hard",)  # training/losses.py KNOWN_LOSSES
+    losses: tuple[Literal["hard", "soft", "feature", "attention"], ...] = ("soft",)  # training/losses.py KNOWN_LOSSES
     alpha: float = 0.5
-    temperature: float = 1.0
+    temperature: float = 2.0
     feature_weight: float = 1.0
     attention_weight: float = 1.0  # the attention-relation loss
     label_smoothing: float = 0.1
