@@ -139,8 +139,8 @@ def is_act_matmul(n: fx.Node, dep: set[fx.Node]) -> bool:
     return is_matmul(n) and all(isinstance(a, fx.Node) and a in dep for a in n.args[:2])
 
 
-def _common_prefix(targets: list[str]) -> str:
-    parts = [t.split(".")[:-1] for t in targets]
+def common_prefix(parts: list[list[str]]) -> str:
+    """The dotted prefix that every list of name parts starts with ('' for none)."""
     if not parts:
         return ""
     prefix = parts[0]
@@ -150,6 +150,10 @@ def _common_prefix(targets: list[str]) -> str:
             i += 1
         prefix = prefix[:i]
     return ".".join(prefix)
+
+
+def _common_prefix(targets: list[str]) -> str:
+    return common_prefix([t.split(".")[:-1] for t in targets])
 
 
 def _make_subblock(idx: GraphIndex, adds: list[fx.Node], stream_in: fx.Node) -> SubBlock:

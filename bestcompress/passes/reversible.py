@@ -32,8 +32,8 @@ from ..errors import ModelError, RecipeError
 from ..nn.reversible import FORMS, DualHeadOutput, ReversibleCoupling
 from ..trace import graph_modules
 from ..trunk import (  # noqa: F401  (find_trunk, find_stages: part of this module's API since the first version)
-    GraphIndex, SubBlock, Trunk, add_operands, find_stages, find_trunk, is_add, output_entries, output_logits,
-    two_heads,
+    GraphIndex, SubBlock, Trunk, add_operands, common_prefix, find_stages, find_trunk, is_add, output_entries,
+    output_logits, two_heads,
 )
 from .base import Pass, PassContext, PassError, register_pass
 from .shapes import free_module_name
@@ -64,13 +64,7 @@ def stage_name(trunk: Trunk) -> str:
     parts = [k.split(".") for k in keys if k]
     if not parts or len(parts) != len(keys):
         return ""
-    prefix = parts[0][:-1]
-    for p in parts[1:]:
-        i = 0
-        while i < min(len(prefix), len(p)) and prefix[i] == p[i]:
-            i += 1
-        prefix = prefix[:i]
-    return ".".join(prefix)
+    return common_prefix([parts[0][:-1]] + parts[1:])
 
 
 def _selected(stages: list[Trunk], names: tuple[str, ...]) -> list[int]:
