@@ -39,16 +39,16 @@ def firing_rates(model: nn.Module, batches) -> dict[str, float]:
     for name, m in model.named_modules():
         if name and is_neuron(m):
             handles.append(m.register_forward_hook(hook(name)))
-    from ..training.evaluation import neuron_reset_fn
-    reset = neuron_reset_fn(model)
+    from ..nn.state import has_state, reset_state
+    stateful = has_state(model)  # neurons that keep a membrane between calls start each batch at rest
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for x in batches:
                 model(x)
-                if reset:
-                    reset()
+                if stateful:
+                    reset_state(model)
     finally:
         for h in handles:
             h.remove()
