@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import short_reason
+
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "lif.cpp"
 _lock = threading.Lock()
 _state: dict = {}
@@ -32,19 +34,21 @@ _state: dict = {}
 
 def _build():
     from torch.utils.cpp_extension import load
-    return load(name="bestcompress_lif", sources=[str(_SOURCE)], extra_cflags=["-O3", "-ffp-contract=off", "-fno-trapping-math"],
-                verbose=False)
+    return load(name="bestcompress_lif", sources=[str(_SOURCE)],
+                extra_cflags=["-O3", "-ffp-contract=off", "-fno-trapping-math"], verbose=False)
 
 
 def _cpp():
     """The compiled kernel module, or None (the reason is kept for `lif_backend`)."""
+    if "cpp" in _state:  # every forward asks: no lock once the build was tried
+        return _state["cpp"]
     with _lock:
         if "cpp" not in _state:
             try:
-                _state["cpp"], _state["why"] = _build(), "compiled C++ kernel"
+                _state["why"], _state["cpp"] = "compiled C++ kernel", _build()
             except Exception as e:  # no compiler / ninja / headers: the torch backend computes the same
-                _state["cpp"], _state["why"] = None, f"C++ kernel unavailable ({type(e).__name__}: " \
-                                                     f"{str(e).strip().splitlines()[0][:120] if str(e).strip() else ''})"
+                _state["why"] = f"C++ kernel unavailable ({type(e).__name__}: {short_reason(e, 120)})"
+                _state["cpp"] = None
         return _state["cpp"]
 
 
