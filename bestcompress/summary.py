@@ -1,7 +1,8 @@
 """The model summary (Larq style): per layer bits, parameters, memory and MACs; totals with the compression.
 
 MACs come from one forward pass with hooks on an example input and count every time step (the real tensor
-sizes), per sample. A layer's input is 1 bit when every value it received is 0 or 1 (spikes); a MAC counts
+sizes), per sample. A module called once per step of a time loop (snnTorch style) is one row with the MACs of
+all its calls (per step × T); so are the matmuls of an unrolled loop's per-step copies of one attention. A layer's input is 1 bit when every value it received is 0 or 1 (spikes); a MAC counts
 as 1-bit only when both its weight and its input are 1 bit (a binary layer fed 32-bit values does 32-bit MACs).
 Binary layers store 1 bit per weight plus fp32 bias/scales; every other parameter (BN, lambda, full-precision
 layers) is counted at 32 bits. Energy follows METHOD.md §6: spike-fed layers cost E_AC per SOP, others E_MAC per MAC.
@@ -185,13 +186,17 @@ def _macs_per_call(m: nn.Module, out: torch.Tensor) -> int:
 
 def _graph_matmul_names(model: nn.Module) -> dict[str, list[str]]:
     """For each traced graph: its activation×activation matmul nodes, in execution order, named after the
-    module they came from (`block.0.attn.matmul_1`)."""
+    module they came from (`block.0.attn.matmul_1`). In a time loop unrolled by the trace (nodes marked with
+    `bc_time_step`), the i-th matmul of a module at every step takes the name of its i-th at the first step, so
+    the steps add up in one row."""
     funcs = {operator.matmul, torch.matmul, torch.bmm}
     out = {}
     for prefix, gm in model.named_modules():
         if not isinstance(gm, torch.fx.GraphModule):
             continue
         names = []
+        per_step: dict[tuple[str, int], list[str]] = {}  # (owner, time step) -> its matmuls' names so far
+        first_step: dict[str, int] = {}
         for n in gm.graph.nodes:
             mm = (n.op == "call_function" and n.target in funcs) or (
                 n.op == "call_method" and n.target in ("matmul", "bmm", "__matmul__"))
@@ -200,7 +205,15 @@ def _graph_matmul_names(model: nn.Module) -> dict[str, list[str]]:
             stack = n.meta.get("nn_module_stack") or {}
             owner = next(reversed(stack.values()))[0] if stack else ""
             owner = ".".join(p for p in (prefix, owner) if p)
-            names.append(f"{owner}.{n.name}" if owner else n.name)
+            name = f"{owner}.{n.name}" if owner else n.name
+            step = n.meta.get("bc_time_step")
+            if step is not None:
+                first = per_step.setdefault((owner, first_step.setdefault(owner, step)), [])
+                mine = per_step.setdefault((owner, step), [])
+                if mine is not first and len(mine) < len(first):
+                    name = first[len(mine)]
+                mine.append(name)
+            names.append(name)
         out[prefix] = names
     return out
 

@@ -14,11 +14,14 @@ align with the teacher's), so both see the same blocks. No names are assumed; ev
    consecutive adds of one module (a block with an inner residual) are merged into one sub-block when that is
    what makes the chain pair up as (attention, MLP) per block. Matmul-free attention (Spike-driven Transformer,
    QKFormer's token attention) is paired by position.
-4. *Stages* (`find_stages`): every chain that forms such a trunk. When they run one after the other (each stage's
+4. *Time loops*: a forward that loops over time steps in Python is unrolled by the trace into one copy of the
+   trunk per step (trace.py marks each node's step: `node.meta['bc_time_step']`, `gm.bc_time_steps`). Chains of
+   the same sub-blocks (same modules, same kinds) found once at each step 0..T−1 are one stage whose `steps` hold
+   the per-step copies, step 0 first; the stage itself describes step 0.
+5. *Stages* (`find_stages`): every chain that forms such a trunk. When they run one after the other (each stage's
    input depends on the previous stage's output: downsampling between them) they are the model's stages, in
-   order. When they run side by side (towers, a time loop unrolled by the trace) only the longest is a trunk, and
-   two equally long ones are an error.
-5. *Heads* (`output_logits`, `final_heads`): the logits are the output entry computed from the last stage; its
+   order. When they run side by side (towers) only the longest is a trunk, and two equally long ones are an error.
+6. *Heads* (`output_logits`, `final_heads`): the logits are the output entry computed from the last stage; its
    heads are the modules with weights nearest to it (no other weighted module in between). Two of the same
    shape mean the model already has two heads (as the public BESTformer code does).
 """
@@ -46,6 +49,7 @@ class SubBlock:
     attention: bool
     where: str  # common module prefix of F's modules, e.g. 'block.0.attn' ('' when F calls no module)
     f_out: fx.Node | None = None  # F's output for a single add; None for merged sub-blocks (F = out − in)
+    step: int | None = None  # the time step of an unrolled loop its module calls all belong to, if any
 
     @property
     def out(self) -> fx.Node:
@@ -65,10 +69,16 @@ class Trunk:
     z0: fx.Node
     blocks: list[SubBlock]
     skipped: list[SubBlock] = field(default_factory=list)
+    # a time loop unrolled by the trace: the stage's copy at each step 0..T-1 (the stage itself is step 0's)
+    steps: list["Trunk"] = field(default_factory=list, repr=False, compare=False)
 
     def streams(self) -> list[fx.Node]:
         """[z_0, z_1, ..., z_K]."""
         return [self.z0] + [b.out for b in self.blocks]
+
+    def per_step(self) -> list["Trunk"]:
+        """The copies of the stage that run, one per time step of an unrolled loop ([self] without a loop)."""
+        return self.steps or [self]
 
 
 def is_add(n: fx.Node) -> bool:
@@ -164,7 +174,9 @@ def _make_subblock(idx: GraphIndex, adds: list[fx.Node], stream_in: fx.Node) -> 
     if len(adds) == 1:
         a, b = add_operands(adds[0])
         f_out = b if a is stream_in else a
-    return SubBlock(list(adds), stream_in, attention, _common_prefix(targets), f_out)
+    steps = {n.meta.get("bc_time_step") for n in region if n.op == "call_module" and "bc_step_module" in n.meta}
+    step = steps.pop() if len(steps) == 1 else None
+    return SubBlock(list(adds), stream_in, attention, _common_prefix(targets), f_out, step)
 
 
 def _chains(idx: GraphIndex) -> list[list[tuple[fx.Node, fx.Node]]]:
@@ -243,7 +255,7 @@ def find_stages(gm: fx.GraphModule) -> list[Trunk]:
         ModelError naming the model part when no trunk exists or two chains are equally good candidates.
     """
     idx = GraphIndex(gm)
-    found = _valid_trunks(idx, gm)
+    found = _merge_time_steps(gm, _valid_trunks(idx, gm))
     found.sort(key=lambda t: idx.pos[t.z0])
     if len(found) > 1 and _sequential(idx, found):
         return found
@@ -254,6 +266,31 @@ def find_trunk(gm: fx.GraphModule) -> Trunk:
     """The longest stage of a traced model's trunk (the only one for a plain transformer); see `find_stages`."""
     stages = find_stages(gm)
     return max(stages, key=lambda t: len(t.blocks))
+
+
+def _trunk_step(trunk: Trunk) -> int | None:
+    steps = {sb.step for sb in trunk.blocks}
+    return steps.pop() if len(steps) == 1 else None
+
+
+def _merge_time_steps(gm: fx.GraphModule, found: list[Trunk]) -> list[Trunk]:
+    """Chains of the same sub-blocks found once at each step of an unrolled time loop become one stage."""
+    T = getattr(gm, "bc_time_steps", None)
+    if not T or T < 2:
+        return found
+    groups: dict[tuple, list[Trunk]] = {}
+    for t in found:
+        groups.setdefault(tuple((sb.where, sb.attention, len(sb.adds)) for sb in t.blocks), []).append(t)
+    merged = []
+    for members in groups.values():
+        steps = [_trunk_step(t) for t in members]
+        if None in steps or sorted(steps) != list(range(T)) or not all(sb.where for sb in members[0].blocks):
+            merged.extend(members)  # not one copy per step of the same modules: chains of their own
+            continue
+        ordered = [t for _, t in sorted(zip(steps, members), key=lambda p: p[0])]
+        first = ordered[0]
+        merged.append(Trunk(first.z0, first.blocks, first.skipped, steps=ordered))
+    return merged
 
 
 def _valid_trunks(idx: GraphIndex, gm: fx.GraphModule) -> list[Trunk]:
@@ -286,8 +323,8 @@ def _longest(found: list[Trunk], gm: fx.GraphModule) -> Trunk:
     if len(best) > 1:
         starts = ", ".join(f"'{t.blocks[0].where or t.blocks[0].out.name}'" for t in best)
         raise ModelError(f"'{type(gm).__name__}' has {len(best)} equally long chains of transformer blocks "
-                         f"(starting at {starts}; e.g. a time loop unrolled by the trace), so it is unclear which "
-                         "one is the trunk; disable the couplings with --set reversible.enabled=false.")
+                         f"(starting at {starts}), so it is unclear which one is the trunk; disable the "
+                         "couplings with --set reversible.enabled=false.")
     return best[0]
 
 

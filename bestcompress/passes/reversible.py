@@ -14,6 +14,11 @@ stream z_{K−1} and `head2` (a copy of the head, equal weights at insertion) th
 of the ops between the trunk and the head (token/time means, ...); no block is copied or run twice, so the coupled
 model costs the FP model's MACs plus head2's.
 
+A forward that loops over time steps in Python (snnTorch style), unrolled by the trace, holds one copy of each stage
+per step (trunk.py: `Trunk.steps`). Each coupling is one module inserted once and called at every step (its a_k,
+b_k shared by all steps, like the block's own weights), and head2 is one module called wherever the head is; the
+per-step copies of the tail read the per-step streams.
+
 Left unchanged, with a note: a model that already holds couplings, and a model that already has two heads
 (two equal-shape classifier layers that together compute its logits, as the public BESTformer code has).
 Outputs other than one tensor are kept as they are: in `(logits, None)`, `(logits, aux)` or `{'logits': ...}`
@@ -51,10 +56,28 @@ def _inserted_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, nn.Module]]:
     return out
 
 
-def coupling_nodes(gm: fx.GraphModule, stage: int | None = None) -> list[fx.Node]:
-    """The ReversibleCoupling call nodes of a coupled graph, ordered by (stage, k); one stage's when given."""
-    nodes = [((m.stage, m.index), n) for n, m in _inserted_nodes(gm) if isinstance(m, ReversibleCoupling)
-             and (stage is None or m.stage == stage)]
+def _calls_by_step(gm: fx.GraphModule) -> list[tuple[int, fx.Node, nn.Module]]:
+    """(step, node, module) for every inserted node: the i-th call of a module (in graph order) is step i."""
+    seen: dict[str, int] = {}
+    out = []
+    for n, m in _inserted_nodes(gm):
+        step = seen.get(n.target, 0)
+        seen[n.target] = step + 1
+        out.append((step, n, m))
+    return out
+
+
+def coupling_steps(gm: fx.GraphModule) -> int:
+    """How many times each coupling runs per forward: T for an unrolled time loop, else 1 (0 without couplings)."""
+    steps = [s for s, _, m in _calls_by_step(gm) if isinstance(m, ReversibleCoupling)]
+    return max(steps) + 1 if steps else 0
+
+
+def coupling_nodes(gm: fx.GraphModule, stage: int | None = None, step: int | None = None) -> list[fx.Node]:
+    """The ReversibleCoupling call nodes of a coupled graph, ordered by (time step, stage, k); one stage's and one
+    time step's when given (an unrolled time loop calls each coupling once per step)."""
+    nodes = [((t, m.stage, m.index), n) for t, n, m in _calls_by_step(gm) if isinstance(m, ReversibleCoupling)
+             and (stage is None or m.stage == stage) and (step is None or t == step)]
     return [n for _, n in sorted(nodes, key=lambda t: t[0])]
 
 
@@ -82,9 +105,16 @@ def _selected(stages: list[Trunk], names: tuple[str, ...]) -> list[int]:
     return sorted(chosen)
 
 
-def _tail(idx: GraphIndex, z_last: fx.Node, out: fx.Node) -> list[fx.Node]:
-    """Nodes computing the output from the last stream (mean over tokens/T, head, ...), in graph order."""
-    return sorted(idx.region(z_last, out), key=idx.pos.__getitem__)
+def _tail(idx: GraphIndex, z_lasts: list[fx.Node], out: fx.Node) -> list[fx.Node]:
+    """Nodes computing the output from the last stream (mean over tokens/T, head, ...), in graph order; with one
+    last stream per time step, the union of the steps' tails (a step's tail leaves out other steps' nodes)."""
+    nodes: set[fx.Node] = set()
+    for t, z in enumerate(z_lasts):
+        region = idx.region(z, out)
+        if len(z_lasts) > 1:
+            region = {n for n in region if n.meta.get("bc_time_step") in (None, t)}
+        nodes |= region
+    return sorted(nodes, key=idx.pos.__getitem__)
 
 
 def _stateful(m: nn.Module) -> bool:
@@ -107,8 +137,9 @@ class InsertReversibleCouplings(Pass):
 
     Requires: a model traced as a whole (a GraphModule) whose trunk is a chain of residual sub-blocks
     alternating attention and MLP (per stage), followed by a classifier head with weights.
-    Ensures: K−1 ReversibleCoupling nodes (k = 2..K) per coupled stage, and, when the last stage is coupled, a
-    `head2` and one DualHeadOutput in place of the logits; applying it again changes nothing.
+    Ensures: K−1 ReversibleCoupling modules (k = 2..K) per coupled stage, each called once per time step (once
+    without a time loop), and, when the last stage is coupled, a `head2` and one DualHeadOutput in place of the
+    logits; applying it again changes nothing.
     """
 
     switch = "reversible.enabled"  # the recipe switch the Pipeline reads (passes/base.py)
@@ -156,14 +187,16 @@ class InsertReversibleCouplings(Pass):
             label = f"stage {s} ('{stage_name(stages[s])}'): " if len(stages) > 1 else ""
             skipped = "".join(f"; '{sb.where or sb.out.name}' is not part of the trunk" for sb in stages[s].skipped)
             n = len(stages[s].blocks) - 1
+            T = len(stages[s].steps)
+            shared = f", each shared by the {T} steps of the time loop" if T else ""
             notes.append(f"{label}{n} {self.form} coupling{'s' if n != 1 else ''} over {len(stages[s].blocks)} "
-                         f"sub-blocks ({where}){skipped}")
+                         f"sub-blocks ({where}){shared}{skipped}")
         left = [str(i) for i in range(len(stages)) if i not in chosen]
         if left:
             notes.append(f"stage(s) {', '.join(left)} left uncoupled (reversible.stages)")
         if len(stages) - 1 in streams:
             z = streams[len(stages) - 1]
-            notes.append(self._add_head2(gm, z[-1], z[-2], logits))
+            notes.append(self._add_head2(gm, [s[-1] for s in z], [s[-2] for s in z], logits))
         else:
             notes.append("the last stage is not coupled, so no head2 is added (one head, as before)")
         gm.graph.lint()
@@ -171,15 +204,24 @@ class InsertReversibleCouplings(Pass):
         self.ctx.note("InsertReversibleCouplings: " + "; ".join(notes) + ".")
         return gm
 
-    def _couple(self, gm: fx.GraphModule, trunk: Trunk, stage: int, n_stages: int) -> list[fx.Node]:
-        """Insert the couplings of one stage; returns its streams [z_0, ..., z_K] (coupling nodes for k >= 2)."""
-        graph = gm.graph
-        z = [trunk.z0, trunk.blocks[0].out]
+    def _couple(self, gm: fx.GraphModule, trunk: Trunk, stage: int, n_stages: int) -> list[list[fx.Node]]:
+        """Insert the couplings of one stage (one module per k, called at every time step); returns the streams
+        [z_0, ..., z_K] of each step (coupling nodes for k >= 2)."""
+        names = {}
         for k, sb in enumerate(trunk.blocks[1:], start=2):
             kind = "mlp" if k % 2 == 0 else "attention"
             base = f"reversible.s{stage}_z{k}" if n_stages > 1 else f"reversible.z{k}"
-            name = free_module_name(gm, base)
-            gm.add_submodule(name, ReversibleCoupling(k, kind, sb.where, form=self.form, stage=stage))
+            names[k] = free_module_name(gm, base)
+            gm.add_submodule(names[k], ReversibleCoupling(k, kind, sb.where, form=self.form, stage=stage))
+        loop = bool(trunk.steps)
+        return [self._couple_step(gm, copy, names, t if loop else None) for t, copy in enumerate(trunk.per_step())]
+
+    @staticmethod
+    def _couple_step(gm: fx.GraphModule, trunk: Trunk, names: dict[int, str], step: int | None) -> list[fx.Node]:
+        graph = gm.graph
+        z = [trunk.z0, trunk.blocks[0].out]
+        for k, sb in enumerate(trunk.blocks[1:], start=2):
+            name = names[k]
             old = sb.out
             with graph.inserting_after(old):
                 if sb.f_out is not None:
@@ -192,14 +234,17 @@ class InsertReversibleCouplings(Pass):
             old.replace_all_uses_with(new, delete_user_cb=lambda u, f=f, new=new: u is not new and u is not f)
             if not old.users:
                 graph.erase_node(old)
+            if step is not None:  # the time-step marks of trace.annotate_time_steps
+                new.meta.update(bc_time_step=step, bc_step_module=name)
             z.append(new)
         return z
 
-    def _add_head2(self, gm: fx.GraphModule, z_last: fx.Node, z_attn: fx.Node, logits: fx.Node) -> str:
-        """head reads z_{K−1}; a copy of the tail (its modules with state copied: head2) reads z_K."""
+    def _add_head2(self, gm: fx.GraphModule, z_lasts: list[fx.Node], z_attns: list[fx.Node], logits: fx.Node) -> str:
+        """head reads z_{K−1}; a copy of the tail (its modules with state copied: head2) reads z_K (the streams of
+        every time step of an unrolled loop, one of each per step)."""
         graph = gm.graph
         idx = GraphIndex(gm)
-        tail = _tail(idx, z_last, logits)
+        tail = _tail(idx, z_lasts, logits)
         residual = [n for n in tail if idx.residual(n) is not None]
         if residual:
             raise ModelError(f"the ops after the last transformer stage of '{type(gm).__name__}' hold a residual "
@@ -222,9 +267,12 @@ class InsertReversibleCouplings(Pass):
                 new = graph.node_copy(n, lambda a: env.get(a, a))
                 if n.op == "call_module" and n.target in copies:
                     new.target = copies[n.target]
+                    if "bc_step_module" in new.meta:
+                        new.meta["bc_step_module"] = new.target
                 env[n] = new
-        for n in tail:  # the original tail now reads the attention stream
-            n.replace_input_with(z_last, z_attn)
+        for n in tail:  # the original tail now reads the attention stream (of its step)
+            for z_last, z_attn in zip(z_lasts, z_attns):
+                n.replace_input_with(z_last, z_attn)
         dual_name = free_module_name(gm, "dual_head")
         gm.add_submodule(dual_name, DualHeadOutput(self.eval_heads))
         with graph.inserting_before(out_node):
@@ -243,15 +291,17 @@ class InsertReversibleCouplings(Pass):
                 return
             raise PassError("InsertReversibleCouplings: no reversible coupling in the graph.")
         for s in sorted({m.stage for _, m in inserted if isinstance(m, ReversibleCoupling)}):
-            nodes = coupling_nodes(model, s)
-            indices = [model.get_submodule(n.target).index for n in nodes]
-            if indices != list(range(2, len(nodes) + 2)):
-                raise PassError(f"InsertReversibleCouplings: stage {s} coupling indices {indices} are not "
-                                f"2..{len(nodes) + 1}.")
-            for i, n in enumerate(nodes[1:], start=1):
-                if n.args[2] is not nodes[i - 1] or (i >= 2 and n.args[1] is not nodes[i - 2]):
-                    raise PassError(f"InsertReversibleCouplings: coupling '{n.name}' does not read the two streams "
-                                    "before it.")
+            per_step = [coupling_nodes(model, s, t) for t in range(coupling_steps(model))]
+            for t, nodes in enumerate(per_step):
+                indices = [model.get_submodule(n.target).index for n in nodes]
+                if indices != list(range(2, len(per_step[0]) + 2)):
+                    where = f" at time step {t}" if len(per_step) > 1 else ""
+                    raise PassError(f"InsertReversibleCouplings: stage {s} coupling indices {indices}{where} are "
+                                    f"not 2..{len(per_step[0]) + 1}.")
+                for i, n in enumerate(nodes[1:], start=1):
+                    if n.args[2] is not nodes[i - 1] or (i >= 2 and n.args[1] is not nodes[i - 2]):
+                        raise PassError(f"InsertReversibleCouplings: coupling '{n.name}' does not read the two "
+                                        "streams before it.")
         duals = [n for n, m in inserted if isinstance(m, DualHeadOutput)]
         if len(duals) > 1:
             raise PassError("InsertReversibleCouplings: more than one DualHeadOutput in the graph.")
@@ -283,7 +333,7 @@ def _extract(gm: fx.GraphModule, src: fx.Node, dst: fx.Node) -> fx.GraphModule:
 
 
 def _stage_nodes(gm: fx.GraphModule, stage: int) -> list[fx.Node]:
-    nodes = coupling_nodes(gm, stage)
+    nodes = coupling_nodes(gm, stage, 0)
     if not nodes:
         raise ModelError(f"'{type(gm).__name__}' has no reversible couplings in stage {stage} "
                          "(run InsertReversibleCouplings).")
@@ -294,7 +344,8 @@ def subblock_functions(gm: fx.GraphModule, stage: int = 0) -> list[Callable[[tor
     """F_1, ..., F_K of one stage of a coupled model, each a GraphModule mapping z_{k−1} to F_k(z_{k−1}).
 
     F_k shares its modules with `gm`. With these, `coupling.inverse(z_k, z_{k-1}, F_k(z_{k-1}))` recovers
-    z_{k−2} for k >= 2.
+    z_{k−2} for k >= 2. In an unrolled time loop these are the sub-blocks of the first step (later steps also read
+    the neuron state the earlier ones left).
     """
     nodes = _stage_nodes(gm, stage)
     z0, z1 = nodes[0].args[1], nodes[0].args[2]
