@@ -10,7 +10,9 @@ from bestcompress.zoo.registry import (
     ModelEntry, create_model, detect_architecture, get_entry, list_models, register_model, tiny_model,
 )
 # importing the model modules registers them
-from bestcompress.zoo import sdt_v1, spikformer_cifar, spikformer_imagenet, spikformer_seq, spikingformer  # noqa: F401
+from bestcompress.zoo import (  # noqa: F401
+    qkformer, sdt_v1, spikformer_cifar, spikformer_imagenet, spikformer_seq, spikingformer,
+)
 
 __all__ = ["ModelEntry", "create_model", "detect_architecture", "get_entry", "list_models", "register_model",
            "tiny_model"]
