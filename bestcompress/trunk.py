@@ -17,7 +17,8 @@ align with the teacher's), so both see the same blocks. No names are assumed; ev
 4. *Time loops*: a forward that loops over time steps in Python is unrolled by the trace into one copy of the
    trunk per step (trace.py marks each node's step: `node.meta['bc_time_step']`, `gm.bc_time_steps`). Chains of
    the same sub-blocks (same modules, same kinds) found once at each step 0..T−1 are one stage whose `steps` hold
-   the per-step copies, step 0 first; the stage itself describes step 0.
+   the per-step copies, step 0 first; the stage itself describes step 0. A graph not traced by trace_model is
+   marked by `find_stages` first.
 5. *Stages* (`find_stages`): every chain that forms such a trunk. When they run one after the other (each stage's
    input depends on the previous stage's output: downsampling between them) they are the model's stages, in
    order. When they run side by side (towers) only the longest is a trunk, and two equally long ones are an error.
@@ -35,6 +36,7 @@ import torch
 from torch import fx, nn
 
 from .errors import ModelError
+from .trace import annotate_time_steps
 
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "__add__", "__iadd__"}
@@ -254,6 +256,8 @@ def find_stages(gm: fx.GraphModule) -> list[Trunk]:
     Raises:
         ModelError naming the model part when no trunk exists or two chains are equally good candidates.
     """
+    if not hasattr(gm, "bc_time_steps"):  # traced elsewhere (e.g. the feature taps' teacher): mark the steps
+        annotate_time_steps(gm)
     idx = GraphIndex(gm)
     found = _merge_time_steps(gm, _valid_trunks(idx, gm))
     found.sort(key=lambda t: idx.pos[t.z0])

@@ -387,3 +387,57 @@ class NorseStyleNet(nn.Module):
             z, state2 = self.cell2(self.fc2(z) * 20 + 5, state2)
             out = out + self.head(z)
         return out
+
+
+# ------------------------------------------------------------ snntorch, init_hidden=True, as a transformer
+
+class _HiddenStepBlock(nn.Module):
+    """One time step of a (spiking Q·Kᵀ·V attention, spiking MLP) block whose neurons keep their own membranes
+    (snntorch init_hidden=True: each neuron returns its spikes only)."""
+
+    def __init__(self, dim: int, heads: int, beta: float) -> None:
+        super().__init__()
+        import snntorch as snn
+        self.heads = heads
+        self.q_fc, self.k_fc, self.v_fc = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.q_lif, self.k_lif, self.v_lif = (snn.Leaky(beta=beta, init_hidden=True) for _ in range(3))
+        self.attn_lif = snn.Leaky(beta=beta, threshold=0.5, init_hidden=True)
+        self.out_fc = nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.lif1 = snn.Leaky(beta=beta, init_hidden=True)
+        self.lif2 = snn.Leaky(beta=beta, init_hidden=True, reset_mechanism="zero")
+
+    def forward(self, x):  # [B, N, D]
+        B, N, D = x.shape
+        q, k, v = (lif(fc(x)).reshape(B, N, self.heads, D // self.heads).transpose(1, 2)
+                   for lif, fc in ((self.q_lif, self.q_fc), (self.k_lif, self.k_fc), (self.v_lif, self.v_fc)))
+        y = ((q @ k.transpose(-2, -1)) @ v).transpose(1, 2).reshape(B, N, D) * 0.25
+        x = x + self.out_fc(self.attn_lif(y))
+        return x + self.lif2(self.fc2(self.lif1(self.fc1(x))))
+
+
+class SnnTorchHiddenTransformer(nn.Module):
+    """A spiking transformer in snntorch's init_hidden=True style: `utils.reset(self)` at the start of forward, an
+    explicit `for t in range(self.num_steps)` loop over a static [B, N, F] input, logits summed over steps."""
+
+    def __init__(self, tokens: int = 4, features: int = 8, dim: int = 16, heads: int = 2, depth: int = 2,
+                 num_classes: int = 3, num_steps: int = 3, beta: float = 0.8) -> None:
+        super().__init__()
+        import snntorch as snn
+        self.num_steps = num_steps
+        self.input_shape = (tokens, features)
+        self.embed = nn.Linear(features, dim)
+        self.embed_lif = snn.Leaky(beta=beta, init_hidden=True)
+        self.blocks = nn.ModuleList(_HiddenStepBlock(dim, heads, beta) for _ in range(depth))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        from snntorch import utils
+        utils.reset(self)
+        out = 0
+        for t in range(self.num_steps):
+            h = self.embed_lif(self.embed(x))
+            for blk in self.blocks:
+                h = blk(h)
+            out = out + self.head(h.mean(1))
+        return out

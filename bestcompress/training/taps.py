@@ -89,13 +89,14 @@ class _Sites:
     modules: list[nn.Module] = field(default_factory=list)  # hook these ...
     graph: fx.GraphModule | None = None  # ... or run this graph and record these nodes
     nodes: list[fx.Node] = field(default_factory=list)
+    calls: int = 1  # how often each module runs per forward (T for couplings shared by an unrolled time loop)
 
     def __len__(self) -> int:
-        return len(self.modules) or len(self.nodes)
+        return len(self.modules) * self.calls or len(self.nodes)
 
 
 def _mlp_streams(gm: fx.GraphModule) -> list[fx.Node]:
-    return [sb.out for trunk in find_stages(gm) for sb in trunk.blocks[1::2]]
+    return [sb.out for trunk in find_stages(gm) for copy in trunk.per_step() for sb in copy.blocks[1::2]]
 
 
 def block_output_sites(model: nn.Module, role: str = "model") -> _Sites:
@@ -103,7 +104,9 @@ def block_output_sites(model: nn.Module, role: str = "model") -> _Sites:
     model = _unwrap(model)
     couplings = [m for m in model.modules() if isinstance(m, ReversibleCoupling) and m.kind == "mlp"]
     if couplings:
-        return _Sites(modules=sorted(couplings, key=lambda m: (m.stage, m.index)))
+        from ..passes.reversible import coupling_steps
+        steps = coupling_steps(model) if isinstance(model, fx.GraphModule) else 1
+        return _Sites(modules=sorted(couplings, key=lambda m: (m.stage, m.index)), calls=max(steps, 1))
     name = type(model).__name__
     if isinstance(model, fx.GraphModule):
         try:
