@@ -441,3 +441,31 @@ class SnnTorchHiddenTransformer(nn.Module):
                 h = blk(h)
             out = out + self.head(h.mean(1))
         return out
+
+
+class SnnTorchOutputNeuronTransformer(SnnTorchHiddenTransformer):
+    """snntorch's tutorial read-out: an output Leaky after the head whose membranes are recorded per step and
+    summed (`torch.stack(mem_rec).sum(0)`); the output neuron is init_hidden=True (reset by `utils.reset(self)`)
+    or explicit (`init_leaky()`, the membrane threaded through the loop)."""
+
+    def __init__(self, hidden_out: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        import snntorch as snn
+        self.hidden_out = hidden_out
+        self.lif_out = snn.Leaky(beta=0.9, init_hidden=hidden_out, output=hidden_out)
+
+    def forward(self, x):
+        from snntorch import utils
+        utils.reset(self)
+        mem_out = None if self.hidden_out else self.lif_out.init_leaky()
+        mem_rec = []
+        for t in range(self.num_steps):
+            h = self.embed_lif(self.embed(x))
+            for blk in self.blocks:
+                h = blk(h)
+            if self.hidden_out:
+                _, mem_out = self.lif_out(self.head(h.mean(1)))
+            else:
+                _, mem_out = self.lif_out(self.head(h.mean(1)), mem_out)
+            mem_rec.append(mem_out)
+        return torch.stack(mem_rec).sum(0)

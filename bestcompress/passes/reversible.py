@@ -121,6 +121,19 @@ def _stateful(m: nn.Module) -> bool:
     return any(True for _ in m.parameters()) or any(True for _ in m.buffers())
 
 
+def _copy_state_resets(graph: fx.Graph, copies: dict[str, str], tail: set[fx.Node]) -> None:
+    """A state reset the forward makes on a copied module (`utils.reset(self)` on an init_hidden output neuron:
+    `reset_module(get_attr)` in the graph) is made on its copy too, so head2's neuron starts each call at rest."""
+    for n in list(graph.nodes):
+        if n.op != "get_attr" or n.target not in copies:
+            continue
+        for user in [u for u in n.users if u.op == "call_function" and u not in tail]:
+            with graph.inserting_after(user):
+                attr = graph.get_attr(copies[n.target])
+            with graph.inserting_after(attr):
+                graph.node_copy(user, lambda a, n=n, attr=attr: attr if a is n else a)
+
+
 @register_pass
 class InsertReversibleCouplings(Pass):
     """Rewire each trunk stage into coupled streams (module docstring) and add head2 on the last MLP stream.
@@ -260,6 +273,7 @@ class InsertReversibleCouplings(Pass):
             raise ModelError(f"found no classifier head (a layer with weights) after the last block of "
                              f"'{type(gm).__name__}', so head2 cannot be added; disable the couplings with "
                              "--set reversible.enabled=false.")
+        _copy_state_resets(graph, copies, set(tail))
         out_node = next(n for n in graph.nodes if n.op == "output")
         env: dict[fx.Node, fx.Node] = {}
         with graph.inserting_before(out_node):

@@ -75,6 +75,23 @@ def test_one_coupling_per_sub_block_shared_by_every_step_computes_the_fp_model(c
     assert head_inputs == {"reversible.z3"} and head2_inputs == {"reversible.z4"}  # last attention / MLP stream
 
 
+@pytest.mark.parametrize("hidden_out", [True, False])
+def test_an_output_neuron_after_the_head_is_copied_with_its_reset(hidden_out):
+    from tests.thirdparty_models import SnnTorchOutputNeuronTransformer
+    torch.manual_seed(0)
+    model = SnnTorchOutputNeuronTransformer(hidden_out).eval()
+    x = example_input_for(model, seed=1) * 3
+    with torch.no_grad():
+        want = model(x)
+    result = binarize(model, "identity", overrides=COUPLED_IDENTITY)
+    gm = result.model.eval()
+    assert "'lif_out' -> 'lif_out2'" in result.notes[-1]  # head2's read-out neuron is its own
+    with torch.no_grad():
+        got, again = gm(x), gm(x)
+    assert want.abs().max() > 0 and torch.equal(again, got)  # head2's neuron also starts each call at rest
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("cls", MODELS)
 def test_feature_taps_match_the_teachers_block_outputs_step_by_step(cls):
     from bestcompress.training.taps import feature_taps
