@@ -8,6 +8,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch import nn
 
 from .lif_kernel import fused_lif
+from .memory import mark_spikes
 
 
 class SigmoidSurrogateSpike(torch.autograd.Function):
@@ -63,8 +64,8 @@ def heaviside_spike(x: torch.Tensor, alpha: float = 4.0, surrogate: str = "sigmo
     """
     if torch.is_grad_enabled() and x.requires_grad:
         if surrogate == "atan":
-            return ATanSurrogateSpike.apply(x, alpha, strict)
-        return (_StrictSigmoidSurrogateSpike if strict else SigmoidSurrogateSpike).apply(x, alpha)
+            return mark_spikes(ATanSurrogateSpike.apply(x, alpha, strict))
+        return mark_spikes((_StrictSigmoidSurrogateSpike if strict else SigmoidSurrogateSpike).apply(x, alpha))
     return ((x > 0) if strict else (x >= 0)).to(x.dtype)
 
 
@@ -144,7 +145,7 @@ class LIF(nn.Module):
         s_r = s.detach() if self.detach_reset else s
         if self.v_reset is None:
             return h - self.v_threshold * s_r
-        return h * (1.0 - s_r) + self.v_reset * s_r
+        return h * mark_spikes(1.0 - s_r) + self.v_reset * s_r  # 1 - s is binary too: saved as bits
 
     def initial_membrane(self, x: torch.Tensor) -> torch.Tensor:
         v = torch.zeros_like(x)
@@ -185,7 +186,7 @@ class LIF(nn.Module):
         params = self.kernel_params()
         fused = fused_lif(x, params) if params is not None else None  # one pass over T each way, same spikes
         if fused is not None:
-            return fused
+            return mark_spikes(fused)
         v = self.initial_membrane(x[0])
         out = []
         for t in range(x.shape[0]):
@@ -193,7 +194,7 @@ class LIF(nn.Module):
             s = self.fire(h)
             v = self.reset_membrane(h, s)
             out.append(s)
-        return torch.stack(out, 0)
+        return mark_spikes(torch.stack(out, 0))
 
 
 class IF(LIF):

@@ -17,6 +17,7 @@ from torch import nn
 from ..data import validation_split
 from ..recipe import Recipe
 from .distributed import DistInfo
+from .memory import memory_net
 from .evaluation import check_model_fits, has_unused_parameters, neuron_reset_fn, pick_device
 from .optim import make_optimizer, make_scheduler
 from .outputs import two_headed
@@ -142,9 +143,10 @@ def prepare_run(model: nn.Module, loss_fn: nn.Module, data, recipe: Recipe, *, k
         run.metrics_path.unlink()  # a fresh run in a used folder starts a fresh log
 
     _calibrate(run, resume_state is not None)  # before DDP: every rank sees the same batches, same statistics
+    run.net = memory_net(model, recipe.train.memory, say)  # train.memory: plain | checkpoint | reversible
     if info.enabled:
         run.net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None,
+            run.net, device_ids=[dev.index] if dev.type == "cuda" else None,
             find_unused_parameters=has_unused_parameters(model, data, dev))
     if run.uses_teacher and not loss_fn.needs_features and data.deterministic:
         from .teacher_cache import TeacherCache
