@@ -68,3 +68,46 @@ def test_parallel_chains_are_not_stages():
     gm = _gm(_Towers())
     with pytest.raises(ModelError, match="2 equally long chains"):
         find_stages(gm)
+
+
+class _TimeLoop(nn.Module):
+    """A Python loop over 3 time steps calling the same two-stage network at each step (the snnTorch habit)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = Hierarchical(depths=(2, 1), T=1)
+        self.num_steps = 3
+
+    def forward(self, x):
+        out = 0
+        for t in range(self.num_steps):
+            out = out + self.net(x * (t + 1))
+        return out
+
+
+def test_a_time_loop_is_one_stage_per_resolution_with_one_copy_per_step():
+    gm = _gm(_TimeLoop())
+    assert gm.bc_time_steps == 3
+    stages = find_stages(gm)  # 6 chains: two stages at each of 3 steps
+    assert [len(t.blocks) for t in stages] == [4, 2] and [len(t.steps) for t in stages] == [3, 3]
+    assert [t.blocks[0].where for t in stages] == ["net.stage1.0.attn", "net.stage2.0.attn"]
+    for stage in stages:
+        assert [[sb.step for sb in copy.blocks] for copy in stage.steps] == [[s] * len(stage.blocks) for s in range(3)]
+        assert stage.per_step() == stage.steps and stage.steps[0].blocks == stage.blocks
+    last = stages[-1]
+    assert {output_logits(gm, copy.blocks[-1].out) for copy in last.steps} == set(output_entries(gm))
+    assert find_trunk(gm).per_step() == stages[0].steps
+
+
+def test_time_steps_are_marked_on_a_graph_traced_elsewhere():
+    from torch import fx
+    from bestcompress.trace import SNNTracer
+    model = _TimeLoop().eval()
+    gm = fx.GraphModule(model, SNNTracer().trace(model))  # as the feature taps trace a teacher
+    assert not hasattr(gm, "bc_time_steps")
+    assert [len(t.steps) for t in find_stages(gm)] == [3, 3] and gm.bc_time_steps == 3
+
+
+def test_without_a_time_loop_a_stage_has_no_step_copies():
+    (stage,) = find_stages(_gm(tiny_model("spikformer_seq", depths=2)))
+    assert stage.steps == [] and stage.per_step() == [stage]

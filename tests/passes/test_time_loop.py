@@ -75,6 +75,41 @@ def test_one_coupling_per_sub_block_shared_by_every_step_computes_the_fp_model(c
     assert head_inputs == {"reversible.z3"} and head2_inputs == {"reversible.z4"}  # last attention / MLP stream
 
 
+class _HierarchicalLoop(torch.nn.Module):
+    """A Python loop over 3 steps calling a two-stage network (downsampling between the stages) at each step."""
+
+    def __init__(self):
+        super().__init__()
+        from tests.topology_models import Hierarchical
+        self.net = Hierarchical(depths=(2, 1), T=1)
+        self.num_steps = 3
+        self.input_shape = (6, 3)
+
+    def forward(self, x):
+        out = 0
+        for t in range(self.num_steps):
+            out = out + self.net(x * (t + 1))
+        return out
+
+
+def test_a_hierarchical_time_loop_is_coupled_stage_by_stage_with_shared_couplings():
+    torch.manual_seed(0)
+    model = _HierarchicalLoop().eval()
+    x = example_input_for(model, seed=1) * 3
+    with torch.no_grad():
+        want = model(x)
+    gm = binarize(model, "identity", overrides=COUPLED_IDENTITY).model.eval()
+    assert coupling_steps(gm) == 3
+    for t in range(3):
+        assert [gm.get_submodule(n.target).index for n in coupling_nodes(gm, 0, t)] == [2, 3, 4]
+        assert [gm.get_submodule(n.target).index for n in coupling_nodes(gm, 1, t)] == [2]
+    assert sum(isinstance(m, ReversibleCoupling) for m in gm.modules()) == 4
+    with torch.no_grad():
+        got = gm(x)
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("hidden_out", [True, False])
 def test_an_output_neuron_after_the_head_is_copied_with_its_reset(hidden_out):
     from tests.thirdparty_models import SnnTorchOutputNeuronTransformer
