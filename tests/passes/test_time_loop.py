@@ -206,3 +206,30 @@ def test_default_recipe_distills_evaluates_deterministically_and_exports_verifie
     for fmt in ("qonnx", "onnx"):
         v = export_model(student, fmt, tmp_path / f"loop_{fmt}.onnx", example_input=x).verification
         assert v is not None and v.passed and v.max_abs_diff < 1e-4 and v.flipped_fraction == 0.0, fmt
+
+
+def test_the_first_steps_streams_are_reconstructed_from_its_last_two():
+    from torch import fx
+    from bestcompress.passes.reversible import reconstruct_streams
+    model = _fp(MODELS[0]).double()
+    x = example_input_for(model, seed=1).double() * 3
+    gm = binarize(model, "identity", example_input=x, overrides={"reversible.enabled": True,
+                                                                 "reversible.form": "paper"}).model.eval()
+    nodes = coupling_nodes(gm, 0, 0)
+    wanted = [nodes[0].args[1], nodes[0].args[2], *nodes]  # z_0, z_1 (plain residual), z_2..z_4 of step 0
+    seen = {}
+
+    class _Record(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in wanted:
+                seen[n] = out
+            return out
+
+    with torch.no_grad():
+        _Record(gm).run(x)
+        streams = [seen[n] for n in wanted]
+        back = reconstruct_streams(gm, streams[-1], streams[-2])
+    assert len(back) == 5 and streams[0].abs().sum() > 0
+    for got, want in zip(back, streams):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
