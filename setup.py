@@ -34,7 +34,9 @@ class OptionalNativeBuild(build_ext):
 
 extensions = []
 if not os.environ.get("BESTCOMPRESS_NO_EXT"):
-    extensions.append(Extension("bestcompress.engine._bitkernels", ["bestcompress/engine/_bitkernels.c"],
-                                extra_compile_args=BASE_FLAGS, optional=True))
+    extensions.append(Extension("bestcompress.engine._bitkernels",
+                                [f"bestcompress/engine/{name}.c" for name in ("_bitkernels", "bk_pack", "bk_gemm",
+                                                                              "bk_amx")],
+                                depends=["bestcompress/engine/bk.h"], extra_compile_args=BASE_FLAGS, optional=True))
 
 setup(ext_modules=extensions, cmdclass={"build_ext": OptionalNativeBuild})

@@ -27,8 +27,11 @@ except ImportError:  # pragma: no cover - depends on the install
     _ext = None
 
 MAX_PLANES = 24
+ISAS = ("scalar", "avx2", "avx512", "neon")  # the compiled popcount variants, by their number in bk.h
 _state = {"backend": "compiled" if _ext is not None and os.environ.get("BESTCOMPRESS_ENGINE") != "numpy"
-          else "numpy"}
+          else "numpy",
+          "isa": os.environ.get("BESTCOMPRESS_ENGINE_ISA", "best"),
+          "int8": os.environ.get("BESTCOMPRESS_ENGINE_INT8", "1") != "0"}
 
 
 def backend() -> str:
@@ -36,11 +39,50 @@ def backend() -> str:
     return _state["backend"]
 
 
+def isa() -> str:
+    """The popcount variant the compiled kernels run: the best this CPU has, or the one `use_isa` chose."""
+    if _ext is None:
+        return "none"
+    name = _state["isa"]
+    if name in ISAS and _ext.isa_supported(ISAS.index(name)):
+        return name
+    return ISAS[_ext.best_isa()]
+
+
+def _isa_number() -> int:
+    return ISAS.index(isa())
+
+
+def int8_units() -> bool:
+    """Do multi-plane linear inputs run on the CPU's int8 matrix units (x86 AMX), where it has them?"""
+    return backend() == "compiled" and _state["int8"] and bool(_ext.amx_available())
+
+
 def backend_description() -> str:
     if backend() == "compiled":
-        return f"compiled popcount kernels ({_ext.isa()})"
+        extra = "; inputs of 2-8 bit planes of linear layers on AMX int8 tiles" if int8_units() else ""
+        return f"compiled popcount kernels ({_ext.isa_name(_isa_number())}{extra})"
     why = "the compiled kernels were not built (no compiler at install)" if _ext is None else "selected"
     return f"NumPy fallback ({why})"
+
+
+@contextlib.contextmanager
+def use_isa(name: str, int8: bool | None = None):
+    """Run the compiled kernels' `name` popcount variant (scalar, avx2, avx512, neon) inside the block, and the
+    int8 matrix units or not (None: as before). Refused when this CPU cannot run the variant."""
+    if _ext is None:
+        raise RuntimeError("the compiled kernels are not built")
+    if name not in ISAS or not _ext.isa_supported(ISAS.index(name)):
+        raise ValueError(f"this CPU does not run the {name!r} kernels (it runs: "
+                         f"{', '.join(i for n, i in enumerate(ISAS) if _ext.isa_supported(n))})")
+    old = dict(_state)
+    _state["isa"] = name
+    if int8 is not None:
+        _state["int8"] = bool(int8)
+    try:
+        yield
+    finally:
+        _state.update(old)
 
 
 def compiled_available() -> bool:
@@ -249,7 +291,7 @@ def gemm(a: Packed, b_cols: torch.Tensor, n: int, batch: int = 1, b_planes: int 
         _ext.gemm(a.words.data_ptr(), b_cols.data_ptr(), a.rowsum.data_ptr() if weights else 0, out.data_ptr(),
                   0 if alpha is None else alpha.data_ptr(), 0 if bias is None else bias.data_ptr(), mode, batch,
                   m, n, npad, kw, total * kw, m * kw, b_cols.shape[1] * kw * npad, kw * npad, m * n, n, pa, b_planes,
-                  scale, 0, 0, 0, *_bn_args(bn))
+                  scale, _isa_number(), 0, 0, *_bn_args(bn))
         return out
     res = _np_gemm(_u64(a.words).reshape(pa, batch, m, kw), _u64(b_cols), a.rowsum.numpy() if weights else None,
                    mode, n, scale)
@@ -258,6 +300,32 @@ def gemm(a: Packed, b_cols: torch.Tensor, n: int, batch: int = 1, b_planes: int 
     if bias is not None:
         res = res + bias.numpy()
     return apply_bn(torch.from_numpy(np.ascontiguousarray(res, dtype=np.float32)), bn, -1)
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def linear(x: torch.Tensor, weight_cols: torch.Tensor, n: int, alpha: torch.Tensor | None = None,
+           bias: torch.Tensor | None = None, max_planes: int = MAX_PLANES, bn=None
+           ) -> tuple[torch.Tensor, int, str] | None:
+    """A ±1-weight linear layer of a float32 [rows, K] input in one compiled call (analyze, pack once, product,
+    epilogue), or None when x does not pack. Returns (out [rows, n], bit planes of x, 'popcount' or 'int8').
+
+    Args:
+        weight_cols: [1, 1, Kw, Npad] words of w⁺ (to_columns).
+        alpha, bias: float32 [n] contiguous, or None.
+    """
+    x = x.detach().contiguous()
+    rows, k = x.shape
+    out = torch.empty((rows, n), dtype=torch.float32)
+    mode, ptrs = _bn_args(bn)[0], _bn_args(bn)[1:]
+    planes, _, kernel = _ext.linear(x.data_ptr(), rows, k, max_planes, weight_cols.data_ptr(), weight_cols.shape[-1],
+                                    n, _ptr(alpha), _ptr(bias), mode, *ptrs, out.data_ptr(), _isa_number(),
+                                    int(int8_units()))
+    if planes < 0:
+        return None
+    return out, planes, "int8" if kernel else "popcount"
 
 
 def conv_nchw(x: torch.Tensor, weight_rows: torch.Tensor, cout: int, kernel, stride, padding, dilation,
@@ -272,26 +340,12 @@ def conv_nchw(x: torch.Tensor, weight_rows: torch.Tensor, cout: int, kernel, str
     """
     x = x.detach().contiguous()
     n, c, h, w = x.shape
-    planes, lsb = _ext.analyze(x.data_ptr(), x.numel())
-    if planes < 0 or planes > max_planes:
-        return None
-    cw = words_for(c)
-    pixels = torch.empty((planes, n * h * w, cw), dtype=torch.int64)
-    pixsum = torch.empty(n * h * w, dtype=torch.int64)
-    _ext.pack_nchw(x.data_ptr(), n, c, h * w, cw, planes, lsb, pixels.data_ptr(), pixsum.data_ptr())
     (kh, kw_), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
     ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     wo = (w + 2 * pw - dw * (kw_ - 1) - 1) // sw + 1
-    hw = ho * wo
-    npad = (hw + 7) // 8 * 8
-    kwords = kh * kw_ * cw
-    cols = torch.empty((planes, n, kwords, npad), dtype=torch.int64)
-    colsum = torch.empty((n, npad), dtype=torch.int64)
-    _ext.im2col_cols(pixels.data_ptr(), pixsum.data_ptr(), planes, n, h, w, cw, kh, kw_, sh, sw, ph, pw, dh, dw, ho,
-                     wo, npad, cols.data_ptr(), colsum.data_ptr())
     out = torch.empty((n, cout, ho, wo), dtype=torch.float32)
-    _ext.gemm(weight_rows.data_ptr(), cols.data_ptr(), 0, out.data_ptr(),
-              0 if alpha is None else alpha.data_ptr(), 0 if bias is None else bias.data_ptr(), 0, n,
-              cout, hw, npad, kwords, cout * kwords, 0, n * kwords * npad, kwords * npad, cout * hw, hw, 1, planes,
-              float(2.0 ** lsb), 0, colsum.data_ptr(), 1, *_bn_args(bn))
+    planes = _ext.conv(x.data_ptr(), n, c, h, w, max_planes, weight_rows.data_ptr(), cout, kh, kw_, sh, sw, ph, pw,
+                       dh, dw, ho, wo, _ptr(alpha), _ptr(bias), *_bn_args(bn), out.data_ptr(), _isa_number())
+    if planes < 0:
+        return None
     return out, planes

@@ -43,6 +43,7 @@ class _PackedLayer(nn.Module):
         self.stats = {"packed": 0, "float": 0}
         self.weight_bits = int(bits)  # the layer's weights, without the padding to whole words
         self.last_planes = 0
+        self.last_kernel = "popcount"  # or 'int8' (multi-plane inputs on the CPU's matrix units, kernels.py)
 
     @property
     def weight_bytes(self) -> int:
@@ -95,6 +96,13 @@ class PackedLinear(_PackedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        if kernels.backend() == "compiled" and x.dtype == torch.float32:
+            done = kernels.linear(x.reshape(-1, self.in_features), self.weight_words, self.out_features, self.alpha,
+                                  self.bias, MAX_LAYER_PLANES, self.bn)
+            if done is not None:
+                self.stats["packed"] += 1
+                y, self.last_planes, self.last_kernel = done
+                return y.view(lead + (self.out_features,))
         packed = kernels.pack_rows(x.reshape(-1, self.in_features), MAX_LAYER_PLANES)
         if packed is None:
             self.stats["float"] += 1

@@ -1,0 +1,61 @@
+/* Shared declarations of the engine's compiled kernels (_bitkernels.c: the module, packing, im2col;
+ * bk_gemm.c: the popcount products, one variant per instruction set chosen at run time; bk_amx.c: the int8
+ * matrix-unit product for multi-bit inputs). */
+#ifndef BK_H
+#define BK_H
+#include <stddef.h>
+#include <stdint.h>
+
+#define MAX_PLANES 24
+
+typedef struct {
+    const uint64_t *a;      /* [Pa][batch][M][Kw] */
+    const uint64_t *b;      /* [Pb][batch][Kw][Npad] */
+    const int64_t *rowsum;  /* [batch][M] (mode 0) */
+    const int64_t *colsum;  /* [batch][Npad] (mode 0, trans: the activations are the columns) */
+    const uint32_t *amask;  /* [batch][M]: bit i set when plane i of row m has a set bit (NULL: all planes) */
+    int trans;              /* trans: a = weights, b = activations; alpha/bias per row */
+    int bn;                 /* folded BatchNorm: 0 none; 1 fma(y, p0, p1); 2 ((y - p0) * p1) * p2 + p3 */
+    const float *bp[4];
+    float *out;             /* out[batch * obs + m * ors + n] */
+    const float *alpha, *bias;
+    ptrdiff_t M, N, Npad, Kw, a_ps, a_bs, b_ps, b_bs, obs, ors;
+    int Pa, Pb, mode;
+    float scale;            /* 2^(lsb_a + lsb_b) */
+} gemm_args;
+
+/* the exact float epilogue of one output (the rounding order every variant follows) */
+float bk_finish(const gemm_args *g, int64_t acc, int64_t rs, ptrdiff_t m, ptrdiff_t n);
+
+/* popcount product; isa: the variant (bk_isa_names), -1 = the best the CPU runs */
+void bk_gemm(const gemm_args *g, ptrdiff_t batch, int isa);
+int bk_best_isa(void);
+const char *bk_isa_name(int isa);
+int bk_isa_supported(int isa);
+enum { BK_SCALAR = 0, BK_AVX2 = 1, BK_AVX512 = 2, BK_NEON = 3, BK_NISA = 4 };
+
+/* int8 matrix units (x86 AMX): out = finish(q · w) for q in [0, 255] (at most 8 bit planes), w±1 bits given as
+ * weight columns [Kw][Npad] (mode 0, not trans). Returns 0 when done, -1 when the CPU/OS has no AMX. */
+int bk_amx_available(void);
+int bk_amx_linear(const gemm_args *g, const uint8_t *q, ptrdiff_t kpad);
+
+void bk_amx_quantize(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t kpad, int lsb, uint8_t *q,
+                     int64_t *rowsum);
+
+/* packing (bk_pack.c) */
+typedef struct {
+    ptrdiff_t P, N, H, W, Cw, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
+} bk_conv;
+int bk_analyze(const float *x, ptrdiff_t n, int *lsb);
+void bk_pack(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t Kw, int P, int lsb, uint64_t *out,
+             int64_t *rowsum, uint32_t *amask);
+void bk_pack_nchw(const float *x, ptrdiff_t N, ptrdiff_t C, ptrdiff_t HW, ptrdiff_t Cw, int P, int lsb,
+                  uint64_t *out, int64_t *rowsum);
+void bk_im2col(const uint64_t *in, const int64_t *pix, const bk_conv *c, uint64_t *out, int64_t *rowsum);
+void bk_im2col_cols(const uint64_t *in, const int64_t *pix, const bk_conv *c, ptrdiff_t Npad, uint64_t *out,
+                    int64_t *colsum);
+void bk_transpose(const uint64_t *in, ptrdiff_t B, ptrdiff_t rows, ptrdiff_t Kw, ptrdiff_t Npad, uint64_t *out);
+
+/* thread-local scratch memory, grown on demand (slot 0..3), 64-byte aligned; NULL when out of memory */
+void *bk_scratch(int slot, size_t bytes);
+#endif

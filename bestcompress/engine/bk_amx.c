@@ -1,0 +1,165 @@
+/* The int8 matrix-unit product (x86 AMX) for inputs of several bit planes (the residual stream of spike sums).
+ *
+ * Popcount work grows with the bit planes of the input (P popcounts per weight word); a matrix unit multiplies
+ * 8-bit integers at the same cost for any P <= 8. Where the CPU and OS offer AMX-INT8, a linear layer whose input
+ * is q * 2^lsb with q in [0, 255] computes sum_k q[m, k] * w+[k, n] with TDPBUSD (u8 x s8 -> exact int32 sums),
+ * then the same epilogue as the popcount kernels: 2 * acc - rowsum, times 2^lsb, alpha, bias, folded BatchNorm,
+ * in bk_finish's order. The weights stay one bit each in RAM; each call expands them into 0/1 bytes in the tile
+ * layout (VNNI: 4 consecutive k of one column per dword) in thread-local scratch, with VPSHUFBITQMB + PEXT.
+ */
+#include "bk.h"
+
+#include <math.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__linux__) && !defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11
+#define BK_AMX 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define TAMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512dq,avx512vl,avx512bitalg,bmi2,fma")))
+
+static int amx_state = -1; /* -1 unknown, 0 no, 1 yes */
+
+int bk_amx_available(void) {
+    if (amx_state >= 0) return amx_state;
+    unsigned a, b, c, d;
+    int ok = 0;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) && ((d >> 24) & 1u) && ((d >> 25) & 1u)) {
+        __builtin_cpu_init();
+        ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+             __builtin_cpu_supports("avx512bitalg") && __builtin_cpu_supports("bmi2") &&
+             __builtin_cpu_supports("fma");
+        /* the kernel must grant this process the tile state (Linux >= 5.16: ARCH_REQ_XCOMP_PERM, XTILEDATA) */
+        if (ok) ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    }
+    amx_state = ok;
+    return ok;
+}
+
+typedef struct {
+    uint8_t palette, start;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) tilecfg;
+
+/* weight columns [Kw][Npad] (bit t of word (kc, n) = w+[64 kc + t, n]) -> tiles [nblk][Kw][16 rows][64 bytes],
+ * row j of a tile = for each of its 16 columns the bytes w+[64 kc + 4 j + 0..3, n] */
+TAMX static void expand_weights(const uint64_t *b, ptrdiff_t Kw, ptrdiff_t Npad, ptrdiff_t nblk, uint8_t *wt) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    const __m512i base = _mm512_set1_epi64(0x0706050403020100LL);
+    const uint64_t even = 0x0F0F0F0F0F0F0F0FULL, odd = 0xF0F0F0F0F0F0F0F0ULL;
+    for (ptrdiff_t nb = 0; nb < nblk; nb++)
+        for (ptrdiff_t kc = 0; kc < Kw; kc++) {
+            const uint64_t *src = b + kc * Npad + nb * 16;
+            __mmask8 lo_k = 0, hi_k = 0;
+            ptrdiff_t left = Npad - nb * 16;
+            lo_k = left >= 8 ? 0xff : (left > 0 ? (__mmask8)((1u << left) - 1u) : 0);
+            hi_k = left >= 16 ? 0xff : (left > 8 ? (__mmask8)((1u << (left - 8)) - 1u) : 0);
+            __m512i lo = _mm512_maskz_loadu_epi64(lo_k, src), hi = _mm512_maskz_loadu_epi64(hi_k, src + 8);
+            uint8_t *tile = wt + (nb * Kw + kc) * 1024;
+            for (int j = 0; j < 16; j += 2) {
+                __m512i ctl = _mm512_add_epi8(base, _mm512_set1_epi8((char)(4 * j)));
+                uint64_t rl = _mm512_bitshuffle_epi64_mask(lo, ctl), rh = _mm512_bitshuffle_epi64_mask(hi, ctl);
+                uint64_t m0 = _pext_u64(rl, even) | (_pext_u64(rh, even) << 32);
+                uint64_t m1 = _pext_u64(rl, odd) | (_pext_u64(rh, odd) << 32);
+                _mm512_storeu_si512((void *)(tile + 64 * j), _mm512_maskz_mov_epi8(m0, ones));
+                _mm512_storeu_si512((void *)(tile + 64 * (j + 1)), _mm512_maskz_mov_epi8(m1, ones));
+            }
+        }
+}
+
+/* 16 outputs of row m, columns n..n+15, from int32 sums: bk_finish's operations in its order on 16 lanes */
+TAMX static inline void epilogue(const gemm_args *g, ptrdiff_t m, ptrdiff_t n, const int32_t *acc) {
+    if (n >= g->N) return;
+    __mmask16 mk = g->N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (g->N - n)) - 1u);
+    __m512i rs = _mm512_set1_epi32((int)(g->rowsum ? g->rowsum[m] : 0));
+    __m512i a = _mm512_loadu_si512((const void *)acc);
+    __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(a, a), rs)),
+                             _mm512_set1_ps(g->scale));
+#define CH(p) _mm512_maskz_loadu_ps(mk, (p) + n)
+    if (g->alpha) f = _mm512_mul_ps(f, CH(g->alpha));
+    if (g->bias) f = _mm512_add_ps(f, CH(g->bias));
+    if (g->bn == 1) f = _mm512_fmadd_ps(f, CH(g->bp[0]), CH(g->bp[1]));
+    else if (g->bn == 2)
+        f = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(f, CH(g->bp[0])), CH(g->bp[1])), CH(g->bp[2])),
+                          CH(g->bp[3]));
+#undef CH
+    _mm512_mask_storeu_ps(g->out + m * g->ors + n, mk, f);
+}
+
+/* q: [Mpad][kpad] bytes, Mpad = M rounded up to 32 (rows past M are zero), kpad = 64 * Kw */
+TAMX int bk_amx_linear(const gemm_args *g, const uint8_t *q, ptrdiff_t kpad) {
+    if (!bk_amx_available()) return -1;
+    const ptrdiff_t Kw = g->Kw, nblk = (g->N + 31) / 32 * 2, mpad = (g->M + 31) / 32 * 32;
+    uint8_t *wt = bk_scratch(3, (size_t)(nblk * Kw * 1024));
+    if (!wt) return -1;
+    expand_weights(g->b, Kw, g->Npad, nblk, wt);
+    tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
+    _tile_loadconfig(&cfg);
+    int32_t cbuf[32 * 32] __attribute__((aligned(64)));
+    for (ptrdiff_t m0 = 0; m0 < mpad; m0 += 32)
+        for (ptrdiff_t nb = 0; nb < nblk; nb += 2) {
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+            const uint8_t *a0 = q + m0 * kpad, *a1 = q + (m0 + 16) * kpad;
+            const uint8_t *b0 = wt + nb * Kw * 1024, *b1 = wt + (nb + 1) * Kw * 1024;
+            for (ptrdiff_t kc = 0; kc < Kw; kc++) {
+                _tile_loadd(4, a0 + 64 * kc, kpad);
+                _tile_loadd(5, a1 + 64 * kc, kpad);
+                _tile_loadd(6, b0 + 1024 * kc, 64);
+                _tile_loadd(7, b1 + 1024 * kc, 64);
+                _tile_dpbusd(0, 4, 6);
+                _tile_dpbusd(1, 4, 7);
+                _tile_dpbusd(2, 5, 6);
+                _tile_dpbusd(3, 5, 7);
+            }
+            _tile_stored(0, cbuf, 128);
+            _tile_stored(1, cbuf + 16, 128);
+            _tile_stored(2, cbuf + 16 * 32, 128);
+            _tile_stored(3, cbuf + 16 * 32 + 16, 128);
+            for (ptrdiff_t r = 0; r < 32 && m0 + r < g->M; r++) {
+                epilogue(g, m0 + r, nb * 16, cbuf + r * 32);
+                epilogue(g, m0 + r, nb * 16 + 16, cbuf + r * 32 + 16);
+            }
+        }
+    _tile_release();
+    return 0;
+}
+
+/* q[m, k] = x[m, k] / 2^lsb as bytes (rows past `rows`, columns past K: zero), rowsum[m] = sum of q; x holds
+ * values analyze() accepted with at most 8 planes, so x / 2^lsb is an integer in [0, 255], exactly */
+TAMX void bk_amx_quantize(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t kpad, int lsb, uint8_t *q,
+                          int64_t *rowsum) {
+    const ptrdiff_t mpad = (rows + 31) / 32 * 32;
+    const __m512 sc = _mm512_set1_ps(ldexpf(1.0f, -lsb)); /* a power of two: x * sc is exact */
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const float *xr = x + r * K;
+        uint8_t *qr = q + r * kpad;
+        __m512i tot = _mm512_setzero_si512();
+        ptrdiff_t k = 0;
+        for (; k < kpad; k += 16) {
+            ptrdiff_t left = K - k;
+            __mmask16 mk = left >= 16 ? (__mmask16)0xffff : (left > 0 ? (__mmask16)((1u << left) - 1u) : 0);
+            __m512i v = _mm512_cvttps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xr + k), sc));
+            tot = _mm512_add_epi32(tot, v);
+            _mm_storeu_si128((__m128i *)(qr + k), _mm512_cvtepi32_epi8(v));
+        }
+        rowsum[r] = _mm512_reduce_add_epi32(tot);
+    }
+    memset(q + rows * kpad, 0, (size_t)((mpad - rows) * kpad));
+}
+#else
+int bk_amx_available(void) { return 0; }
+int bk_amx_linear(const gemm_args *g, const uint8_t *q, ptrdiff_t kpad) { (void)g; (void)q; (void)kpad; return -1; }
+void bk_amx_quantize(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t kpad, int lsb, uint8_t *q,
+                     int64_t *rowsum) {
+    (void)x; (void)rows; (void)K; (void)kpad; (void)lsb; (void)q; (void)rowsum;
+}
+#endif

@@ -1,0 +1,265 @@
+/* Packing of the engine's operands: values x = q * 2^lsb (q a P-bit integer) as P bit planes of 64-bit words
+ * (plane p holds bit p of q; spikes are one plane with lsb = 0), and the bit im2col of convolutions.
+ *
+ *   bk_analyze(x, n, &lsb)        -> P, or -1 when x holds a negative, non-finite or subnormal value or needs
+ *                                    more than 24 planes
+ *   bk_pack(x, rows, K, Kw, ...)  planes [P, rows, Kw], rowsum[r] = sum of q over the row, amask[r] = the planes
+ *                                 with a set bit in row r
+ *   bk_pack_nchw                  planes [P, N*HW, Cw] read straight from an NCHW tensor
+ *   bk_im2col, bk_im2col_cols     bit im2col into rows [P, N*Ho*Wo, Kw] or columns [P, N, Kw, Npad]
+ *   bk_transpose                  [B, rows, Kw] -> [B, Kw, Npad] (the B operand layout)
+ * AVX-512 paths are compiled in when the build targets a CPU that has them (-march=native); the portable loops
+ * compute the same words.
+ */
+#include "bk.h"
+
+#include <math.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
+    defined(__AVX512CD__)
+#include <immintrin.h>
+#define BC_AVX512 1
+#endif
+
+/* ------------------------------------------------------------------------------------------------ analyze */
+
+int bk_analyze(const float *x, ptrdiff_t n, int *lsb) {
+    const uint32_t *u = (const uint32_t *)x;
+    int lo = 1 << 20, hi = -(1 << 20), bad = 0;
+    ptrdiff_t i = 0;
+#if defined(BC_AVX512)
+    {
+        const __m512i absmask = _mm512_set1_epi32(0x7fffffff), ff = _mm512_set1_epi32(0xff);
+        const __m512i mmask = _mm512_set1_epi32(0x7fffff), hidden = _mm512_set1_epi32(0x800000);
+        __m512i vlo = _mm512_set1_epi32(1 << 20), vhi = _mm512_set1_epi32(-(1 << 20));
+        __mmask16 badm = 0;
+        for (; i + 16 <= n; i += 16) {
+            __m512i v = _mm512_loadu_si512((const void *)(u + i));
+            __mmask16 nz = _mm512_test_epi32_mask(v, absmask);
+            if (!nz) continue;
+            __m512i e = _mm512_and_si512(_mm512_srli_epi32(v, 23), ff);
+            badm |= _mm512_mask_cmplt_epi32_mask(nz, v, _mm512_setzero_si512());          /* sign bit */
+            badm |= _mm512_mask_cmpeq_epi32_mask(nz, e, _mm512_setzero_si512());          /* subnormal */
+            badm |= _mm512_mask_cmpeq_epi32_mask(nz, e, ff);                              /* inf / nan */
+            __m512i m = _mm512_or_si512(_mm512_and_si512(v, mmask), hidden);
+            __m512i low = _mm512_and_si512(m, _mm512_sub_epi32(_mm512_setzero_si512(), m));
+            __m512i ctz = _mm512_sub_epi32(_mm512_set1_epi32(31), _mm512_lzcnt_epi32(low));
+            __m512i l = _mm512_add_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(150)), ctz);
+            __m512i h = _mm512_sub_epi32(e, _mm512_set1_epi32(127));
+            vlo = _mm512_mask_min_epi32(vlo, nz, vlo, l);
+            vhi = _mm512_mask_max_epi32(vhi, nz, vhi, h);
+        }
+        bad = badm != 0;
+        lo = _mm512_reduce_min_epi32(vlo);
+        hi = _mm512_reduce_max_epi32(vhi);
+    }
+#endif
+    for (; !bad && i < n; i++) {
+        uint32_t v = u[i];
+        if ((v & 0x7fffffffu) == 0) continue;          /* +0 and -0 */
+        uint32_t e = (v >> 23) & 0xffu;
+        if ((v >> 31) || e == 0 || e == 0xffu) { bad = 1; break; }  /* negative, subnormal, inf/nan */
+        uint32_t m = (v & 0x7fffffu) | 0x800000u;
+        int l = (int)e - 150 + __builtin_ctz(m);
+        int h = (int)e - 127;
+        if (l < lo) lo = l;
+        if (h > hi) hi = h;
+    }
+    *lsb = 0;
+    if (bad) return -1;
+    if (hi < lo) return 1;       /* all zero: one empty plane */
+    int planes = hi - lo + 1;
+    if (planes > MAX_PLANES) return -1;
+    *lsb = lo;
+    return planes;
+}
+
+/* ------------------------------------------------------------------------------------------------- pack */
+
+static inline uint32_t quantum(uint32_t v, int lsb) {
+    /* q = x / 2^lsb for a value analyze() accepted */
+    if ((v & 0x7fffffffu) == 0) return 0;
+    int e = (int)((v >> 23) & 0xffu);
+    uint32_t m = (v & 0x7fffffu) | 0x800000u;
+    int s = e - 150 - lsb;
+    return s >= 0 ? (m << s) : (m >> (-s));
+}
+
+void bk_pack(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t Kw, int P, int lsb, uint64_t *out,
+             int64_t *rowsum, uint32_t *amask) {
+    const ptrdiff_t plane = rows * Kw;
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const float *xr = x + r * K;
+        int64_t total = 0;
+        uint32_t used = 0;
+        for (ptrdiff_t w = 0; w < Kw; w++) {
+            ptrdiff_t k0 = w * 64, k1 = k0 + 64 < K ? k0 + 64 : K;
+            uint64_t words[MAX_PLANES];
+            for (int p = 0; p < P; p++) words[p] = 0;
+            if (P == 1 && lsb == 0) {
+#if defined(BC_AVX512)
+                if (k1 - k0 == 64) {
+                    __m512 z = _mm512_setzero_ps();
+                    uint64_t b0 = _mm512_cmp_ps_mask(_mm512_loadu_ps(xr + k0), z, _CMP_NEQ_UQ);
+                    uint64_t b1 = _mm512_cmp_ps_mask(_mm512_loadu_ps(xr + k0 + 16), z, _CMP_NEQ_UQ);
+                    uint64_t b2 = _mm512_cmp_ps_mask(_mm512_loadu_ps(xr + k0 + 32), z, _CMP_NEQ_UQ);
+                    uint64_t b3 = _mm512_cmp_ps_mask(_mm512_loadu_ps(xr + k0 + 48), z, _CMP_NEQ_UQ);
+                    words[0] = b0 | (b1 << 16) | (b2 << 32) | (b3 << 48);
+                } else
+#endif
+                {
+                    for (ptrdiff_t k = k0; k < k1; k++)
+                        words[0] |= (uint64_t)(xr[k] != 0.0f) << (k - k0);
+                }
+                total += __builtin_popcountll(words[0]);
+            }
+#if defined(BC_AVX512)
+            else if (k1 - k0 == 64) {
+                const __m512 inv = _mm512_set1_ps(ldexpf(1.0f, -lsb));
+                __m512i qs = _mm512_setzero_si512();
+                for (int c = 0; c < 4; c++) {
+                    __m512i q = _mm512_cvttps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k0 + 16 * c), inv));
+                    qs = _mm512_add_epi32(qs, q);
+                    for (int p = 0; p < P; p++)
+                        words[p] |= (uint64_t)_mm512_test_epi32_mask(q, _mm512_set1_epi32(1 << p)) << (16 * c);
+                }
+                total += _mm512_reduce_add_epi32(qs);
+            }
+#endif
+            else {
+                const uint32_t *ur = (const uint32_t *)xr;
+                for (ptrdiff_t k = k0; k < k1; k++) {
+                    uint32_t q = quantum(ur[k], lsb);
+                    total += q;
+                    for (int p = 0; p < P; p++) words[p] |= (uint64_t)((q >> p) & 1u) << (k - k0);
+                }
+            }
+            for (int p = 0; p < P; p++) {
+                out[p * plane + r * Kw + w] = words[p];
+                used |= (uint32_t)(words[p] != 0) << p;
+            }
+        }
+        if (rowsum) rowsum[r] = total;
+        if (amask) amask[r] = used;
+    }
+}
+
+/* ----------------------------------------------------------------------------------------------- im2col */
+
+void bk_im2col(const uint64_t *in, const int64_t *pix, const bk_conv *c, uint64_t *out, int64_t *rowsum) {
+    const ptrdiff_t P = c->P, N = c->N, H = c->H, W = c->W, Cw = c->Cw, kh = c->kh, kw = c->kw, sh = c->sh,
+                    sw = c->sw, ph = c->ph, pw = c->pw, dh = c->dh, dw = c->dw, Ho = c->Ho, Wo = c->Wo;
+    const ptrdiff_t Kw = kh * kw * Cw, rows = N * Ho * Wo;
+    for (ptrdiff_t p = 0; p < P; p++) {
+        const uint64_t *ip = in + p * N * H * W * Cw;
+        uint64_t *op = out + p * rows * Kw;
+        for (ptrdiff_t n = 0; n < N; n++)
+            for (ptrdiff_t y = 0; y < Ho; y++)
+                for (ptrdiff_t x = 0; x < Wo; x++) {
+                    ptrdiff_t r = (n * Ho + y) * Wo + x;
+                    uint64_t *dst = op + r * Kw;
+                    int64_t total = 0;
+                    for (ptrdiff_t i = 0; i < kh; i++) {
+                        ptrdiff_t yy = y * sh - ph + i * dh;
+                        for (ptrdiff_t j = 0; j < kw; j++) {
+                            ptrdiff_t xx = x * sw - pw + j * dw;
+                            uint64_t *d = dst + (i * kw + j) * Cw;
+                            if (yy < 0 || yy >= H || xx < 0 || xx >= W) {
+                                memset(d, 0, Cw * sizeof(uint64_t));
+                            } else {
+                                ptrdiff_t q = (n * H + yy) * W + xx;
+                                memcpy(d, ip + q * Cw, Cw * sizeof(uint64_t));
+                                total += pix[q];
+                            }
+                        }
+                    }
+                    if (p == 0 && rowsum) rowsum[r] = total;
+                }
+    }
+}
+
+/* ------------------------------------------------------------------------- channel-major (NCHW) inputs */
+
+/* planes [P, N*HW, Cw] (pixel-major words, bit c%64 of word c/64) and per-pixel sums of q, read straight from
+ * an NCHW tensor: no transposing copy. Spikes (P = 1, lsb = 0) visit only the set bits. */
+void bk_pack_nchw(const float *x, ptrdiff_t N, ptrdiff_t C, ptrdiff_t HW, ptrdiff_t Cw, int P, int lsb,
+                  uint64_t *out, int64_t *rowsum) {
+    const ptrdiff_t plane = N * HW * Cw;
+    memset(out, 0, (size_t)(P * plane) * sizeof(uint64_t));
+    memset(rowsum, 0, (size_t)(N * HW) * sizeof(int64_t));
+    for (ptrdiff_t n = 0; n < N; n++)
+        for (ptrdiff_t c = 0; c < C; c++) {
+            const float *xc = x + (n * C + c) * HW;
+            uint64_t *base = out + n * HW * Cw + (c >> 6);
+            int64_t *rs = rowsum + n * HW;
+            const uint64_t bit = 1ull << (c & 63);
+            ptrdiff_t p = 0;
+            if (P == 1 && lsb == 0) {
+#if defined(BC_AVX512)
+                const __m512 z = _mm512_setzero_ps();
+                for (; p + 16 <= HW; p += 16) {
+                    unsigned m = _mm512_cmp_ps_mask(_mm512_loadu_ps(xc + p), z, _CMP_NEQ_UQ);
+                    while (m) {
+                        int j = __builtin_ctz(m);
+                        base[(p + j) * Cw] |= bit;
+                        rs[p + j] += 1;
+                        m &= m - 1;
+                    }
+                }
+#endif
+                for (; p < HW; p++)
+                    if (xc[p] != 0.0f) { base[p * Cw] |= bit; rs[p] += 1; }
+            } else {
+                const uint32_t *uc = (const uint32_t *)xc;
+                for (; p < HW; p++) {
+                    uint32_t q = quantum(uc[p], lsb);
+                    if (!q) continue;
+                    rs[p] += q;
+                    for (int pl = 0; pl < P; pl++)
+                        if ((q >> pl) & 1u) base[pl * plane + p * Cw] |= bit;
+                }
+            }
+        }
+}
+
+/* bit im2col straight into the column layout [P, N, Kw, Npad] (Npad >= Ho*Wo, Kw = kh*kw*Cw) with per-patch sums
+ * colsum [N, Npad]: the B operand of out[n] = W · patches[n]ᵀ, whose rows are NCHW output channels. */
+void bk_im2col_cols(const uint64_t *in, const int64_t *pix, const bk_conv *c, ptrdiff_t Npad, uint64_t *out,
+                    int64_t *colsum) {
+    const ptrdiff_t P = c->P, N = c->N, H = c->H, W = c->W, Cw = c->Cw, kh = c->kh, kw = c->kw, sh = c->sh,
+                    sw = c->sw, ph = c->ph, pw = c->pw, dh = c->dh, dw = c->dw, Ho = c->Ho, Wo = c->Wo;
+    const ptrdiff_t Kw = kh * kw * Cw;
+    memset(out, 0, (size_t)(P * N * Kw * Npad) * sizeof(uint64_t));
+    memset(colsum, 0, (size_t)(N * Npad) * sizeof(int64_t));
+    for (ptrdiff_t p = 0; p < P; p++)
+        for (ptrdiff_t n = 0; n < N; n++) {
+            const uint64_t *ip = in + (p * N + n) * H * W * Cw;
+            uint64_t *op = out + (p * N + n) * Kw * Npad;
+            for (ptrdiff_t i = 0; i < kh; i++)
+                for (ptrdiff_t j = 0; j < kw; j++)
+                    for (ptrdiff_t y = 0; y < Ho; y++) {
+                        ptrdiff_t yy = y * sh - ph + i * dh;
+                        if (yy < 0 || yy >= H) continue;
+                        for (ptrdiff_t x = 0; x < Wo; x++) {
+                            ptrdiff_t xx = x * sw - pw + j * dw;
+                            if (xx < 0 || xx >= W) continue;
+                            ptrdiff_t q = yy * W + xx, col = y * Wo + x;
+                            const uint64_t *src = ip + q * Cw;
+                            uint64_t *dst = op + ((i * kw + j) * Cw) * Npad + col;
+                            for (ptrdiff_t c = 0; c < Cw; c++) dst[c * Npad] = src[c];
+                            if (p == 0) colsum[n * Npad + col] += pix[n * H * W + q];
+                        }
+                    }
+        }
+}
+
+/* -------------------------------------------------------------------------------------------- transpose */
+
+void bk_transpose(const uint64_t *in, ptrdiff_t B, ptrdiff_t rows, ptrdiff_t Kw, ptrdiff_t Npad, uint64_t *out) {
+    memset(out, 0, (size_t)(B * Kw * Npad) * sizeof(uint64_t));
+    for (ptrdiff_t b = 0; b < B; b++)
+        for (ptrdiff_t r = 0; r < rows; r++)
+            for (ptrdiff_t k = 0; k < Kw; k++)
+                out[(b * Kw + k) * Npad + r] = in[(b * rows + r) * Kw + k];
+}
