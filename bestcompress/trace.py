@@ -31,6 +31,7 @@ class TraceReport:
     concrete_args: dict[str, object] = field(default_factory=dict)
     specialised: list[str] = field(default_factory=list)  # shape branches taken as the example input takes them
     state_constants: list[str] = field(default_factory=list)  # neuron state read at trace time, now constant
+    front_ends: list[str] = field(default_factory=list)  # where torch.export was used or tried (export_frontend)
 
     def lines(self) -> list[str]:
         out = []
@@ -42,6 +43,7 @@ class TraceReport:
             out.append(f"forward argument '{name}' fixed to {value!r} for tracing")
         for what in self.specialised:
             out.append(f"specialised on the example input's shapes: {what}")
+        out.extend(self.front_ends)
         if self.state_constants:
             names = ", ".join(self.state_constants[:6]) + (", ..." if len(self.state_constants) > 6 else "")
             out.append(f"neuron state read by the forward ({len(self.state_constants)}: {names}) is the fresh state "
@@ -217,6 +219,7 @@ def trace_model(model: nn.Module, report: TraceReport | None = None, prefix: str
         tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,))
     concrete = _none_default_args(model)
     leaves: set[str] = set()
+    fx_added: list[tuple[str, str]] = []
     err: Exception | None = None
     # Each failed attempt turns one more module into a leaf, so the number of modules bounds the attempts.
     for _ in range(len(list(model.modules())) + 1):
@@ -230,14 +233,27 @@ def trace_model(model: nn.Module, report: TraceReport | None = None, prefix: str
             report.specialised.extend(where + s for s in dict.fromkeys(tracer.specialised))
             report.state_constants.extend(f"{prefix}.{s}" if prefix else s for s in dict.fromkeys(tracer.state_constants))
             gm.bc_trace_leaves = sorted(leaves)
+            if leaves and example_args is not None:  # torch.export may capture what fx made opaque
+                kept, report.leaves_added = report.leaves_added, [x for x in report.leaves_added if x not in fx_added]
+                better = _export_front_end(model, example_args, report, prefix, time_steps, fx_leaves=len(leaves))
+                if better is not None:
+                    return better, report
+                report.leaves_added = kept
             annotate_time_steps(gm, time_steps)
             return gm, report
         failed = tracer.failed_module
         if failed and failed not in leaves:
             leaves.add(failed)
-            report.leaves_added.append((f"{prefix}.{failed}" if prefix else failed, _short(err)))
+            fx_added.append((f"{prefix}.{failed}" if prefix else failed, _short(err)))
+            report.leaves_added.append(fx_added[-1])
             continue
         break
+    if example_args is not None:  # the root forward defeats fx: the second front-end, before going eager
+        kept, report.leaves_added = report.leaves_added, [x for x in report.leaves_added if x not in fx_added]
+        captured = _export_front_end(model, example_args, report, prefix, time_steps, fx_error=_short(err))
+        if captured is not None:
+            return captured, report
+        report.leaves_added = kept
     # The root's own forward cannot be traced: keep it eager and trace its children.
     report.eager.append((prefix, _short(err)))
     leaf_check = SNNTracer()
@@ -262,6 +278,74 @@ def trace_model(model: nn.Module, report: TraceReport | None = None, prefix: str
         if traced is not child:
             setattr(model, name, traced)
     return model, report
+
+
+def _export_front_end(model: nn.Module, example_args: tuple, report: TraceReport, prefix: str,
+                      time_steps: int | None, fx_leaves: int | None = None, fx_error: str | None = None):
+    """The model captured by torch.export(strict=False) (export_frontend.py) as a GraphModule, when it captures
+    more than fx did (no eager root; fewer opaque leaves) and computes what the model computes on the example;
+    else None. Either way the report says what was tried."""
+    from .export_frontend import CaptureError, capture_with_export
+    where = f"'{prefix or '<root>'}'"
+    why_fx = f"fx could not trace its forward ({fx_error})" if fx_error else f"fx made {fx_leaves} module(s) opaque"
+    guard = _StateGuard(model)
+    try:
+        cap = capture_with_export(model, example_args)
+    except CaptureError as e:
+        report.front_ends.append(f"{where}: torch.export(strict=False) tried as the second front-end ({why_fx}), "
+                                 f"and failed too: {e}")
+        return None
+    finally:
+        guard.restore()
+    if fx_leaves is not None and len(cap.leaves_added) >= fx_leaves:
+        return None
+    for name, value in cap.constants.items():
+        setattr(model, name, value)
+    try:
+        gm = _make_graph_module(model, model, cap.graph)
+    finally:
+        for name in cap.constants:
+            delattr(model, name)
+    mismatch = _outputs_differ(model, gm, example_args)
+    if mismatch:
+        report.front_ends.append(f"{where}: torch.export(strict=False) tried as the second front-end ({why_fx}); "
+                                 f"its graph was not used: {mismatch}")
+        return None
+    leaves = sorted(n for n, _ in cap.leaves_added)
+    report.leaves_added.extend((f"{prefix}.{n}" if prefix else n, why) for n, why in cap.leaves_added)
+    batch = "the batch size stays free" if cap.dynamic_batch else "the batch size is fixed to the example's"
+    report.front_ends.append(
+        f"{where} captured by torch.export(strict=False) ({why_fx}); {cap.leaf_calls} calls of leaf modules "
+        f"(neurons, weight layers, torch.nn built-ins{', ' + ', '.join(leaves) if leaves else ''}) are call_module "
+        f"nodes, the rest ATen ops; {batch}")
+    gm.bc_trace_leaves = leaves
+    gm.bc_front_end = "torch.export"
+    annotate_time_steps(gm, time_steps)
+    return gm
+
+
+def _outputs_differ(model: nn.Module, gm: fx.GraphModule, example_args: tuple) -> str | None:
+    """Why `gm` does not compute what `model` computes on the example (None when every output is equal)."""
+    guard = _StateGuard(model)
+    try:
+        with torch.no_grad():
+            want = model(*example_args)
+            guard.restore()
+            got = gm(*example_args)
+    except Exception as e:  # noqa: BLE001 - any failure means the graph is not usable
+        return f"it fails to run ({_short(e)})"
+    finally:
+        guard.restore()
+    from torch.utils import _pytree as pytree
+    w, w_spec = pytree.tree_flatten(want)
+    g, g_spec = pytree.tree_flatten(got)
+    if w_spec != g_spec:
+        return "its outputs are structured differently"
+    for a, b in zip(w, g):
+        same = torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else a == b
+        if not same:
+            return "its outputs differ from the model's on the example input"
+    return None
 
 
 def _first_inputs(model: nn.Module, children: dict[str, nn.Module], example_args: tuple) -> dict[str, tuple]:
