@@ -13,7 +13,11 @@ Rows:
   (spikformer_cifar, dims 128, depth 2, 4 heads, T=4, batch 64; --quick: batch 16);
 - infer_binary_vs_fp_b1: eval forward of Spikformer-4-384 T=4 at batch 1, binary vs full precision;
 - step_vs_official: needs the public BESTformer code (--official DIR); skipped otherwise;
-- memory_plain_over_best: needs the memory-saving backprop modes (train.memory), not built yet: recorded as null.
+- memory_plain_over_best: bytes autograd saves in one training step of the binary student of Spikingformer-8-384
+  (depth 8, T=4, batch 16), plain autograd ÷ the best train.memory mode, counted with saved_tensors_hooks (each
+  storage once; `--only memory` re-measures this row alone and keeps the others). The best mode's figure is its
+  peak: what the forward leaves (segment inputs, spikes as bits) plus the largest segment's inside, which
+  backward holds while it recomputes that segment. `--memory-small` measures depth 4, batch 4 instead.
 Results: benchmarks/results/speed.json.
 """
 from __future__ import annotations
@@ -125,17 +129,98 @@ def bench_inference(repeats: int) -> dict:
     return {"batch": 1, "seconds": t, "infer_binary_vs_fp_b1": t["binary"] / t["fp"]}
 
 
+def _saved_bytes(model, x, mode: str, pack: bool) -> dict:
+    """Bytes one training forward of `model` leaves for backward under `mode` (and its largest segment's inside)."""
+    from bestcompress.nn.memory import SavedTally, packed_spikes
+    from bestcompress.training.memory import memory_net
+    model.train()
+    net = memory_net(model, mode, say=lambda *_: None, pack=pack)
+    inputs = []
+    segments = [m for m in net.runner.modules() if type(m).__name__ == "Segment"] if net.runner is not None else []
+    handles = [seg.register_forward_pre_hook(lambda m, a: inputs.append((m, a))) for seg in segments]
+    tally = SavedTally()
+    with packed_spikes(False, tally):
+        out = net(x)
+    for h in handles:
+        h.remove()
+    del out
+    inside = 0
+    for seg, args in inputs:  # what backward holds while it recomputes this segment (nothing packed there)
+        args = tuple(a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
+                     for a in args)
+        t = SavedTally()
+        with packed_spikes(False, t):
+            seg.fn(*args)
+        inside = max(inside, t.bytes)
+    return {"forward": tally.bytes, "largest_segment": inside, "peak": tally.bytes + inside}
+
+
+def bench_memory(small: bool) -> dict:
+    """Saved activations of one training step, plain autograd vs each train.memory mode (binary student)."""
+    from bestcompress.convert import binarize
+    from bestcompress.zoo import create_model
+    depth, batch = (4, 4) if small else (8, 16)
+    torch.manual_seed(0)
+    fp = create_model("spikingformer", depths=depth).eval()
+    student = binarize(fp, "bestformer", overrides={"reversible.form": "paper"}).model
+    x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    rows = {"plain": _saved_bytes(student, x, "plain", pack=False),
+            "plain_packed_spikes": _saved_bytes(student, x, "plain", pack=True),
+            "checkpoint": _saved_bytes(student, x, "checkpoint", pack=True)}
+    best = min(("plain_packed_spikes", "checkpoint"), key=lambda k: rows[k]["peak"])
+    ratio = rows["plain"]["peak"] / rows[best]["peak"]
+    return {"model": f"spikingformer binary student, depth {depth}, embed 384, T=4, batch {batch}",
+            "bytes": rows, "best": best, "memory_plain_over_best": ratio,
+            "forward_only_ratio": rows["plain"]["forward"] / rows[best]["forward"]}
+
+
+def _write(result: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(RESULTS)
+    print(f"wrote {RESULTS}")
+
+
+def _print_memory(mem: dict) -> None:
+    print(f"saved activations, {mem['model']} (MB; peak = forward + largest recomputed segment):")
+    for mode, b in mem["bytes"].items():
+        print(f"  {mode:<22}{b['forward'] / 1e6:>10.1f} forward {b['largest_segment'] / 1e6:>8.1f} segment "
+              f"{b['peak'] / 1e6:>10.1f} peak")
+    print(f"memory_plain_over_best: {mem['memory_plain_over_best']:.2f} ({mem['best']}; goal >= 4)")
+
+
+def main_memory(small: bool) -> None:
+    """Re-measure only the memory row and merge it into the existing speed.json."""
+    torch.set_num_threads(1)
+    mem = bench_memory(small)
+    _print_memory(mem)
+    result = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    result["memory_plain_over_best"] = mem["memory_plain_over_best"]
+    result.setdefault("details", {})["memory"] = mem
+    result["notes"] = [n for n in result.get("notes", []) if not n.startswith("memory_plain_over_best")]
+    result["notes"].append("memory_plain_over_best: saved-tensor bytes (saved_tensors_hooks, each storage once), "
+                           "plain autograd / the best train.memory mode's peak (forward + largest recomputed "
+                           "segment); " + mem["model"])
+    _write(result)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--official", type=Path, default=None, help="folder with the public BESTformer code")
     p.add_argument("--quick", action="store_true", help="smaller student batch and fewer repeats")
+    p.add_argument("--only", choices=("memory",), default=None, help="re-measure one row, keep the others")
+    p.add_argument("--memory-small", action="store_true", help="memory row at depth 4, batch 4")
     args = p.parse_args()
+    if args.only == "memory":
+        return main_memory(args.memory_small)
     torch.set_num_threads(1)
     repeats = 2 if args.quick else args.repeats
     lif = bench_lif(repeats)
     student = bench_student_vs_fp(max(1, repeats // 2), 16 if args.quick else 64)
     infer = bench_inference(repeats)
+    mem = bench_memory(args.memory_small)
     official = None
     if args.official is None:
         print("step_vs_official: skipped (pass --official DIR with the public BESTformer code to measure it)")
@@ -146,12 +231,12 @@ def main() -> None:
         "lif_fused_vs_plain": max(r["lif_fused_vs_plain"] for r in lif),
         "step_vs_official": official,
         "student_vs_fp": student["student_vs_fp"],
-        "memory_plain_over_best": None,
+        "memory_plain_over_best": mem["memory_plain_over_best"],
         "infer_binary_vs_fp_b1": infer["infer_binary_vs_fp_b1"],
-        "details": {"lif": lif, "student": student, "inference": infer},
+        "details": {"lif": lif, "student": student, "inference": infer, "memory": mem},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "threads": 1, "load_average_1m": os.getloadavg()[0]},
-        "notes": ["memory_plain_over_best: the train.memory modes (checkpoint / reversible) are not built yet",
+        "notes": ["memory_plain_over_best: saved-tensor bytes, plain autograd / the best train.memory mode's peak",
                   "ratios are ours / theirs in process CPU time, interleaved, one thread"],
     }
     print(f"{'measure':<28}{'ratio':>10}   goal")
@@ -163,11 +248,8 @@ def main() -> None:
     for r in lif:
         print(f"  LIF {r['shape']}: ours/spikingjelly {r['lif_vs_spikingjelly']:.3f}, fused/plain "
               f"{r['lif_fused_vs_plain']:.3f} ({r['backend']} backend)")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(RESULTS)
-    print(f"wrote {RESULTS}")
+    _print_memory(mem)
+    _write(result)
 
 
 if __name__ == "__main__":

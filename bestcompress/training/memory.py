@@ -2,10 +2,11 @@
 
 - `plain`: autograd keeps every activation its backward needs; spike tensors among them are stored as bits
   (nn/memory.py), as in every mode.
-- `checkpoint`: the forward is cut at the trunk's streams z_0, z_1, ..., z_K (the residual sub-blocks found by
-  `trunk.find_stages`, or the couplings of a coupled model) into segments: the tokenizer (everything up to z_0),
-  then one segment per sub-block. Each segment runs under `torch.utils.checkpoint` (use_reentrant=False): only
-  its inputs are kept, and its inside is recomputed during backward. The recomputation is exact: the random state
+- `checkpoint`: the forward is cut into segments at the trunk's streams z_0, z_1, ..., z_K (the residual
+  sub-blocks found by `trunk.find_stages`, or the couplings of a coupled model) and at every neuron's output
+  (inside the tokenizer and the sub-blocks: a segment that starts at spikes keeps its input as bits). Each
+  segment runs under `torch.utils.checkpoint` (use_reentrant=False): only its inputs are kept, and its inside is
+  recomputed during backward, one segment at a time (peak: the saved inputs plus one segment's inside). The recomputation is exact: the random state
   is replayed, neuron state that a model keeps between calls (single-step neurons, nn/state.py) is put back to
   what it was when the segment first ran and restored afterwards, and BatchNorm running statistics are not updated
   twice. Gradients equal plain autograd's (to float rounding) and recomputed spikes equal the forward's.
@@ -112,6 +113,15 @@ def stream_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return sorted(found, key={n: i for i, n in enumerate(gm.graph.nodes)}.__getitem__)
 
 
+def cut_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Where the forward is cut: the trunk streams and every bestcompress neuron's output (spikes: a segment that
+    starts there keeps its input as bits)."""
+    from ..nn.lif import LIF
+    cuts = set(stream_nodes(gm))
+    cuts.update(n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), LIF))
+    return sorted(cuts, key={n: i for i, n in enumerate(gm.graph.nodes)}.__getitem__)
+
+
 def _resolve(gm: fx.GraphModule, target: str):
     obj = gm
     for part in target.split("."):
@@ -134,7 +144,7 @@ def checkpointed_runner(gm: fx.GraphModule, model: nn.Module | None = None) -> t
 
     Shares every module and parameter with `gm`; `model` (default gm) is where neuron state is looked for.
     """
-    cuts = stream_nodes(gm)
+    cuts = cut_nodes(gm)
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     seg_of: dict[fx.Node, int] = {}
@@ -238,6 +248,6 @@ def memory_net(model: nn.Module, mode: str = "plain", say: Callable = print, pac
         say(f"train.memory=checkpoint: cannot cut '{type(model).__name__}' into sub-blocks "
             f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); training with plain autograd")
         return MemoryNet(model, None, "plain", pack, say)
-    say(f"train.memory=checkpoint: {len(segments)} segments (tokenizer and residual sub-blocks) recomputed "
-        "in backward")
+    say(f"train.memory=checkpoint: {len(segments)} segments (cut at the trunk's streams and the neurons' spikes) "
+        "recomputed in backward")
     return MemoryNet(model, runner, mode, pack, say)

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from bestcompress.convert import binarize
@@ -66,7 +67,8 @@ def test_checkpoint_gradients_equal_plain_and_spikes_recompute_equal(models, whi
     assert net.runner is not None and "segments" in lines[0]
     ckpt_model.train()
     ckpt_model.zero_grad(set_to_none=True)
-    out = net(x)
+    with torch.utils.checkpoint.set_checkpoint_early_stop(False):  # recompute whole segments (neurons included)
+        out = net(x)
     out = out[0] + out[1] if isinstance(out, tuple) else out
     n_forward = len(calls)
     assert n_forward >= len(neurons)  # every neuron ran in the forward
@@ -79,7 +81,7 @@ def test_checkpoint_gradients_equal_plain_and_spikes_recompute_equal(models, whi
     _assert_close(got, want)
     # the backward recomputed the neurons of every segment, and each recomputed spike map equals the forward's
     recomputed = calls[n_forward:]
-    assert len(recomputed) >= len(neurons) // 2  # (a recomputation stops once it has what backward needs)
+    assert len(recomputed) >= len(neurons) - 2  # (the head's neurons, if any, are not in a segment)
     by_shape: dict = {}
     for s in calls[:n_forward]:
         by_shape.setdefault(tuple(s.shape), []).append(s)
@@ -95,7 +97,7 @@ def test_checkpoint_saves_far_fewer_bytes(models):
     sizes = {}
     for mode in ("plain", "checkpoint"):
         model = copy.deepcopy(student).train()
-        net = memory_net(model, mode, quiet, pack=False)
+        net = memory_net(model, mode, quiet, pack=mode != "plain")  # plain autograd as it was: nothing packed
         tally = SavedTally()
         with packed_spikes(False, tally):  # count everything the forward leaves for backward
             net(x)
