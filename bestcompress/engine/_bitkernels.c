@@ -149,53 +149,77 @@ static PyObject *bc_gemm(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* linear(x, rows, K, max_planes, wcols, Npad, N, alpha, bias, bn, b0, b1, b2, b3, out, isa, amx)
- *   -> (P, lsb, kernel): kernel 0 = popcount, 1 = int8 matrix units; P = -1 when x does not pack */
+/* the AMX route: q = x * 2^(7 - hi) in one pass; 1 when done (P and lsb set), 0 when x needs the popcount path */
+static int linear_int8(gemm_args *g, const float *x, ptrdiff_t rows, ptrdiff_t K, uint32_t mx, int *P, int *lsb) {
+    int e = (int)(mx >> 23), hi = e - 127;
+    if ((mx >> 31) || e == 0 || e == 0xff || hi < -80 || hi > 23 || !bk_amx_available()) return 0;
+    const ptrdiff_t mpad = (rows + 31) / 32 * 32, kpad = 64 * g->Kw;
+    uint8_t *q = bk_scratch(0, (size_t)(mpad * kpad));
+    int64_t *rowsum = bk_scratch(1, (size_t)rows * sizeof(int64_t));
+    if (!q || !rowsum) return 0;
+    int ors = bk_amx_quantize(x, rows, K, kpad, hi, q, rowsum);
+    if (ors < 0) return 0;
+    int low = ors ? __builtin_ctz((unsigned)ors) : 7;
+    *lsb = hi - 7 + low;
+    *P = ors ? hi - *lsb + 1 : 1;
+    if (!ors) *lsb = 0;
+    g->rowsum = rowsum;
+    g->scale = ldexpf(1.0f, hi - 7); /* q is x / 2^(hi - 7): the same exact sums times a power of two */
+    return bk_amx_linear(g, q, kpad) == 0;
+}
+
+/* linear(x, rows, K, max_planes, wcols, Npad, N, alpha, bias, bn, b0, b1, b2, b3, out, isa, int8)
+ *   -> (P, lsb, kernel): kernel 0 = popcount, 1 = int8 matrix units; P = -1 when x does not pack.
+ *   int8: 0 never, 1 inputs other than {0, 1} spikes, 2 every input (when the CPU has AMX) */
 static PyObject *bc_linear(PyObject *self, PyObject *args) {
     unsigned long long xa, wa, la, bia, oa, b0, b1, b2, b3;
     Py_ssize_t rows, K, Npad, N;
-    int maxp, isa, amx;
+    int maxp, isa, int8;
     gemm_args g;
     memset(&g, 0, sizeof g);
     if (!PyArg_ParseTuple(args, "KnniKnnKKiKKKKKii", &xa, &rows, &K, &maxp, &wa, &Npad, &N, &la, &bia, &g.bn, &b0,
-                          &b1, &b2, &b3, &oa, &isa, &amx))
+                          &b1, &b2, &b3, &oa, &isa, &int8))
         return NULL;
     set_bn(&g, b0, b1, b2, b3);
     const float *x = PTR(const float *, xa);
     const ptrdiff_t Kw = (K + 63) / 64;
-    int P, lsb, kernel = 0, fail = 0;
+    int P = 0, lsb = 0, kernel = 0, fail = 0;
+    g.b = PTR(const uint64_t *, wa);
+    g.out = PTR(float *, oa);
+    g.alpha = PTR(const float *, la);
+    g.bias = PTR(const float *, bia);
+    g.M = rows; g.N = N; g.Npad = Npad; g.Kw = Kw;
+    g.b_ps = Kw * Npad; g.obs = rows * N; g.ors = N;
+    g.Pb = 1; g.mode = 0;
     Py_BEGIN_ALLOW_THREADS
-    P = bk_analyze(x, rows * K, &lsb);
-    if (P > maxp) P = -1;
-    if (P > 0) {
-        g.b = PTR(const uint64_t *, wa);
-        g.out = PTR(float *, oa);
-        g.alpha = PTR(const float *, la);
-        g.bias = PTR(const float *, bia);
-        g.M = rows; g.N = N; g.Npad = Npad; g.Kw = Kw;
-        g.b_ps = Kw * Npad; g.obs = rows * N; g.ors = N;
-        g.Pb = 1; g.mode = 0; g.scale = ldexpf(1.0f, lsb);
+    uint32_t mx = bk_max_bits(x, rows * K);
+    const int spikes = mx == 0x3f800000u; /* the largest value is 1.0: {0, 1} spikes, unless a fraction hides */
+    if (int8 == 2 || (int8 == 1 && !spikes)) kernel = linear_int8(&g, x, rows, K, mx, &P, &lsb);
+    if (!kernel) {
+        uint64_t *words = NULL;
         int64_t *rowsum = bk_scratch(1, (size_t)rows * sizeof(int64_t));
-        g.rowsum = rowsum;
-        if (amx && P <= 8 && bk_amx_available()) {
-            ptrdiff_t mpad = (rows + 31) / 32 * 32, kpad = 64 * Kw;
-            uint8_t *q = bk_scratch(0, (size_t)(mpad * kpad));
-            if (q && rowsum) {
-                bk_amx_quantize(x, rows, K, kpad, lsb, q, rowsum);
-                kernel = bk_amx_linear(&g, q, kpad) == 0;
+        uint32_t *amask = bk_scratch(2, (size_t)rows * sizeof(uint32_t));
+        int packed = 0;
+        if (spikes) {
+            words = bk_scratch(0, (size_t)(rows * Kw) * sizeof(uint64_t));
+            if (words && rowsum && amask && bk_pack_spikes(x, rows, K, Kw, words, rowsum, amask)) {
+                P = 1; lsb = 0; packed = 1;
             }
         }
-        if (!kernel) {
-            uint64_t *words = bk_scratch(0, (size_t)(P * rows * Kw) * sizeof(uint64_t));
-            uint32_t *amask = bk_scratch(2, (size_t)rows * sizeof(uint32_t));
-            if (!words || !amask || !rowsum) {
-                fail = 1;
-            } else {
-                bk_pack(x, rows, K, Kw, P, lsb, words, rowsum, amask);
-                g.a = words; g.amask = amask;
-                g.a_ps = rows * Kw; g.a_bs = rows * Kw; g.Pa = P;
-                bk_gemm(&g, 1, isa);
+        if (!packed) {
+            P = bk_analyze(x, rows * K, &lsb);
+            if (P > maxp) P = -1;
+            if (P > 0) {
+                words = bk_scratch(0, (size_t)(P * rows * Kw) * sizeof(uint64_t));
+                if (!words || !amask || !rowsum) fail = 1;
+                else bk_pack(x, rows, K, Kw, P, lsb, words, rowsum, amask);
+                packed = !fail;
             }
+        }
+        if (packed) {
+            g.a = words; g.amask = amask; g.rowsum = rowsum;
+            g.a_ps = rows * Kw; g.a_bs = rows * Kw; g.Pa = P; g.scale = ldexpf(1.0f, lsb);
+            bk_gemm(&g, 1, isa);
         }
     }
     Py_END_ALLOW_THREADS

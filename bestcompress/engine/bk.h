@@ -39,14 +39,20 @@ enum { BK_SCALAR = 0, BK_AVX2 = 1, BK_AVX512 = 2, BK_NEON = 3, BK_NISA = 4 };
 int bk_amx_available(void);
 int bk_amx_linear(const gemm_args *g, const uint8_t *q, ptrdiff_t kpad);
 
-void bk_amx_quantize(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t kpad, int lsb, uint8_t *q,
-                     int64_t *rowsum);
+/* q = x * 2^(7 - hi) as bytes [Mpad][kpad] (zero padded), rowsum = sum of q per row; returns the OR of all q
+ * (its trailing zeros raise lsb above hi - 7), or -1 when some x * 2^(7 - hi) is not an integer (> 8 planes) */
+int bk_amx_quantize(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t kpad, int hi, uint8_t *q,
+                    int64_t *rowsum);
 
 /* packing (bk_pack.c) */
 typedef struct {
     ptrdiff_t P, N, H, W, Cw, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
 } bk_conv;
 int bk_analyze(const float *x, ptrdiff_t n, int *lsb);
+uint32_t bk_max_bits(const float *x, ptrdiff_t n); /* the largest bit pattern: the top plane of x >= 0 */
+/* one plane of {0, 1} spikes, rows layout; 0 (and nothing to use) when some value is neither 0 nor 1 */
+int bk_pack_spikes(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t Kw, uint64_t *out, int64_t *rowsum,
+                   uint32_t *amask);
 void bk_pack(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t Kw, int P, int lsb, uint64_t *out,
              int64_t *rowsum, uint32_t *amask);
 void bk_pack_nchw(const float *x, ptrdiff_t N, ptrdiff_t C, ptrdiff_t HW, ptrdiff_t Cw, int P, int lsb,

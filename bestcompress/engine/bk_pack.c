@@ -24,55 +24,129 @@
 
 /* ------------------------------------------------------------------------------------------------ analyze */
 
-int bk_analyze(const float *x, ptrdiff_t n, int *lsb) {
-    const uint32_t *u = (const uint32_t *)x;
-    int lo = 1 << 20, hi = -(1 << 20), bad = 0;
-    ptrdiff_t i = 0;
-#if defined(BC_AVX512)
-    {
-        const __m512i absmask = _mm512_set1_epi32(0x7fffffff), ff = _mm512_set1_epi32(0xff);
-        const __m512i mmask = _mm512_set1_epi32(0x7fffff), hidden = _mm512_set1_epi32(0x800000);
-        __m512i vlo = _mm512_set1_epi32(1 << 20), vhi = _mm512_set1_epi32(-(1 << 20));
-        __mmask16 badm = 0;
-        for (; i + 16 <= n; i += 16) {
-            __m512i v = _mm512_loadu_si512((const void *)(u + i));
-            __mmask16 nz = _mm512_test_epi32_mask(v, absmask);
-            if (!nz) continue;
-            __m512i e = _mm512_and_si512(_mm512_srli_epi32(v, 23), ff);
-            badm |= _mm512_mask_cmplt_epi32_mask(nz, v, _mm512_setzero_si512());          /* sign bit */
-            badm |= _mm512_mask_cmpeq_epi32_mask(nz, e, _mm512_setzero_si512());          /* subnormal */
-            badm |= _mm512_mask_cmpeq_epi32_mask(nz, e, ff);                              /* inf / nan */
-            __m512i m = _mm512_or_si512(_mm512_and_si512(v, mmask), hidden);
-            __m512i low = _mm512_and_si512(m, _mm512_sub_epi32(_mm512_setzero_si512(), m));
-            __m512i ctz = _mm512_sub_epi32(_mm512_set1_epi32(31), _mm512_lzcnt_epi32(low));
-            __m512i l = _mm512_add_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(150)), ctz);
-            __m512i h = _mm512_sub_epi32(e, _mm512_set1_epi32(127));
-            vlo = _mm512_mask_min_epi32(vlo, nz, vlo, l);
-            vhi = _mm512_mask_max_epi32(vhi, nz, vhi, h);
-        }
-        bad = badm != 0;
-        lo = _mm512_reduce_min_epi32(vlo);
-        hi = _mm512_reduce_max_epi32(vhi);
-    }
-#endif
-    for (; !bad && i < n; i++) {
+/* the exact reference: every value's exponent and lowest set mantissa bit */
+static int analyze_exact(const uint32_t *u, ptrdiff_t n, int *lsb) {
+    int lo = 1 << 20, hi = -(1 << 20);
+    *lsb = 0;
+    for (ptrdiff_t i = 0; i < n; i++) {
         uint32_t v = u[i];
         if ((v & 0x7fffffffu) == 0) continue;          /* +0 and -0 */
         uint32_t e = (v >> 23) & 0xffu;
-        if ((v >> 31) || e == 0 || e == 0xffu) { bad = 1; break; }  /* negative, subnormal, inf/nan */
+        if ((v >> 31) || e == 0 || e == 0xffu) return -1;  /* negative, subnormal, inf/nan */
         uint32_t m = (v & 0x7fffffu) | 0x800000u;
         int l = (int)e - 150 + __builtin_ctz(m);
         int h = (int)e - 127;
         if (l < lo) lo = l;
         if (h > hi) hi = h;
     }
-    *lsb = 0;
-    if (bad) return -1;
     if (hi < lo) return 1;       /* all zero: one empty plane */
     int planes = hi - lo + 1;
     if (planes > MAX_PLANES) return -1;
     *lsb = lo;
     return planes;
+}
+
+uint32_t bk_max_bits(const float *x, ptrdiff_t n) {
+    const uint32_t *u = (const uint32_t *)x;
+    ptrdiff_t i = 0;
+    uint32_t mx = 0;
+#if defined(BC_AVX512)
+    __m512i v0 = _mm512_setzero_si512(), v1 = _mm512_setzero_si512();
+    for (; i + 32 <= n; i += 32) {
+        v0 = _mm512_max_epu32(v0, _mm512_loadu_si512((const void *)(u + i)));
+        v1 = _mm512_max_epu32(v1, _mm512_loadu_si512((const void *)(u + i + 16)));
+    }
+    mx = _mm512_reduce_max_epu32(_mm512_max_epu32(v0, v1));
+#endif
+    for (; i < n; i++) mx = u[i] > mx ? u[i] : mx;
+    return mx;
+}
+
+int bk_pack_spikes(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t Kw, uint64_t *out, int64_t *rowsum,
+                   uint32_t *amask) {
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const float *xr = x + r * K;
+        int64_t total = 0;
+        for (ptrdiff_t w = 0; w < Kw; w++) {
+            ptrdiff_t k0 = w * 64, k1 = k0 + 64 < K ? k0 + 64 : K;
+            uint64_t word = 0, zero_or_one = 0;
+#if defined(BC_AVX512)
+            if (k1 - k0 == 64) {
+                const __m512 z = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+                for (int c = 0; c < 4; c++) {
+                    __m512 v = _mm512_loadu_ps(xr + k0 + 16 * c);
+                    word |= (uint64_t)_mm512_cmp_ps_mask(v, z, _CMP_NEQ_UQ) << (16 * c);
+                    zero_or_one |= (uint64_t)(_mm512_cmp_ps_mask(v, z, _CMP_EQ_OQ) |
+                                              _mm512_cmp_ps_mask(v, one, _CMP_EQ_OQ)) << (16 * c);
+                }
+                if (~zero_or_one) return 0;
+            } else
+#endif
+            {
+                for (ptrdiff_t k = k0; k < k1; k++) {
+                    if (xr[k] != 0.0f && xr[k] != 1.0f) return 0;
+                    word |= (uint64_t)(xr[k] != 0.0f) << (k - k0);
+                }
+            }
+            out[r * Kw + w] = word;
+            total += __builtin_popcountll(word);
+        }
+        rowsum[r] = total;
+        amask[r] = total != 0;
+    }
+    return 1;
+}
+
+#if defined(BC_AVX512)
+/* Two cheap passes instead of per-value exponent arithmetic: the largest value (as an unsigned integer: the
+ * order of non-negative floats) gives the top plane hi; every value times 2^(23 - hi) is then below 2^24, and it
+ * is an integer for all of them exactly when the input needs at most 24 planes (a nonzero value that scales to
+ * 0 or to a fraction needs more). The OR of those integers gives the lowest plane. Sign bits (negatives, -0)
+ * and extreme ranges go to the exact loop. */
+static int analyze512(const uint32_t *u, ptrdiff_t n, int *lsb) {
+    ptrdiff_t i;
+    uint32_t mx = bk_max_bits((const float *)u, n);
+    *lsb = 0;
+    if (mx == 0) return 1;
+    uint32_t e = mx >> 23;
+    if (mx >> 31) return analyze_exact(u, n, lsb);
+    if (e == 0 || e == 0xffu) return -1;        /* every nonzero value subnormal, or an inf/nan */
+    int hi = (int)e - 127, shift = 23 - hi;
+    /* shift >= 0: a nonzero value never scales to 0; shift <= 103: a subnormal scales below 2^-23, a fraction */
+    if (hi < -80 || hi > 23) return analyze_exact(u, n, lsb);
+    const __m512 sc = _mm512_set1_ps(ldexpf(1.0f, shift));
+    __m512i ors0 = _mm512_setzero_si512(), ors1 = _mm512_setzero_si512();
+    __mmask16 bad0 = 0, bad1 = 0;
+    for (i = 0; i + 32 <= n; i += 32) {
+        __m512 p0 = _mm512_mul_ps(_mm512_loadu_ps((const float *)(u + i)), sc);
+        __m512 p1 = _mm512_mul_ps(_mm512_loadu_ps((const float *)(u + i + 16)), sc);
+        __m512i q0 = _mm512_cvttps_epi32(p0), q1 = _mm512_cvttps_epi32(p1);
+        bad0 |= _mm512_cmp_ps_mask(_mm512_cvtepi32_ps(q0), p0, _CMP_NEQ_UQ);
+        bad1 |= _mm512_cmp_ps_mask(_mm512_cvtepi32_ps(q1), p1, _CMP_NEQ_UQ);
+        ors0 = _mm512_or_si512(ors0, q0);
+        ors1 = _mm512_or_si512(ors1, q1);
+    }
+    for (; i < n; i += 16) {
+        __mmask16 mk = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
+        __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, (const float *)(u + i)), sc);
+        __m512i q = _mm512_cvttps_epi32(p);
+        bad0 |= _mm512_cmp_ps_mask(_mm512_cvtepi32_ps(q), p, _CMP_NEQ_UQ);
+        ors0 = _mm512_or_si512(ors0, q);
+    }
+    __m512i ors = _mm512_or_si512(ors0, ors1);
+    if (bad0 | bad1) return -1;
+    int lo = __builtin_ctz((unsigned)_mm512_reduce_or_epi32(ors)) - shift;
+    *lsb = lo;
+    return hi - lo + 1;
+}
+#endif
+
+int bk_analyze(const float *x, ptrdiff_t n, int *lsb) {
+#if defined(BC_AVX512)
+    return analyze512((const uint32_t *)x, n, lsb);
+#else
+    return analyze_exact((const uint32_t *)x, n, lsb);
+#endif
 }
 
 /* ------------------------------------------------------------------------------------------------- pack */

@@ -31,7 +31,10 @@ ISAS = ("scalar", "avx2", "avx512", "neon")  # the compiled popcount variants, b
 _state = {"backend": "compiled" if _ext is not None and os.environ.get("BESTCOMPRESS_ENGINE") != "numpy"
           else "numpy",
           "isa": os.environ.get("BESTCOMPRESS_ENGINE_ISA", "best"),
-          "int8": os.environ.get("BESTCOMPRESS_ENGINE_INT8", "1") != "0"}
+          "int8": os.environ.get("BESTCOMPRESS_ENGINE_INT8", "multi")}
+# int8 matrix units (x86 AMX) for linear layers: never, for inputs other than {0, 1} spikes (several bit planes:
+# the popcount cost grows with the planes, the int8 cost does not), or for every input
+INT8_MODES = ("off", "multi", "all")
 
 
 def backend() -> str:
@@ -53,32 +56,39 @@ def _isa_number() -> int:
     return ISAS.index(isa())
 
 
-def int8_units() -> bool:
-    """Do multi-plane linear inputs run on the CPU's int8 matrix units (x86 AMX), where it has them?"""
-    return backend() == "compiled" and _state["int8"] and bool(_ext.amx_available())
+def int8_units() -> str:
+    """When linear layers use the CPU's int8 matrix units (x86 AMX): 'off' (also without AMX), 'multi' (inputs
+    of several bit planes) or 'all'."""
+    mode = _state["int8"] if _state["int8"] in INT8_MODES else "multi"
+    return mode if backend() == "compiled" and _ext.amx_available() else "off"
 
 
 def backend_description() -> str:
     if backend() == "compiled":
-        extra = "; inputs of 2-8 bit planes of linear layers on AMX int8 tiles" if int8_units() else ""
+        extra = {"off": "", "multi": "; linear inputs of several bit planes on AMX int8 tiles",
+                 "all": "; linear layers on AMX int8 tiles"}[int8_units()]
         return f"compiled popcount kernels ({_ext.isa_name(_isa_number())}{extra})"
     why = "the compiled kernels were not built (no compiler at install)" if _ext is None else "selected"
     return f"NumPy fallback ({why})"
 
 
+def supported_isas() -> list[str]:
+    return [] if _ext is None else [name for n, name in enumerate(ISAS) if _ext.isa_supported(n)]
+
+
 @contextlib.contextmanager
-def use_isa(name: str, int8: bool | None = None):
-    """Run the compiled kernels' `name` popcount variant (scalar, avx2, avx512, neon) inside the block, and the
-    int8 matrix units or not (None: as before). Refused when this CPU cannot run the variant."""
+def use_kernels(isa: str | None = None, int8: str | None = None):
+    """Inside the block, run the compiled kernels' `isa` popcount variant (scalar, avx2, avx512, neon) and use the
+    int8 matrix units as `int8` says ('off', 'multi', 'all'); None keeps the current choice. A variant this CPU
+    cannot run is refused."""
     if _ext is None:
         raise RuntimeError("the compiled kernels are not built")
-    if name not in ISAS or not _ext.isa_supported(ISAS.index(name)):
-        raise ValueError(f"this CPU does not run the {name!r} kernels (it runs: "
-                         f"{', '.join(i for n, i in enumerate(ISAS) if _ext.isa_supported(n))})")
+    if isa is not None and isa not in supported_isas():
+        raise ValueError(f"this CPU does not run the {isa!r} kernels (it runs: {', '.join(supported_isas())})")
+    if int8 is not None and int8 not in INT8_MODES:
+        raise ValueError(f"int8 must be one of {', '.join(INT8_MODES)}, got {int8!r}")
     old = dict(_state)
-    _state["isa"] = name
-    if int8 is not None:
-        _state["int8"] = bool(int8)
+    _state.update({k: v for k, v in (("isa", isa), ("int8", int8)) if v is not None})
     try:
         yield
     finally:
@@ -322,7 +332,7 @@ def linear(x: torch.Tensor, weight_cols: torch.Tensor, n: int, alpha: torch.Tens
     mode, ptrs = _bn_args(bn)[0], _bn_args(bn)[1:]
     planes, _, kernel = _ext.linear(x.data_ptr(), rows, k, max_planes, weight_cols.data_ptr(), weight_cols.shape[-1],
                                     n, _ptr(alpha), _ptr(bias), mode, *ptrs, out.data_ptr(), _isa_number(),
-                                    int(int8_units()))
+                                    INT8_MODES.index(int8_units()))
     if planes < 0:
         return None
     return out, planes, "int8" if kernel else "popcount"

@@ -1,0 +1,129 @@
+"""Every compiled popcount variant (scalar, AVX2, AVX-512, NEON: those this CPU runs) and the int8 matrix-unit
+route give the same floats as PyTorch, bit for bit: whole linear and convolution layers, plane masks, the fast
+analysis of an input's bit planes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bestcompress.engine import compiled_available, kernels, use_kernels
+
+pytestmark = pytest.mark.skipif(not compiled_available(), reason="the compiled kernels are not built")
+ISAS = kernels.supported_isas()
+AMX = compiled_available() and bool(kernels._ext.amx_available())
+
+
+def _spikes(g, *shape, p=0.3):
+    return (torch.rand(shape, generator=g) < p).to(torch.float32)
+
+
+def _signs(g, *shape):
+    return torch.where(torch.rand(shape, generator=g) < 0.5, 1.0, -1.0)
+
+
+def _cols(w):
+    return kernels.to_columns(kernels.pack_rows((w > 0).to(torch.float32)).words)
+
+
+def _inputs(g, m, k):
+    s = _spikes(g, m, k)
+    multi = s + 2 * _spikes(g, m, k) + 0.5 * _spikes(g, m, k)  # 3 planes, lsb -1
+    top = s.clone()
+    top[3, 5] = 8.0  # plane 3 set in one row only: the other rows skip it
+    return [(s, 1), (multi, 3), (top, 4)]
+
+
+def test_the_variants_this_cpu_runs_include_the_portable_one():
+    assert "scalar" in ISAS and kernels.isa() in ISAS
+    wrong = next(i for i in kernels.ISAS if i not in ISAS)
+    with pytest.raises(ValueError, match="does not run"):
+        with use_kernels(isa=wrong):
+            pass
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k,n,m", [(64, 8, 5), (100, 13, 7), (384, 40, 33), (1536, 70, 9)])
+def test_linear_layer_equals_float_on_every_variant(isa, k, n, m):
+    g = torch.Generator().manual_seed(k + n)
+    w = _signs(g, n, k)
+    alpha, bias = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g)
+    with use_kernels(isa=isa, int8="off"):
+        for x, planes in _inputs(g, m, k):
+            out, got_planes, kernel = kernels.linear(x, _cols(w), n)
+            assert (got_planes, kernel) == (planes, "popcount")
+            assert torch.equal(out, F.linear(x, w))
+            scaled, _, _ = kernels.linear(x, _cols(w), n, alpha, bias)
+            assert torch.equal(scaled, F.linear(x, w) * alpha + bias)
+        assert kernels.linear(x - 0.5, _cols(w), n) is None
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_convolution_and_two_operand_product_equal_float_on_every_variant(isa):
+    g = torch.Generator().manual_seed(7)
+    n, c, h, w_, cout = 2, 70, 9, 7, 12
+    w = _signs(g, cout, c, 3, 3)
+    cw = kernels.words_for(c)
+    rows = torch.zeros(cout, 3, 3, cw * 64)
+    rows[..., :c] = (w > 0).to(torch.float32).permute(0, 2, 3, 1)
+    a, b = _spikes(g, 6, 17, 48) * 0.125, _spikes(g, 6, 21, 48) + _spikes(g, 6, 21, 48)
+    with use_kernels(isa=isa):
+        weight_rows = kernels.pack_rows(rows.reshape(cout, -1)).words
+        for x in (_spikes(g, n, c, h, w_), _spikes(g, n, c, h, w_) + 0.25 * _spikes(g, n, c, h, w_)):
+            got, _ = kernels.conv_nchw(x, weight_rows, cout, (3, 3), (2, 2), (1, 1), (1, 1))
+            assert torch.equal(got, F.conv2d(x, w, stride=2, padding=1))
+        pa, pb = kernels.pack_rows(a.reshape(-1, 48)), kernels.pack_rows(b.reshape(-1, 48))
+        out = kernels.gemm(pa, kernels.to_columns(pb.words, 6), 21, batch=6, b_planes=pb.planes, b_lsb=pb.lsb,
+                           weights=False)
+    assert torch.equal(out, a @ b.transpose(-1, -2))
+
+
+@pytest.mark.skipif(not AMX, reason="no int8 matrix units (AMX) on this CPU")
+@pytest.mark.parametrize("k,n,m", [(64, 8, 5), (100, 40, 33), (384, 70, 70)])
+def test_int8_matrix_units_equal_the_popcount_product_bit_for_bit(k, n, m):
+    g = torch.Generator().manual_seed(k * n)
+    w = _signs(g, n, k)
+    alpha, bias = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g)
+    bn1 = (1, [torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g)])
+    bn2 = (2, [torch.randn(n, generator=g), torch.rand(n, generator=g) + 0.5, torch.rand(n, generator=g),
+               torch.randn(n, generator=g)])
+    for x, planes in _inputs(g, m, k) + [(torch.zeros(m, k), 1), (_spikes(g, m, k) * 0.25, 1)]:
+        for bn in (None, bn1, bn2):
+            with use_kernels(int8="off"):
+                ref, ref_planes, _ = kernels.linear(x, _cols(w), n, alpha, bias, bn=bn)
+            with use_kernels(int8="all"):
+                got, got_planes, kernel = kernels.linear(x, _cols(w), n, alpha, bias, bn=bn)
+            assert kernel == ("int8" if x.any() else "popcount") and got_planes == ref_planes
+            assert torch.equal(got, ref)
+        assert torch.equal(got, kernels.apply_bn(F.linear(x, w) * alpha + bias, bn2, -1))
+    with use_kernels(int8="multi"):  # {0, 1} spikes stay on popcounts, several planes go to the int8 units
+        assert kernels.linear(_spikes(g, m, k), _cols(w), n)[2] == "popcount"
+        assert kernels.linear(_spikes(g, m, k) * 3, _cols(w), n)[2] == "int8"
+    with use_kernels(int8="all"):  # more than 8 planes do not fit a byte: popcounts
+        x = _spikes(g, m, k) + 512 * _spikes(g, m, k)
+        out, planes, kernel = kernels.linear(x, _cols(w), n)
+        assert (planes, kernel) == (10, "popcount") and torch.equal(out, F.linear(x, w))
+
+
+@pytest.mark.parametrize("values", [[0.0, 1.0], [0.0, 0.5, 3.0], [-0.0, 1.0], [2.0 ** 30, 2.0 ** 29],
+                                    [2.0 ** -70, 2.0 ** -75], [1.0, 2.0 ** -30], [1.0, 0.1], [1e-40],
+                                    [2.0 ** 24, 1.0], [-1.0, 1.0], [float("inf")], [0.0]])
+def test_fast_plane_analysis_agrees_with_the_exact_one(values):
+    x = torch.zeros(1000)
+    x[torch.arange(len(values)) * 97] = torch.tensor(values)
+    got = kernels._ext.analyze(x.data_ptr(), x.numel())
+    want = kernels._np_analyze(x.numpy())
+    assert tuple(got) == tuple(want)
+
+
+def test_a_fraction_next_to_spikes_leaves_the_spike_fast_path():
+    g = torch.Generator().manual_seed(9)
+    w = _signs(g, 16, 130)
+    x = _spikes(g, 4, 130)
+    x[2, 129] = 0.5  # largest value still 1.0
+    for int8 in ("off", "multi"):
+        with use_kernels(int8=int8):
+            out, planes, _ = kernels.linear(x, _cols(w), 16)
+        assert planes == 2 and torch.equal(out, F.linear(x, w))
+    assert np.isfinite(out.numpy()).all()
