@@ -11,7 +11,7 @@ from bestcompress.zoo.registry import (
 )
 # importing the model modules registers them
 from bestcompress.zoo import (  # noqa: F401
-    qkformer, sdt_v1, spikformer_cifar, spikformer_imagenet, spikformer_seq, spikingformer,
+    qkformer, sdt_v1, sdt_v2, spikformer_cifar, spikformer_imagenet, spikformer_seq, spikingformer,
 )
 
 __all__ = ["ModelEntry", "create_model", "detect_architecture", "get_entry", "list_models", "register_model",
