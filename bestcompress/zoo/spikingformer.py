@@ -1,10 +1,11 @@
 """Spikingformer (Zhou et al., 2023): the pre-neuron Spikformer, for CIFAR-size and ImageNet-size images.
 
 Mirrors zhouchenlin2096/Spikingformer, cifar10/model.py (classes SpikingTokenizer, SpikingSelfAttention, MLP,
-SpikingTransformer, vit_snn) and imagenet/model.py (its SpikingTokenizer, see `tokenizer` below): attribute
-names and parameter shapes match those files, so their checkpoints load with strict=True. It is also the
-backbone of BESTformer (CaoHLin/BESTFormer cifar/model.py), which keeps these names. Every conv is preceded
-by a LIF (its input is spikes); the residual stream is real-valued; the CIFAR tokenizer is block0 (conv+BN, fed by the raw image) then block1..4 (LIF, [max-pool in 3 and 4], conv, BN).
+SpikingTransformer, vit_snn) and imagenet/model.py (its SpikingTokenizer, see `tokenizer` below): attribute names
+and parameter shapes match those files, so their checkpoints load with strict=True. It is also the backbone of
+BESTformer (CaoHLin/BESTFormer cifar/model.py), which keeps these names. Every conv is preceded by a LIF (its input
+is spikes); the residual stream is real-valued; the CIFAR tokenizer is block0 (conv+BN, fed by the raw image) then
+block1..4 (LIF, [max-pool in 3 and 4], conv, BN).
 
 Tokenizer: `tokenizer="cifar"` (default) is the CIFAR stem above (/4, keys block{i}_*). `tokenizer="imagenet"` is
 the public imagenet/model.py SpikingTokenizer, the ImageNet-size patch splitting: conv+BN on the image
