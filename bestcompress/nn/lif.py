@@ -8,7 +8,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch import nn
 
 from .lif_kernel import fused_lif
-from .memory import mark_spikes
+from .memory import mark_spikes, neuron_output
 
 
 class SigmoidSurrogateSpike(torch.autograd.Function):
@@ -186,7 +186,7 @@ class LIF(nn.Module):
         params = self.kernel_params()
         fused = fused_lif(x, params) if params is not None else None  # one pass over T each way, same spikes
         if fused is not None:
-            return mark_spikes(fused)
+            return neuron_output(fused)
         v = self.initial_membrane(x[0])
         out = []
         for t in range(x.shape[0]):
@@ -194,7 +194,7 @@ class LIF(nn.Module):
             s = self.fire(h)
             v = self.reset_membrane(h, s)
             out.append(s)
-        return mark_spikes(torch.stack(out, 0))
+        return neuron_output(torch.stack(out, 0))
 
 
 class IF(LIF):

@@ -46,6 +46,28 @@ def mark_spikes(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def neuron_output(t: torch.Tensor) -> torch.Tensor:
+    """What a neuron's forward returns its spikes through: marked (`mark_spikes`) and shown to the spike log
+    (`spike_log`) when one is open. Returns `t`."""
+    mark_spikes(t)
+    log = getattr(_local, "spike_log", None)
+    if log is not None:
+        log(t)
+    return t
+
+
+@contextmanager
+def spike_log(fn):
+    """Within the block, every neuron output passes through `fn` (training/reversible.py records the forward's
+    spikes and checks a recomputation's against them)."""
+    outer = getattr(_local, "spike_log", None)
+    _local.spike_log = fn
+    try:
+        yield
+    finally:
+        _local.spike_log = outer
+
+
 @dataclass
 class PackedBits:
     """A tensor of 0s and 1s as 1 bit per element (little-endian within each byte)."""
