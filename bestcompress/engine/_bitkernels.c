@@ -168,20 +168,30 @@ static int linear_int8(gemm_args *g, const float *x, ptrdiff_t rows, ptrdiff_t K
     return bk_amx_linear(g, q, kpad) == 0;
 }
 
-/* linear(x, rows, K, max_planes, wcols, Npad, N, alpha, bias, bn, b0, b1, b2, b3, out, isa, int8)
+/* linear(x, rows, K, max_planes, wcols, Npad, N, alpha, bias, bn, b0, b1, b2, b3, out, isa, int8[, inner])
  *   -> (P, lsb, kernel): kernel 0 = popcount, 1 = int8 matrix units; P = -1 when x does not pack.
- *   int8: 0 never, 1 inputs other than {0, 1} spikes, 2 every input (when the CPU has AMX) */
+ *   int8: 0 never, 1 inputs other than {0, 1} spikes, 2 every input (when the CPU has AMX);
+ *   inner > 0: x's memory is [rows / inner][K][inner] (a transposed view), gathered into rows first */
 static PyObject *bc_linear(PyObject *self, PyObject *args) {
     unsigned long long xa, wa, la, bia, oa, b0, b1, b2, b3;
     Py_ssize_t rows, K, Npad, N;
+    Py_ssize_t inner = 0;
     int maxp, isa, int8;
     gemm_args g;
     memset(&g, 0, sizeof g);
-    if (!PyArg_ParseTuple(args, "KnniKnnKKiKKKKKii", &xa, &rows, &K, &maxp, &wa, &Npad, &N, &la, &bia, &g.bn, &b0,
-                          &b1, &b2, &b3, &oa, &isa, &int8))
+    if (!PyArg_ParseTuple(args, "KnniKnnKKiKKKKKii|n", &xa, &rows, &K, &maxp, &wa, &Npad, &N, &la, &bia, &g.bn, &b0,
+                          &b1, &b2, &b3, &oa, &isa, &int8, &inner))
         return NULL;
     set_bn(&g, b0, b1, b2, b3);
     const float *x = PTR(const float *, xa);
+    if (inner > 0) {
+        float *rowsx = bk_scratch(5, (size_t)(rows * K) * sizeof(float));
+        if (!rowsx) return PyErr_NoMemory();
+        Py_BEGIN_ALLOW_THREADS
+        bk_gather_rows(x, rows / inner, K, inner, rowsx);
+        Py_END_ALLOW_THREADS
+        x = rowsx;
+    }
     const ptrdiff_t Kw = (K + 63) / 64;
     int P = 0, lsb = 0, kernel = 0, fail = 0;
     g.b = PTR(const uint64_t *, wa);

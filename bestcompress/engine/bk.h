@@ -49,6 +49,8 @@ typedef struct {
     ptrdiff_t P, N, H, W, Cw, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
 } bk_conv;
 int bk_analyze(const float *x, ptrdiff_t n, int *lsb);
+/* x [outer][K][inner] (a transposed view's memory) -> dst [outer][inner][K]: rows of K values */
+void bk_gather_rows(const float *x, ptrdiff_t outer, ptrdiff_t K, ptrdiff_t inner, float *dst);
 uint32_t bk_max_bits(const float *x, ptrdiff_t n); /* the largest bit pattern: the top plane of x >= 0 */
 /* one plane of {0, 1} spikes, rows layout; 0 (and nothing to use) when some value is neither 0 nor 1 */
 int bk_pack_spikes(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t Kw, uint64_t *out, int64_t *rowsum,

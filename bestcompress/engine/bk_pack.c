@@ -97,6 +97,19 @@ int bk_pack_spikes(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t Kw, ui
     return 1;
 }
 
+void bk_gather_rows(const float *x, ptrdiff_t outer, ptrdiff_t K, ptrdiff_t inner, float *dst) {
+    for (ptrdiff_t o = 0; o < outer; o++) {
+        const float *xo = x + o * K * inner;
+        float *d = dst + o * inner * K;
+        for (ptrdiff_t i0 = 0; i0 < inner; i0 += 16)     /* 16 x 16 blocks: both sides stay in cache */
+            for (ptrdiff_t k0 = 0; k0 < K; k0 += 16) {
+                ptrdiff_t i1 = i0 + 16 < inner ? i0 + 16 : inner, k1 = k0 + 16 < K ? k0 + 16 : K;
+                for (ptrdiff_t i = i0; i < i1; i++)
+                    for (ptrdiff_t k = k0; k < k1; k++) d[i * K + k] = xo[k * inner + i];
+            }
+    }
+}
+
 #if defined(BC_AVX512)
 /* Two cheap passes instead of per-value exponent arithmetic: the largest value (as an unsigned integer: the
  * order of non-negative floats) gives the top plane hi; every value times 2^(23 - hi) is then below 2^24, and it

@@ -319,20 +319,27 @@ def _ptr(t: torch.Tensor | None) -> int:
 def linear(x: torch.Tensor, weight_cols: torch.Tensor, n: int, alpha: torch.Tensor | None = None,
            bias: torch.Tensor | None = None, max_planes: int = MAX_PLANES, bn=None
            ) -> tuple[torch.Tensor, int, str] | None:
-    """A ±1-weight linear layer of a float32 [rows, K] input in one compiled call (analyze, pack once, product,
+    """A ±1-weight linear layer of a float32 [..., K] input in one compiled call (analyze, pack once, product,
     epilogue), or None when x does not pack. Returns (out [rows, n], bit planes of x, 'popcount' or 'int8').
+    A transposed view (Spikformer's tokens × channels over a channels × tokens tensor) is read in place.
 
     Args:
         weight_cols: [1, 1, Kw, Npad] words of w⁺ (to_columns).
         alpha, bias: float32 [n] contiguous, or None.
     """
-    x = x.detach().contiguous()
-    rows, k = x.shape
+    x = x.detach()
+    k = x.shape[-1]
+    rows = x.numel() // max(1, k)
+    inner = 0
+    if x.dim() >= 2 and not x.is_contiguous() and x.transpose(-1, -2).is_contiguous():
+        inner = x.shape[-2]  # a transposed view (tokens x channels over channels x tokens): gathered in C
+    else:
+        x = x.reshape(rows, k).contiguous()
     out = torch.empty((rows, n), dtype=torch.float32)
-    mode, ptrs = _bn_args(bn)[0], _bn_args(bn)[1:]
+    bn_args = _bn_args(bn)
     planes, _, kernel = _ext.linear(x.data_ptr(), rows, k, max_planes, weight_cols.data_ptr(), weight_cols.shape[-1],
-                                    n, _ptr(alpha), _ptr(bias), mode, *ptrs, out.data_ptr(), _isa_number(),
-                                    INT8_MODES.index(int8_units()))
+                                    n, _ptr(alpha), _ptr(bias), *bn_args, out.data_ptr(), _isa_number(),
+                                    INT8_MODES.index(int8_units()), inner)
     if planes < 0:
         return None
     return out, planes, "int8" if kernel else "popcount"

@@ -97,8 +97,8 @@ class PackedLinear(_PackedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         if kernels.backend() == "compiled" and x.dtype == torch.float32:
-            done = kernels.linear(x.reshape(-1, self.in_features), self.weight_words, self.out_features, self.alpha,
-                                  self.bias, MAX_LAYER_PLANES, self.bn)
+            done = kernels.linear(x, self.weight_words, self.out_features, self.alpha, self.bias, MAX_LAYER_PLANES,
+                                  self.bn)
             if done is not None:
                 self.stats["packed"] += 1
                 y, self.last_planes, self.last_kernel = done
