@@ -115,11 +115,22 @@ def test_kd_head_gives_two_outputs_in_training_and_their_mean_in_eval():
     x = example(model)
     with torch.no_grad():
         head, head_kd = model.train()(x)
-        model.eval()
-        torch.testing.assert_close(model(x), (model.head(model.lif(model.forward_features(
-            x.unsqueeze(0).repeat(model.T, 1, 1, 1, 1))).mean(0)) + model.head_kd(model.lif(model.forward_features(
-                x.unsqueeze(0).repeat(model.T, 1, 1, 1, 1))).mean(0))) / 2)
-    assert head.shape == head_kd.shape == (2, model.num_classes)
+        assert head.shape == head_kd.shape == (2, model.num_classes) and not torch.equal(head, head_kd)
+        seen = {}
+        hooks = [getattr(model, n).register_forward_hook(lambda m, a, out, n=n: seen.__setitem__(n, out))
+                 for n in ("head", "head_kd")]
+        y = model.eval()(x)
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(y, (seen["head"] + seen["head_kd"]) / 2)
+
+
+def test_bestformer_leaves_the_two_headed_kd_model_alone():
+    torch.manual_seed(0)
+    model = build("sdt_v2", kd=True)
+    result = binarize_and_check_macs(model, "bestformer", example(model))
+    assert not any(isinstance(m, ReversibleCoupling) for m in result.model.modules())
+    assert any("already has two heads ('head', 'head_kd')" in n for n in result.notes)
 
 
 @pytest.mark.parametrize("kwargs", [dict(embed_dims=36), dict(num_heads=16), dict(img_size=40),
