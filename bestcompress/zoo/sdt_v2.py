@@ -31,9 +31,8 @@ from torch import nn
 
 from bestcompress.errors import ModelError
 from bestcompress.zoo._common import (
-    check_image_size, check_input_mode, check_int, check_transformer_dims, count_blocks, guess_heads,
-    image_input_shape, init_linear_trunc_normal, lif, mlp_ratio_from, shape_of, split_heads, split_tb3, split_tb4,
-    time_first_image,
+    check_image_size, check_input_mode, check_transformer_dims, count_blocks, guess_heads, image_input_shape,
+    init_linear_trunc_normal, lif, mlp_ratio_from, shape_of, split_heads, split_tb3, split_tb4, time_first_image,
 )
 from bestcompress.zoo.registry import register_model
 
