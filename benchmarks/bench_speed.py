@@ -14,10 +14,11 @@ Rows:
 - infer_binary_vs_fp_b1: eval forward of Spikformer-4-384 T=4 at batch 1, binary vs full precision;
 - step_vs_official: needs the public BESTformer code (--official DIR); skipped otherwise;
 - memory_plain_over_best: bytes autograd saves in one training step of the binary student of Spikingformer-8-384
-  (depth 8, T=4, batch 16), plain autograd ÷ the best train.memory mode, counted with saved_tensors_hooks (each
-  storage once; `--only memory` re-measures this row alone and keeps the others). The best mode's figure is its
-  peak: what the forward leaves (segment inputs, spikes as bits) plus the largest segment's inside, which
-  backward holds while it recomputes that segment. `--memory-small` measures depth 4, batch 4 instead.
+  (depth 8, T=4, batch 16; couplings in the paper's ½, ½ form), plain autograd ÷ the best train.memory mode,
+  counted with saved_tensors_hooks (each storage once; `--only memory` re-measures this row alone and keeps the
+  others). Each mode's figure is its peak: what the forward leaves (segment inputs, kept streams, spikes as bits)
+  plus the largest segment's (or reversible sub-block's) inside, which backward holds while it recomputes that
+  part. `--memory-small` measures depth 4, batch 4 instead.
 Results: benchmarks/results/speed.json.
 """
 from __future__ import annotations
@@ -138,6 +139,9 @@ def _saved_bytes(model, x, mode: str, pack: bool) -> dict:
     inputs = []
     segments = [m for m in net.runner.modules() if type(m).__name__ == "Segment"] if net.runner is not None else []
     handles = [seg.register_forward_pre_hook(lambda m, a: inputs.append((m, a))) for seg in segments]
+    stage_inputs = []
+    stages = [m for m in net.runner.modules() if type(m).__name__ == "ReversibleStage"] if net.runner is not None else []
+    handles += [st.register_forward_pre_hook(lambda m, a: stage_inputs.append((m, a))) for st in stages]
     tally = SavedTally()
     with packed_spikes(False, tally):
         out = net(x)
@@ -152,6 +156,12 @@ def _saved_bytes(model, x, mode: str, pack: bool) -> dict:
         with packed_spikes(False, t):
             seg.fn(*args)
         inside = max(inside, t.bytes)
+    for stage, (z0, z1) in stage_inputs:  # reversible: backward recomputes one sub-block F_k with a graph
+        for f in stage.chain.fs:
+            t = SavedTally()
+            with packed_spikes(False, t):
+                f(z1.detach().requires_grad_(True))
+            inside = max(inside, t.bytes)
     return {"forward": tally.bytes, "largest_segment": inside, "peak": tally.bytes + inside}
 
 
@@ -166,8 +176,9 @@ def bench_memory(small: bool) -> dict:
     x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     rows = {"plain": _saved_bytes(student, x, "plain", pack=False),
             "plain_packed_spikes": _saved_bytes(student, x, "plain", pack=True),
-            "checkpoint": _saved_bytes(student, x, "checkpoint", pack=True)}
-    best = min(("plain_packed_spikes", "checkpoint"), key=lambda k: rows[k]["peak"])
+            "checkpoint": _saved_bytes(student, x, "checkpoint", pack=True),
+            "reversible": _saved_bytes(student, x, "reversible", pack=True)}
+    best = min(("plain_packed_spikes", "checkpoint", "reversible"), key=lambda k: rows[k]["peak"])
     ratio = rows["plain"]["peak"] / rows[best]["peak"]
     return {"model": f"spikingformer binary student, depth {depth}, embed 384, T=4, batch {batch}",
             "bytes": rows, "best": best, "memory_plain_over_best": ratio,

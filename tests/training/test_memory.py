@@ -219,13 +219,21 @@ def test_reversible_gradients_equal_plain(models, form, a):
     _assert_close(got, want)
     for (k, u), v in zip(plain.state_dict().items(), rev.state_dict().values()):
         assert torch.equal(u, v), k  # BatchNorm statistics updated once
+
+
+def test_reversible_keeps_fewer_streams_than_checkpoint(models):
+    torch.manual_seed(0)
+    fp = create_model("spikformer_cifar", **dict(SMALL, depths=4)).eval()
+    student = binarize(fp, "bestformer", overrides={"reversible.form": "paper"}).model
+    x = models[2]
     sizes = {}
     for mode in ("checkpoint", "reversible"):
         tally = SavedTally()
         with packed_spikes(False, tally):
             memory_net(copy.deepcopy(student).train(), mode, quiet)(x)
         sizes[mode] = tally.bytes
-    assert sizes["reversible"] < sizes["checkpoint"]
+    stream = 2 * 4 * 32 * 16 * 4  # one float stream [T, B, C, N] (16 px images: 16 tokens)
+    assert sizes["reversible"] + 2 * stream < sizes["checkpoint"]  # z_4, z_5, z_6 are rebuilt, not kept
 
 
 def test_reversible_recomputes_exactly_when_a_rebuilt_stream_flips_spikes(models, monkeypatch):
@@ -270,3 +278,23 @@ def test_reversible_runs_checkpointed_under_coupling_hooks(models):
     _assert_close(got, want)
     assert seen and all(seen)  # the hooks saw tensors with a graph (a feature loss can use them)
     assert any("feature taps" in line for line in lines)
+
+
+def test_trainer_runs_the_switch_and_learns_the_same_weights():
+    from bestcompress.data import load_dataset
+    from bestcompress.training.trainer import train
+    tiny = dict(img_size=8, embed_dims=16, num_heads=2, depths=1, T=2)
+    torch.manual_seed(0)
+    start = create_model("spikformer_cifar", **tiny)
+    data = load_dataset("synthetic", start, subset=32)
+    weights, logs = {}, {}
+    for mode in ("plain", "checkpoint"):
+        model, lines = copy.deepcopy(start), []
+        train(model, data, "bestformer", epochs=1, limit_batches=2, log=lines.append,
+              overrides={"train.batch_size": 8, "train.memory": mode, "train.val_fraction": 0.0})
+        weights[mode], logs[mode] = model.state_dict(), lines
+    assert any("train.memory=checkpoint" in line for line in logs["checkpoint"])
+    assert not any("train.memory" in line for line in logs["plain"])
+    for k, v in weights["plain"].items():
+        assert torch.allclose(weights["checkpoint"][k], v, rtol=1e-5, atol=1e-7), k
+    assert any(not torch.equal(weights["plain"][k], v) for k, v in start.state_dict().items())  # it trained
