@@ -211,7 +211,6 @@ def _export_once(model: nn.Module, args: tuple, extra: set[str]):
                     for a in args)
     try:
         ep = torch.export.export(model, args, strict=False, dynamic_shapes=dynamic)
-        ep = ep.run_decompositions({})  # functional: in-place writes become *_scatter ops, no decomposition
         return ep, leaves, session, None, None
     except Exception as e:  # noqa: BLE001 - any failure: the caller retries with a leaf or gives up
         return None, leaves, session, e, (stack[-1] if stack else None)
@@ -265,6 +264,41 @@ def _output_paths(spec: pytree.TreeSpec) -> list[tuple]:
     return [(k,) + rest for k, child in zip(keys, spec.children_specs) for rest in _output_paths(child)]
 
 
+_VIEW_OPS = {aten.slice.Tensor, aten.select.int}
+
+
+def _indexed_write(node: fx.Node, env: dict):
+    """`aten.copy_(view, src)` with `view` a chain of slice/select ops of a tensor, as `operator.setitem(base,
+    index, src)`: the TorchScript ONNX exporter loses an ATen copy_ called on a view (the graph then ignores its
+    input), but records the indexed write a forward makes (`out[:, :, 1:] = src`). None when not of that form."""
+    chain, view = [], node.args[0]
+    while isinstance(view, fx.Node) and view.op == "call_function" and view.target in _VIEW_OPS:
+        chain.insert(0, view)
+        view = view.args[0]
+    val = view.meta.get("val") if isinstance(view, fx.Node) else None
+    if not chain or node.kwargs or not isinstance(val, torch.Tensor):
+        return None
+    index: list = [slice(None)] * val.dim()
+    dims = list(range(val.dim()))  # the base dimension behind each dimension of the current view
+    for op in chain:
+        dim = op.args[1] if len(op.args) > 1 else 0
+        if not isinstance(dim, int) or not dims or index[dims[dim]] != slice(None):
+            return None
+        base_dim = dims[dim]
+        if op.target is aten.select.int:
+            index[base_dim] = op.args[2]
+            del dims[dim]
+        else:
+            start, end, step = (list(op.args[2:]) + [None, None, 1])[:3]
+            index[base_dim] = slice(start, end, step)
+    if any(not isinstance(i, (int, slice)) for i in index) or any(
+            not isinstance(b, (int, type(None))) for i in index if isinstance(i, slice)
+            for b in (i.start, i.stop, i.step)):
+        return None  # a symbolic bound
+    return operator.setitem, (env[view], tuple(index), env[node.args[1]] if isinstance(node.args[1], fx.Node)
+                              else node.args[1])
+
+
 def _to_fx_graph(ep, session: int):
     from torch.export.graph_signature import InputKind, OutputKind
     sig = ep.graph_signature
@@ -309,7 +343,9 @@ def _to_fx_graph(ep, session: int):
                 out = g.call_function(operator.getitem, (out, k))
             env[node] = out
         elif node.op == "call_function":
-            target, args, kwargs = _torch_level(node.target, arg(node.args), arg(node.kwargs))
+            write = _indexed_write(node, env) if node.target is aten.copy_.default else None
+            target, args, kwargs = (*write, {}) if write else _torch_level(node.target, arg(node.args),
+                                                                           arg(node.kwargs))
             new = g.call_function(target, args, kwargs)
             new.meta["nn_module_stack"] = _module_stack(node, drop_last=False)
             if "stack_trace" in node.meta:
@@ -329,8 +365,8 @@ def _to_fx_graph(ep, session: int):
             g.output(pytree.tree_unflatten(user, out_spec) if out_spec is not None else tuple(user))
         else:
             raise CaptureError(f"the exported graph has a '{node.op}' node ({node.target}) fx cannot rewrite")
-    for n in list(g.nodes):  # parameters read only inside leaves
-        if n.op == "get_attr" and not n.users:
+    for n in reversed(list(g.nodes)):  # parameters read only inside leaves, views only the writes read
+        if not n.users and (n.op == "get_attr" or (n.op == "call_function" and n.target in _VIEW_OPS)):
             g.erase_node(n)
     g.lint()
     return g, constants, calls, dynamic

@@ -35,8 +35,15 @@ class TraceReport:
 
     def lines(self) -> list[str]:
         out = []
+        twins: dict[str, list[str]] = {}  # modules made leaves with the one of their class that failed
         for name, why in self.leaves_added:
-            out.append(f"'{name or '<root>'}' kept as an opaque leaf (tracing it failed: {why})")
+            if why.startswith("as '"):
+                twins.setdefault(why, []).append(name)
+            else:
+                out.append(f"'{name or '<root>'}' kept as an opaque leaf (tracing it failed: {why})")
+        for why, names in twins.items():
+            shown = ", ".join(f"'{n}'" for n in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            out.append(f"{shown} kept as opaque leaves too ({why})")
         for name, why in self.eager:
             out.append(f"'{name or '<root>'}' runs eagerly; its children were traced instead ({why})")
         for name, value in self.concrete_args.items():
@@ -233,9 +240,10 @@ def trace_model(model: nn.Module, report: TraceReport | None = None, prefix: str
             report.specialised.extend(where + s for s in dict.fromkeys(tracer.specialised))
             report.state_constants.extend(f"{prefix}.{s}" if prefix else s for s in dict.fromkeys(tracer.state_constants))
             gm.bc_trace_leaves = sorted(leaves)
-            if leaves and example_args is not None:  # torch.export may capture what fx made opaque
+            opaque = [n for n in leaves if holds_rewritable(model.get_submodule(n))]
+            if opaque and example_args is not None:  # torch.export may capture what fx made opaque
                 kept, report.leaves_added = report.leaves_added, [x for x in report.leaves_added if x not in fx_added]
-                better = _export_front_end(model, example_args, report, prefix, time_steps, fx_leaves=len(leaves))
+                better = _export_front_end(model, example_args, report, prefix, time_steps, fx_leaves=len(opaque))
                 if better is not None:
                     return better, report
                 report.leaves_added = kept
@@ -243,9 +251,12 @@ def trace_model(model: nn.Module, report: TraceReport | None = None, prefix: str
             return gm, report
         failed = tracer.failed_module
         if failed and failed not in leaves:
-            leaves.add(failed)
-            fx_added.append((f"{prefix}.{failed}" if prefix else failed, _short(err)))
-            report.leaves_added.append(fx_added[-1])
+            name = f"{prefix}.{failed}" if prefix else failed
+            for other in [failed] + _harmless_twins(model, failed, leaves):
+                leaves.add(other)
+                why = _short(err) if other == failed else f"as '{name}', of the same class, whose tracing failed"
+                fx_added.append((f"{prefix}.{other}" if prefix else other, why))
+                report.leaves_added.append(fx_added[-1])
             continue
         break
     if example_args is not None:  # the root forward defeats fx: the second front-end, before going eager
@@ -278,6 +289,23 @@ def trace_model(model: nn.Module, report: TraceReport | None = None, prefix: str
         if traced is not child:
             setattr(model, name, traced)
     return model, report
+
+
+def holds_rewritable(module: nn.Module) -> bool:
+    """Whether `module` (made opaque) holds what the passes rewrite: weight layers, neurons, other modules."""
+    rule = SNNTracer()
+    return any(rule.is_leaf_module(m, "") and not type(m).__module__.startswith("torch.nn")
+               or isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) for m in module.modules())
+
+
+def _harmless_twins(model: nn.Module, failed: str, leaves: set[str]) -> list[str]:
+    """The other modules of the failed one's class, when it holds nothing the passes rewrite (BatchNorm-and-pad
+    helpers): they fail alike, so one retry covers them all instead of one retry each."""
+    failed_mod = model.get_submodule(failed)
+    if holds_rewritable(failed_mod):
+        return []
+    return [n for n, m in model.named_modules() if n and n != failed and n not in leaves
+            and type(m) is type(failed_mod) and not any(n.startswith(p + ".") for p in leaves)]
 
 
 def _export_front_end(model: nn.Module, example_args: tuple, report: TraceReport, prefix: str,

@@ -157,3 +157,126 @@ class LogitsAndNone(nn.Module):
 def example(batch=3, n=8, c=3, seed=0, dtype=torch.float32):
     """A seeded input [B, N, C] that makes the small models above fire."""
     return 2 * torch.rand(batch, n, c, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# ------------------------------------------------------------------ models that need the tracer's fallbacks
+# Written here in the style of public code (issue 10): more than 32 untraceable submodules (Meta-SpikeFormer's
+# BNAndPadLayer habit), a forward that branches on the input's rank (Spike-driven Transformer v1), a root forward
+# fx cannot trace at all. Attention is multi-head ([T, B, heads, N, d]) as in the public models.
+
+class MultiHeadSSA(nn.Module):
+    """Spikformer-style multi-head spiking self-attention on [T, B, N, D]."""
+
+    def __init__(self, d, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.q_linear, self.k_linear, self.v_linear = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.proj_linear = nn.Linear(d, d)
+        self.q_lif, self.k_lif, self.v_lif, self.attn_lif, self.proj_lif = _lif(), _lif(), _lif(), _lif(0.5), _lif()
+
+    def _split(self, x):
+        T, B, N, D = x.shape
+        return x.reshape(T, B, N, self.heads, D // self.heads).permute(0, 1, 3, 2, 4)
+
+    def forward(self, x):
+        T, B, N, D = x.shape
+        q = self._split(self.q_lif(self.q_linear(x)))
+        k = self._split(self.k_lif(self.k_linear(x)))
+        v = self._split(self.v_lif(self.v_linear(x)))
+        y = (q @ k.transpose(-2, -1)) * 0.125 @ v
+        y = self.attn_lif(y.permute(0, 1, 3, 2, 4).reshape(T, B, N, D))
+        return self.proj_lif(self.proj_linear(y))
+
+
+class BNAndPad(nn.Module):
+    """BatchNorm, then a border of `pad` pixels filled with the value BatchNorm gives a zero input, written by
+    slice assignment (which torch.fx cannot trace)."""
+
+    def __init__(self, channels, pad=1):
+        super().__init__()
+        self.bn, self.pad = nn.BatchNorm2d(channels), pad
+
+    def forward(self, x):
+        border = self.bn.bias - self.bn.running_mean * self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+        B, C, H, W = x.shape
+        p = self.pad
+        out = border.view(1, C, 1, 1).expand(B, C, H + 2 * p, W + 2 * p).clone()
+        out[:, :, p:-p, p:-p] = self.bn(x)
+        return out
+
+
+class PadPool(nn.Module):
+    """BNAndPad, then a 3x3 average without padding: the spatial size is kept."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.pad = BNAndPad(channels)
+
+    def forward(self, x):
+        return nn.functional.avg_pool2d(self.pad(x), 3, stride=1)
+
+
+class ManyPads(nn.Module):
+    """[B, C, H, W] -> logits; a spiking conv stem whose `units` parallel PadPool branches (more than 32
+    untraceable BNAndPad modules; re-parameterisable multi-branch convs) are averaged, then tokens [T, B, H·W, D]
+    through multi-head attention blocks."""
+
+    def __init__(self, c=2, d=8, units=34, depth=1, classes=4, T=2):
+        super().__init__()
+        self.T = T
+        self.stem, self.stem_lif = nn.Conv2d(c, d, 3, padding=1), _lif()
+        self.units = nn.ModuleList([PadPool(d) for _ in range(units)])
+        self.units_lif = _lif(0.5)
+        self.block = nn.ModuleList([Block(d, MultiHeadSSA) for _ in range(depth)])
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        x = self.stem_lif(self.stem(x).unsqueeze(0).repeat(self.T, 1, 1, 1, 1))
+        flat = x.flatten(0, 1)
+        x = self.units_lif(torch.stack([unit(flat) for unit in self.units]).mean(0).reshape(x.shape))
+        x = x.flatten(3).transpose(-2, -1)  # [T, B, H·W, D]
+        for blk in self.block:
+            x = blk(x)
+        return self.head(x.mean(2).mean(0))
+
+
+class RankBranching(nn.Module):
+    """Spike-driven Transformer v1's habit: the forward branches on the input's rank (`len(x.shape) < 5`: a static
+    input is repeated over T steps) and returns (logits, None)."""
+
+    def __init__(self, c=3, d=8, depth=2, classes=4, T=2):
+        super().__init__()
+        self.T = T
+        self.embed, self.embed_lif = nn.Linear(c, d), _lif()
+        self.block = nn.ModuleList([Block(d, MultiHeadSSA) for _ in range(depth)])
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        if len(x.shape) < 4:  # [B, N, C]: a static input
+            x = x.unsqueeze(0).repeat(self.T, 1, 1, 1)
+        x = self.embed_lif(self.embed(x))
+        for blk in self.block:
+            x = blk(x)
+        return self.head(x.mean(2).mean(0)), None
+
+
+class SlotTokens(nn.Module):
+    """A root forward torch.fx cannot trace at all: the embedded tokens are written into a zero tensor with one
+    register slot in front by slice assignment (`x[:, :, 1:] = e`), so no leaf can stand in for the failing
+    code; torch.export (strict=False) captures it."""
+
+    def __init__(self, c=3, d=8, depth=2, classes=4, T=2):
+        super().__init__()
+        self.T = T
+        self.embed, self.embed_lif = nn.Linear(c, d), _lif()
+        self.block = nn.ModuleList([Block(d, MultiHeadSSA) for _ in range(depth)])
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        e = self.embed_lif(self.embed(_time_first(x, self.T)))
+        T, B, N, D = e.shape
+        x = e.new_zeros(T, B, N + 1, D)
+        x[:, :, 1:] = e
+        for blk in self.block:
+            x = blk(x)
+        return self.head(x[:, :, 1:].mean(2).mean(0))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..trace import TraceReport, trace_model
+from ..trace import TraceReport, graph_modules, is_neuron, trace_model
 from .base import Pass, PassContext, register_pass
 
 _CARRIED_ATTRS = ("bc_spec", "bc_input_shape", "T")
@@ -34,4 +34,26 @@ class TraceModel(Pass):
             traced.bc_input_shape = tuple(x.shape[1:])
         self.ctx.trace_report = self.report
         self.ctx.notes.extend(f"trace: {line}" for line in self.report.lines())
+        self.ctx.notes.append(f"trace: {_front_end_line(traced)}")
         return traced
+
+
+def _front_end_line(traced: nn.Module) -> str:
+    """Which front-end traced each graph and which kinds of module it kept as leaves (call_module nodes)."""
+    kinds: dict[str, int] = {}
+    ends = set()
+    for _, gm in graph_modules(traced):
+        ends.add(getattr(gm, "bc_front_end", "torch.fx"))
+        opaque = set(getattr(gm, "bc_trace_leaves", ()))
+        for n in gm.graph.nodes:
+            if n.op != "call_module":
+                continue
+            m = gm.get_submodule(n.target)
+            kind = ("neuron" if is_neuron(m) else "weight layer" if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))
+                    else "opaque module" if n.target in opaque else "other module")
+            kinds[kind] = kinds.get(kind, 0) + 1
+    if not ends:
+        return "front-end: none (no part of the model could be traced)"
+    calls = ", ".join(f"{k} {n} call(s)" for n, k in sorted(((n, k) for k, n in kinds.items()), reverse=True))
+    return f"front-end: {' and '.join(sorted(ends))}; leaf modules: {calls or 'none'}"
+
