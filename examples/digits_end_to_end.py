@@ -87,11 +87,11 @@ def main(argv=None) -> int:
     print(f"  binary model, 0 epochs: top-1 {before['top1']:.2f}%")
     # the validation split distill will use (so calibration, like training, never sees a validation digit)
     split = validation_split(data, load_recipe("bestformer").train.val_fraction, args.seed)
-    seen, layers = calibrate(student, split, batches=CALIBRATE_BATCHES, batch_size=TEACHER["train.batch_size"],
-                             seed=args.seed)
+    done = calibrate(student, split, batches=CALIBRATE_BATCHES, batch_size=TEACHER["train.batch_size"],
+                     seed=args.seed)
     calibrated = evaluate(student, data)
     save_binary(student, teacher, out / "bin.pt")
-    print(f"  binary model, 0 epochs, BatchNorm recalibrated ({layers} layers, {seen} training digits): top-1 "
+    print(f"  binary model, 0 epochs, calibrated ({done.note('training digits')}): top-1 "
           f"{calibrated['top1']:.2f}%")
 
     step(f"3/4 distilling with CIE ({args.student_epochs} epochs, teacher = the full-precision model)")

@@ -1,11 +1,18 @@
-"""BatchNorm recalibration on a data set's training samples: what `binarize --calibrate DATA` and the start of
-`distill` run (the mechanism is bestcompress.nn.calibrate.recalibrate_batchnorm)."""
+"""Calibration on a data set's training samples: what `binarize --calibrate DATA` and the start of `distill` run.
+
+BatchNorm statistics are re-estimated, then the binary attention maps' scales λ are set from the real maps'
+mass, then the BatchNorm statistics again (the maps' new scale changes what the later layers see); the mechanisms
+are bestcompress.nn.calibrate's recalibrate_batchnorm and calibrate_attention_scales. The same batches serve
+every pass.
+"""
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from ..nn.calibrate import batchnorms, recalibrate_batchnorm
+from ..nn.calibrate import batchnorms, calibrate_attention_scales, recalibrate_batchnorm
 from .evaluation import neuron_reset_fn, resolve_data
 
 
@@ -22,9 +29,23 @@ def calibration_batches(data, batches: int, batch_size: int, seed: int = 0, devi
         yield x.to(device) if device is not None else x
 
 
+class Calibrated(NamedTuple):
+    samples: int            # training samples seen per pass
+    batchnorms: int         # BatchNorm layers whose statistics were re-estimated
+    attention_scales: int   # binary attention maps whose λ was set
+
+    def note(self, what: str = "training samples") -> str:
+        """'BatchNorm statistics of N layers [and the scales of M binary attention maps] on S <what>'."""
+        parts = [f"BatchNorm statistics of {self.batchnorms} layers"]
+        if self.attention_scales:
+            parts.append(f"the scales of {self.attention_scales} binary attention maps")
+        return f"{' and '.join(parts)} on {self.samples} {what}"
+
+
 def calibrate(model: nn.Module, data, *, batches: int = 8, batch_size: int = 64, seed: int = 0, device=None,
-              encoding: str = "direct", subset: int | None = None) -> tuple[int, int]:
-    """Re-estimate the BatchNorm statistics of `model` on `batches` training batches of `data`.
+              encoding: str = "direct", subset: int | None = None) -> Calibrated:
+    """Re-estimate the BatchNorm statistics and the attention-map scales of `model` on `batches` training
+    batches of `data` (module docstring).
 
     Args:
         model: the model (in place; left in eval mode, on its device). Weights do not change.
@@ -34,12 +55,22 @@ def calibrate(model: nn.Module, data, *, batches: int = 8, batch_size: int = 64,
         device: where to run (default: where the model is).
         encoding, subset: as for load_dataset, when `data` is a name.
     Returns:
-        (samples seen, BatchNorm layers recalibrated).
+        Calibrated(samples seen, BatchNorm layers recalibrated, attention scales set); all 0 when the training
+        set gave no batch.
     """
     data = resolve_data(data, model, encoding, subset, seed)
     if device is None:
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
-    seen = recalibrate_batchnorm(model, calibration_batches(data, batches, batch_size, seed, device),
-                                 reset=neuron_reset_fn(model))
-    return seen, len(batchnorms(model)) if seen else 0
+    reset = neuron_reset_fn(model)
+
+    def feed():
+        return calibration_batches(data, batches, batch_size, seed, device)
+
+    seen = recalibrate_batchnorm(model, feed(), reset=reset)
+    if not seen:
+        return Calibrated(0, 0, 0)
+    scales = calibrate_attention_scales(model, feed(), reset=reset)
+    if scales:
+        recalibrate_batchnorm(model, feed(), reset=reset)
+    return Calibrated(seen, len(batchnorms(model)), scales)

@@ -11,7 +11,9 @@ the teacher's logits; α = cfg.alpha, τ = cfg.temperature, ls = cfg.label_smoot
     attention = mean over matmul operands X of MSE(R(X_s), R(X_t)), R(X) = n(X)·n(X)ᵀ with n the L2
               normalisation of each row                            (see attention_relation_loss)
 
-    total   = (1−α)·ce + α·mean(selected of hard, soft) + w·feature + w_a·attention
+    total   = (1−α)·ce + α·mean(selected of hard, soft) + w·feature + w_a·attention     (heads: split, DeiT)
+    total   = mean over h in (head, head2) of [(1−α)·CE_ls(h, y) + α·mean(hard, soft of h)] + ...
+                                                                                          (heads: both)
             = ce_both + w·feature + w_a·attention   when neither hard nor soft is selected, where ce_both
                                           averages CE_ls over the heads (both heads learn the labels)
 
@@ -209,14 +211,16 @@ class CIELoss(nn.Module):
             if teacher.shape != head2.shape:
                 raise ModelError(f"the teacher's logits have shape {tuple(teacher.shape)} but the student's "
                                  f"{tuple(head2.shape)}; teacher and student must predict the same classes.")
+            kd_heads = (head, head2) if cfg.heads == "both" else (head2,)
             if "hard" in self.losses:
-                parts["hard"] = F.cross_entropy(head2, teacher.argmax(dim=-1))
+                parts["hard"] = sum(F.cross_entropy(h, teacher.argmax(dim=-1)) for h in kd_heads) / len(kd_heads)
                 distill_terms.append(parts["hard"])
             if "soft" in self.losses:
-                parts["soft"] = soft_distillation(head2, teacher, cfg.temperature)
+                parts["soft"] = sum(soft_distillation(h, teacher, cfg.temperature) for h in kd_heads) / len(kd_heads)
                 distill_terms.append(parts["soft"])
         if distill_terms:
-            parts["ce"] = ce_loss(head, labels, cfg.label_smoothing)
+            ce_heads = student_out if cfg.heads == "both" else head
+            parts["ce"] = ce_loss(ce_heads, labels, cfg.label_smoothing)
             total = (1.0 - cfg.alpha) * parts["ce"] + cfg.alpha * sum(distill_terms) / len(distill_terms)
         else:
             parts["ce"] = ce_loss(student_out, labels, cfg.label_smoothing)

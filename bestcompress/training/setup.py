@@ -80,15 +80,16 @@ def _describe(model: nn.Module) -> str:
 
 
 def _calibrate(run: Run, state_loaded: bool) -> None:
-    """BatchNorm recalibration at the start of distill (recipe train.calibrate_batches; not on resume)."""
+    """Calibration (BatchNorm statistics, attention-map scales) at the start of distill (recipe
+    train.calibrate_batches; not on resume)."""
     n = run.recipe.train.calibrate_batches
     if run.kind != "distill" or n <= 0 or state_loaded:
         return
     from .calibration import calibrate
-    seen, layers = calibrate(run.model, run.data, batches=n, batch_size=run.per_rank_batch, seed=run.seed,
-                             device=run.device)
-    if layers:
-        run.say(f"recalibrated {layers} BatchNorm layers on {seen} training samples")
+    done = calibrate(run.model, run.data, batches=n, batch_size=run.per_rank_batch, seed=run.seed,
+                     device=run.device)
+    if done.batchnorms or done.attention_scales:
+        run.say(f"recalibrated {done.note()}")
 
 
 def prepare_run(model: nn.Module, loss_fn: nn.Module, data, recipe: Recipe, *, kind: str,

@@ -102,8 +102,10 @@ def test_binarize_calibrate(trained, tmp_path):
     a, b = plain.state_dict(), calibrated.state_dict()
     moved = [k for k in a if "running_mean" in k and not torch.equal(a[k], b[k])]
     assert moved
+    scales = [k for k in a if k.endswith(".lam")]
+    assert scales and any(not torch.equal(a[k], b[k]) for k in scales)  # the attention-map scales were set
     for k in a:
-        if "running_" not in k and "num_batches" not in k:
+        if "running_" not in k and "num_batches" not in k and not k.endswith(".lam"):
             assert torch.equal(a[k], b[k]), k
     assert_user_error(invoke("binarize", trained / "fp.pt", "--calibrate", tmp_path / "none", "-o",
                              tmp_path / "x.pt"), "neither a built-in data set")

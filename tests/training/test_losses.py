@@ -40,6 +40,22 @@ def test_hard_distillation_is_minimal_when_head2_is_scaled_teacher():
     assert set(parts) == {"ce", "hard", "total"}
 
 
+def test_heads_both_gives_each_head_the_labels_and_the_teacher():
+    t, y = _logits(6)
+    head, head2 = _logits(7)[0], _logits(8)[0]
+    cfg = DistillConfig(losses=("soft",), alpha=0.4, temperature=2.0, label_smoothing=0.1, heads="both")
+    total, parts = CIELoss(cfg)((head, head2), y, teacher_logits=t)
+
+    def one(h):
+        soft = F.kl_div(F.log_softmax(h / 2, -1), F.log_softmax(t / 2, -1), reduction="batchmean",
+                        log_target=True) * 4
+        return 0.6 * F.cross_entropy(h, y, label_smoothing=0.1) + 0.4 * soft
+    torch.testing.assert_close(total, (one(head) + one(head2)) / 2)
+    split, _ = CIELoss(DistillConfig(losses=("soft",), alpha=0.4, temperature=2.0, label_smoothing=0.1))(
+        (head, head2), y, teacher_logits=t)
+    assert abs(float(split) - float(total)) > 1e-4  # the DeiT split differs
+
+
 def test_single_head_plays_both_roles_and_losses_combine():
     t, y = _logits(4)
     s = _logits(5)[0]
