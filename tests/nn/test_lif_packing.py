@@ -20,6 +20,15 @@ def test_pack_round_trip_is_exact(shape, dtype):
     assert y.dtype == dtype and y.shape == x.shape and torch.equal(x, y)
 
 
+def test_pack_layout_is_one_bit_per_element_little_endian():
+    x = torch.zeros(24)
+    x[:8] = 1  # a full byte: bit 63 of the int64 word is set (the sign bit)
+    x[8] = x[23] = 1
+    assert pack_bits(x).bits.tolist() == [255, 1, 128]
+    t = torch.rand(6, 5, generator=torch.Generator().manual_seed(0)).gt(0.5).float().t()  # not contiguous
+    assert torch.equal(unpack_bits(pack_bits(t)), t)
+
+
 def _grads(neuron: nn.Module, backend: str, pack: bool, monkeypatch, tally=None):
     monkeypatch.setenv("BESTCOMPRESS_LIF", backend)
     torch.manual_seed(0)
