@@ -10,15 +10,19 @@ process CPU time, one torch thread; the engine's kernels are single-threaded too
     binary PyTorch model for reference, at batch 1 and 32;
   - weight memory: the engine's packed words vs the sign bits vs the fp32 weights of the binary layers.
 The engine is checked spike-exact against the binary PyTorch model first. Ratios are fp32 time ÷ engine time.
+The engine runs its default kernels (the popcount variant this CPU has; on a CPU with AMX, linear inputs of
+several bit planes on the int8 matrix units, --int8 to choose); each layer is also timed on popcounts only
+(--int8 off) and, with AMX, with every linear layer on the int8 units, so the table says what each route gives.
 Results: benchmarks/results/engine.json (keys layer_speedup_median, model_speedup_b1, model_speedup_b32; also
-layer_speedup_median_spike_inputs: the same layers fed 0/1 spikes, what the kernels do on pure spike inputs) and
-engine.md.
+layer_speedup_median_spike_inputs: the same layers fed 0/1 spikes, what the kernels do on pure spike inputs,
+layer_speedup_median_popcount_only, layer_speedup_median_int8_all) and engine.md.
 
-    python benchmarks/bench_engine.py [--reps 7] [--reps-b32 3] [--arch spikformer_cifar]
+    python benchmarks/bench_engine.py [--reps 7] [--reps-b32 3] [--arch spikformer_cifar] [--int8 multi]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -31,6 +35,7 @@ from torch import nn
 
 from bestcompress import engine as E
 from bestcompress.convert import binarize
+from bestcompress.engine import kernels
 from bestcompress.engine.layers import PackedConv
 from bestcompress.nn.binary import is_binary_layer
 from bestcompress.nn.calibrate import make_it_fire
@@ -107,7 +112,26 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7, help="interleaved repetitions per layer and at batch 1")
     parser.add_argument("--reps-b32", type=int, default=3, help="interleaved repetitions at batch 32")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--int8", choices=kernels.INT8_MODES, default=None,
+                        help="linear layers on the int8 matrix units (AMX): off, multi (inputs of several bit "
+                             "planes; the default), all")
     args = parser.parse_args()
+    with kernels.use_kernels(int8=args.int8) if kernels.compiled_available() else contextlib.nullcontext():
+        run(args)
+
+
+def _route_speedups(twin, ours, x, reps: int) -> dict[str, float]:
+    """fp32 ÷ engine on x with popcounts only, and (with AMX) with every linear layer on the int8 units."""
+    out = {}
+    routes = [("popcount_only", "off")] + ([("int8_all", "all")] if kernels.int8_units() != "off" else [])
+    for label, mode in routes:
+        with kernels.use_kernels(int8=mode):
+            t = interleaved({"fp32": lambda: twin(x), "engine": lambda: ours(x)}, reps)
+        out[label] = t["fp32"] / t["engine"]
+    return out
+
+
+def run(args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -138,12 +162,17 @@ def main() -> None:
             spikes = (torch.rand(x.shape, generator=g) < 0.2).to(torch.float32)  # what a spike-fed layer sees
             ts = interleaved({"fp32": lambda: twin(spikes), "engine": lambda: ours(spikes)}, args.reps)
             kind = "conv" if isinstance(ours, PackedConv) else "linear"
-            rows.append({"layer": name, "kind": kind, "input": list(x.shape), "planes": planes,
+            ours(x)
+            route = ours.last_kernel
+            routes = _route_speedups(twin, ours, x, args.reps) if kernels.backend() == "compiled" else {}
+            rows.append({"layer": name, "kind": kind, "input": list(x.shape), "planes": planes, "kernel": route,
                          "fp32_ms": 1e3 * t["fp32"], "engine_ms": 1e3 * t["engine"],
-                         "speedup": t["fp32"] / t["engine"], "speedup_spike_input": ts["fp32"] / ts["engine"]})
-            print(f"{name:28s} {kind:6s} {str(list(x.shape)):20s} planes {planes}  fp32 "
+                         "speedup": t["fp32"] / t["engine"], "speedup_spike_input": ts["fp32"] / ts["engine"],
+                         **{f"speedup_{k}": v for k, v in routes.items()}})
+            print(f"{name:28s} {kind:6s} {str(list(x.shape)):20s} planes {planes} {route:8s} fp32 "
                   f"{1e3 * t['fp32']:7.3f} ms  engine {1e3 * t['engine']:7.3f} ms  {t['fp32'] / t['engine']:5.2f}x"
-                  f"  (on 0/1 spikes {ts['fp32'] / ts['engine']:5.2f}x)")
+                  f"  (on 0/1 spikes {ts['fp32'] / ts['engine']:5.2f}x; "
+                  + ", ".join(f"{k} {v:5.2f}x" for k, v in routes.items()) + ")")
 
         whole = {}
         for label, x, reps in (("b1", x1, args.reps), ("b32", x32, args.reps_b32)):
@@ -154,6 +183,11 @@ def main() -> None:
             whole[label]["speedup_vs_binary_torch"] = t["binary_torch"] / t["engine"]
             print(f"whole model {label}: fp32 {1e3 * t['fp32']:.1f} ms, engine {1e3 * t['engine']:.1f} ms, binary "
                   f"PyTorch {1e3 * t['binary_torch']:.1f} ms: {t['fp32'] / t['engine']:.2f}x faster than fp32")
+            if label == "b1" and kernels.backend() == "compiled" and kernels.int8_units() != "off":
+                with kernels.use_kernels(int8="off"):
+                    tp = interleaved({"fp32": lambda: fp(x), "engine": lambda: engine(x)}, reps)
+                whole[label]["speedup_popcount_only"] = tp["fp32"] / tp["engine"]
+                print(f"whole model b1 on popcounts only: {tp['fp32'] / tp['engine']:.2f}x faster than fp32")
 
     mem = engine.memory()
     fp32_weight_bytes = sum(m.weight.numel() * 4 for m in layers.values())
@@ -165,11 +199,18 @@ def main() -> None:
         "layer_speedup_median": statistics.median(speedups), "layer_speedup_min": speedups[0],
         "layer_speedup_max": speedups[-1],
         "layer_speedup_median_spike_inputs": statistics.median(r["speedup_spike_input"] for r in rows),
+        **{f"layer_speedup_median_{k}": statistics.median(r[f"speedup_{k}"] for r in rows)
+           for k in ("popcount_only", "int8_all") if rows and f"speedup_{k}" in rows[0]},
+        "kernels": {"isa": kernels.isa(), "int8": kernels.int8_units(),
+                    "amx_available": kernels.int8_units() != "off" or (
+                        kernels.compiled_available() and bool(kernels._ext.amx_available())),
+                    "layers_on_int8_units": sum(r["kernel"] == "int8" for r in rows)},
         "model_speedup_b1": whole["b1"]["speedup"],
         "model_speedup_b32": whole["b32"]["speedup"], "whole_model": whole, "layers": rows,
         "memory": {**mem, "binary_layers_fp32_weight_bytes": fp32_weight_bytes}, "targets": TARGETS,
         "method": "interleaved A B A B, median process CPU time, torch.set_num_threads(threads), engine kernels "
-                  "single-threaded; fp32 = the full-precision source model / an fp32 torch layer of the same shape",
+                  "single-threaded (no multithreading in the engine); fp32 = the full-precision source model / an "
+                  "fp32 torch layer of the same shape",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "engine.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -181,19 +222,31 @@ def main() -> None:
              f"(min {speedups[0]:.2f}×, max {speedups[-1]:.2f}×) | ≥ 8× |",
              f"| binary layers on 0/1 spike inputs of the same shapes (median) | | | "
              f"{result['layer_speedup_median_spike_inputs']:.2f}× | |"]
+    for key, label in (("popcount_only", "popcounts only (--int8 off)"),
+                       ("int8_all", "every linear layer on AMX int8 tiles (--int8 all)")):
+        if f"layer_speedup_median_{key}" in result:
+            lines.append(f"| binary layers, {label} (median) | | | {result[f'layer_speedup_median_{key}']:.2f}× | |")
     for label in ("b1", "b32"):
         w = whole[label]
         lines.append(f"| whole model, batch {label[1:]} | {w['fp32_ms']:.1f} ms | {w['engine_ms']:.1f} ms | "
                      f"{w['speedup']:.2f}× | {'≥ 3×' if label == 'b1' else ''} |")
+        if "speedup_popcount_only" in w:
+            lines.append(f"| whole model, batch 1, popcounts only | | | {w['speedup_popcount_only']:.2f}× | |")
     lines += ["", f"Weight memory of the binary layers: fp32 {fp32_weight_bytes / 1e6:.2f} MB, sign bits "
               f"{mem['sign_bit_bytes'] / 1e6:.3f} MB, engine in RAM {mem['packed_weight_bytes'] / 1e6:.3f} MB "
               "(bits in 64-bit words per channel group, plus biases).", "",
+              f"Kernels: popcount variant {kernels.isa()}, int8 matrix units: {kernels.int8_units()} "
+              f"({result['kernels']['layers_on_int8_units']} of {len(rows)} layers ran on them). "
               "Per layer, on the input it really receives (bit planes: 1 for spikes, more for the residual stream "
-              "of spike sums), and on 0/1 spikes of the same shape:", "",
-              "| layer | input | bit planes | fp32 ms | engine ms | speed-up | on 0/1 spikes |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['layer']} | {r['input']} | {r['planes']} | {r['fp32_ms']:.3f} | {r['engine_ms']:.3f} | "
-              f"{r['speedup']:.2f}× | {r['speedup_spike_input']:.2f}× |" for r in rows]
+              "of spike sums), the kernel that computed it, and on 0/1 spikes of the same shape:", "",
+              "| layer | input | bit planes | kernel | fp32 ms | engine ms | speed-up | on 0/1 spikes | popcounts only "
+              "| all on int8 |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    na = "–"
+    lines += [f"| {r['layer']} | {r['input']} | {r['planes']} | {r['kernel']} | {r['fp32_ms']:.3f} | "
+              f"{r['engine_ms']:.3f} | {r['speedup']:.2f}× | {r['speedup_spike_input']:.2f}× | "
+              + (f"{r['speedup_popcount_only']:.2f}×" if "speedup_popcount_only" in r else na) + " | "
+              + (f"{r['speedup_int8_all']:.2f}×" if "speedup_int8_all" in r else na) + " |" for r in rows]
     (RESULTS / "engine.md").write_text("\n".join(lines) + "\n")
     print(f"layer speed-up median {result['layer_speedup_median']:.2f}x, whole model b1 "
           f"{result['model_speedup_b1']:.2f}x, b32 {result['model_speedup_b32']:.2f}x; wrote {RESULTS / 'engine.json'}")

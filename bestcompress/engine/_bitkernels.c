@@ -12,6 +12,7 @@
  *   linear(...), conv(...)      a whole layer in one call: analyze, pack once per input (not per output
  *                               channel), product, epilogue; operands live in thread-local scratch memory.
  *                               linear takes the int8 matrix units (bk_amx.c) for multi-plane inputs when asked.
+ *   maxpool(...)                max pooling of float32 NCHW planes (bk_pack.c)
  *   isa(), isa_name(i), isa_supported(i), amx_available(): what the CPU runs.
  *
  * Integer sums are exact; the float result is the exact sum rounded once (then alpha and bias), which is what
@@ -288,6 +289,22 @@ static PyObject *bc_conv(PyObject *self, PyObject *args) {
     return PyLong_FromLong(P);
 }
 
+/* maxpool(x, planes, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo, out) */
+static PyObject *bc_maxpool(PyObject *self, PyObject *args) {
+    unsigned long long xa, oa;
+    Py_ssize_t planes, H, W, Ho, Wo;
+    int k[2], st[2], pad[2];
+    if (!PyArg_ParseTuple(args, "KnnniiiiiinnK", &xa, &planes, &H, &W, &k[0], &k[1], &st[0], &st[1], &pad[0],
+                          &pad[1], &Ho, &Wo, &oa))
+        return NULL;
+    float *tmp = bk_scratch(5, (size_t)W * sizeof(float));
+    if (!tmp) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    bk_maxpool(PTR(const float *, xa), planes, H, W, k, st, pad, Ho, Wo, PTR(float *, oa), tmp);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *bc_isa(PyObject *self, PyObject *args) { return PyUnicode_FromString(bk_isa_name(bk_best_isa())); }
 
 static PyObject *bc_best_isa(PyObject *self, PyObject *args) { return PyLong_FromLong(bk_best_isa()); }
@@ -316,6 +333,7 @@ static PyMethodDef methods[] = {
     {"gemm", bc_gemm, METH_VARARGS, "popcount GEMM (see the module docstring)"},
     {"linear", bc_linear, METH_VARARGS, "a whole +-1 linear layer: analyze, pack, product -> (P, lsb, kernel)"},
     {"conv", bc_conv, METH_VARARGS, "a whole +-1 convolution over an NCHW input -> P"},
+    {"maxpool", bc_maxpool, METH_VARARGS, "max pooling of float32 planes (NaN propagates, as in torch)"},
     {"isa", bc_isa, METH_NOARGS, "the popcount variant this CPU runs by default"},
     {"best_isa", bc_best_isa, METH_NOARGS, "its number"},
     {"isa_name", bc_isa_name, METH_VARARGS, "the name of variant i (0 scalar, 1 avx2, 2 avx512, 3 neon)"},

@@ -64,6 +64,11 @@ void bk_im2col_cols(const uint64_t *in, const int64_t *pix, const bk_conv *c, pt
                     int64_t *colsum);
 void bk_transpose(const uint64_t *in, ptrdiff_t B, ptrdiff_t rows, ptrdiff_t Kw, ptrdiff_t Npad, uint64_t *out);
 
+/* max pooling of planes [planes][H][W] (k, s, pad: height then width; every window holds a real value):
+ * the max over the window's rows, then over its columns; tmp: W floats */
+void bk_maxpool(const float *x, ptrdiff_t planes, ptrdiff_t H, ptrdiff_t W, const int *k, const int *s,
+                const int *pad, ptrdiff_t Ho, ptrdiff_t Wo, float *out, float *tmp);
+
 /* thread-local scratch memory, grown on demand (slot 0..3), 64-byte aligned; NULL when out of memory */
 void *bk_scratch(int slot, size_t bytes);
 #endif

@@ -47,13 +47,14 @@ typedef struct {
     uint8_t rows[16];
 } __attribute__((packed)) tilecfg;
 
-/* weight columns [Kw][Npad] (bit t of word (kc, n) = w+[64 kc + t, n]) -> tiles [nblk][Kw][16 rows][64 bytes],
- * row j of a tile = for each of its 16 columns the bytes w+[64 kc + 4 j + 0..3, n] */
-TAMX static void expand_weights(const uint64_t *b, ptrdiff_t Kw, ptrdiff_t Npad, ptrdiff_t nblk, uint8_t *wt) {
+/* weight columns [Kw][Npad] (bit t of word (kc, n) = w+[64 kc + t, n]) -> tiles [nblk][Kw][16 rows][64 bytes] of
+ * the column blocks nb0.., row j of a tile = for each of its 16 columns the bytes w+[64 kc + 4 j + 0..3, n] */
+TAMX static void expand_weights(const uint64_t *b, ptrdiff_t Kw, ptrdiff_t Npad, ptrdiff_t nb0, ptrdiff_t nblk,
+                                uint8_t *wt) {
     const __m512i ones = _mm512_set1_epi8(1);
     const __m512i base = _mm512_set1_epi64(0x0706050403020100LL);
     const uint64_t even = 0x0F0F0F0F0F0F0F0FULL, odd = 0xF0F0F0F0F0F0F0F0ULL;
-    for (ptrdiff_t nb = 0; nb < nblk; nb++)
+    for (ptrdiff_t nb = nb0; nb < nb0 + nblk; nb++)
         for (ptrdiff_t kc = 0; kc < Kw; kc++) {
             const uint64_t *src = b + kc * Npad + nb * 16;
             __mmask8 lo_k = 0, hi_k = 0;
@@ -61,7 +62,7 @@ TAMX static void expand_weights(const uint64_t *b, ptrdiff_t Kw, ptrdiff_t Npad,
             lo_k = left >= 8 ? 0xff : (left > 0 ? (__mmask8)((1u << left) - 1u) : 0);
             hi_k = left >= 16 ? 0xff : (left > 8 ? (__mmask8)((1u << (left - 8)) - 1u) : 0);
             __m512i lo = _mm512_maskz_loadu_epi64(lo_k, src), hi = _mm512_maskz_loadu_epi64(hi_k, src + 8);
-            uint8_t *tile = wt + (nb * Kw + kc) * 1024;
+            uint8_t *tile = wt + ((nb - nb0) * Kw + kc) * 1024;
             for (int j = 0; j < 16; j += 2) {
                 __m512i ctl = _mm512_add_epi8(base, _mm512_set1_epi8((char)(4 * j)));
                 uint64_t rl = _mm512_bitshuffle_epi64_mask(lo, ctl), rh = _mm512_bitshuffle_epi64_mask(hi, ctl);
@@ -99,24 +100,26 @@ TAMX static void epilogue(const gemm_args *g, ptrdiff_t m0, ptrdiff_t n0, const 
     }
 }
 
-/* q: [Mpad][kpad] bytes, Mpad = M rounded up to 32 (rows past M are zero), kpad = 64 * Kw */
+/* q: [Mpad][kpad] bytes, Mpad = M rounded up to 32 (rows past M are zero), kpad = 64 * Kw. Column blocks of 32
+ * outer, so each block's weights are expanded once into 2 * Kw KB that stay in L1 while every row block uses
+ * them (no layer-sized byte copy of the weights). */
 TAMX int bk_amx_linear(const gemm_args *g, const uint8_t *q, ptrdiff_t kpad) {
     if (!bk_amx_available()) return -1;
     const ptrdiff_t Kw = g->Kw, nblk = (g->N + 31) / 32 * 2, mpad = (g->M + 31) / 32 * 32;
-    uint8_t *wt = bk_scratch(3, (size_t)(nblk * Kw * 1024));
+    uint8_t *wt = bk_scratch(3, (size_t)(2 * Kw * 1024));
     if (!wt) return -1;
-    expand_weights(g->b, Kw, g->Npad, nblk, wt);
     tilecfg cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
     for (int t = 0; t < 8; t++) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
     _tile_loadconfig(&cfg);
     int32_t cbuf[32 * 32] __attribute__((aligned(64)));
-    for (ptrdiff_t m0 = 0; m0 < mpad; m0 += 32)
-        for (ptrdiff_t nb = 0; nb < nblk; nb += 2) {
+    for (ptrdiff_t nb = 0; nb < nblk; nb += 2) {
+        expand_weights(g->b, Kw, g->Npad, nb, 2, wt);
+        const uint8_t *b0 = wt, *b1 = wt + Kw * 1024;
+        for (ptrdiff_t m0 = 0; m0 < mpad; m0 += 32) {
             _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
             const uint8_t *a0 = q + m0 * kpad, *a1 = q + (m0 + 16) * kpad;
-            const uint8_t *b0 = wt + nb * Kw * 1024, *b1 = wt + (nb + 1) * Kw * 1024;
             for (ptrdiff_t kc = 0; kc < Kw; kc++) {
                 _tile_loadd(4, a0 + 64 * kc, kpad);
                 _tile_loadd(5, a1 + 64 * kc, kpad);
@@ -133,6 +136,7 @@ TAMX int bk_amx_linear(const gemm_args *g, const uint8_t *q, ptrdiff_t kpad) {
             _tile_stored(3, cbuf + 16 * 32 + 16, 128);
             epilogue(g, m0, nb * 16, cbuf);
         }
+    }
     _tile_release();
     return 0;
 }

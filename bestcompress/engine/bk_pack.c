@@ -350,3 +350,33 @@ void bk_transpose(const uint64_t *in, ptrdiff_t B, ptrdiff_t rows, ptrdiff_t Kw,
             for (ptrdiff_t k = 0; k < Kw; k++)
                 out[(b * Kw + k) * Npad + r] = in[(b * rows + r) * Kw + k];
 }
+
+/* ------------------------------------------------------------------------------------------- max pooling */
+
+static inline float pool_max(float a, float b) { return (b > a || b != b) ? b : a; } /* NaN wins, as in torch */
+
+void bk_maxpool(const float *x, ptrdiff_t planes, ptrdiff_t H, ptrdiff_t W, const int *k, const int *s,
+                const int *pad, ptrdiff_t Ho, ptrdiff_t Wo, float *out, float *tmp) {
+    for (ptrdiff_t p = 0; p < planes; p++) {
+        const float *xp = x + p * H * W;
+        float *op = out + p * Ho * Wo;
+        for (ptrdiff_t y = 0; y < Ho; y++) {
+            ptrdiff_t y0 = y * s[0] - pad[0], y1 = y0 + k[0];
+            if (y0 < 0) y0 = 0;
+            if (y1 > H) y1 = H;
+            memcpy(tmp, xp + y0 * W, (size_t)W * sizeof(float));
+            for (ptrdiff_t r = y0 + 1; r < y1; r++) {
+                const float *row = xp + r * W;
+                for (ptrdiff_t i = 0; i < W; i++) tmp[i] = pool_max(tmp[i], row[i]);
+            }
+            for (ptrdiff_t xo = 0; xo < Wo; xo++) {
+                ptrdiff_t x0 = xo * s[1] - pad[1], x1 = x0 + k[1];
+                if (x0 < 0) x0 = 0;
+                if (x1 > W) x1 = W;
+                float m = tmp[x0];
+                for (ptrdiff_t i = x0 + 1; i < x1; i++) m = pool_max(m, tmp[i]);
+                op[y * Wo + xo] = m;
+            }
+        }
+    }
+}
