@@ -6,15 +6,16 @@
   sub-blocks found by `trunk.find_stages`, or the couplings of a coupled model) and at every neuron's output
   (inside the tokenizer and the sub-blocks: a segment that starts at spikes keeps its input as bits). Each
   segment runs under `torch.utils.checkpoint` (use_reentrant=False): only its inputs are kept, and its inside is
-  recomputed during backward, one segment at a time (peak: the saved inputs plus one segment's inside). The recomputation is exact: the random state
-  is replayed, neuron state that a model keeps between calls (single-step neurons, nn/state.py) is put back to
-  what it was when the segment first ran and restored afterwards, and BatchNorm running statistics are not updated
-  twice. Gradients equal plain autograd's (to float rounding) and recomputed spikes equal the forward's.
+  recomputed during backward, one segment at a time (peak: the saved inputs plus one segment's inside). The
+  recomputation is exact: the random state is replayed, neuron state that a model keeps between calls
+  (single-step neurons, nn/state.py) is put back to what it was when the segment first ran and restored
+  afterwards, and BatchNorm running statistics are not updated twice. Gradients equal plain autograd's and
+  recomputed spikes equal the forward's. A model without a trunk is cut at its neurons alone.
 - `reversible`: coupled stages rebuild each sub-block's input from its outputs (training/reversible.py);
   the rest as `checkpoint`.
 
 A model that is not one traced graph is traced for this (modules shared, nothing changed in the model); one that
-cannot be traced, or has no trunk, trains with plain autograd and the run log says so once.
+cannot be traced, or has neither a trunk nor neurons, trains with plain autograd and the run log says so once.
 `memory_net(model, mode, say)` returns the module the training forward calls (the model's parameters are its
 parameters; DDP may wrap it); evaluation and checkpoints use the model itself.
 """

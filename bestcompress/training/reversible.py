@@ -97,6 +97,13 @@ class _Restore:
             b.data.copy_(c)  # through .data: BatchNorm's backward holds its buffers and checks their version
 
 
+def _capture(device: torch.device) -> tuple:
+    """What a recomputation must replay: the random state (CPU, and the GPU's) and the autocast setting."""
+    kind = device.type if device.type in ("cuda", "cpu") else "cpu"
+    gpu = torch.cuda.get_rng_state(device) if kind == "cuda" else None
+    return torch.get_rng_state(), gpu, kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind), device
+
+
 def _recompute(chain: _Chain, k: int, z_km2, z_km1, rng, log=None, grad: bool = False):
     """F_k and z_k again, with the forward's random state, buffers restored; `log` checks the spikes."""
     mismatch = [False]
@@ -108,9 +115,12 @@ def _recompute(chain: _Chain, k: int, z_km2, z_km1, rng, log=None, grad: bool = 
             mismatch[0] |= not same
             pos[0] += 1
 
-    with _Restore(chain.buffers[k - 2]), torch.random.fork_rng(devices=[]), spike_log(check), \
-            torch.set_grad_enabled(grad):
-        torch.set_rng_state(rng)
+    cpu, gpu, kind, amp, amp_dtype, device = rng
+    with _Restore(chain.buffers[k - 2]), torch.random.fork_rng(devices=[device] if gpu is not None else []), \
+            spike_log(check), torch.set_grad_enabled(grad), torch.autocast(kind, dtype=amp_dtype, enabled=amp):
+        torch.set_rng_state(cpu)
+        if gpu is not None:
+            torch.cuda.set_rng_state(gpu, device)
         if z_km2 is None:  # backward needs F_k alone (z_{k-2} is rebuilt from it)
             f, z_k = chain.fs[k - 2](z_km1), None
         else:
@@ -128,7 +138,7 @@ class _Reversible(torch.autograd.Function):
         with torch.no_grad():
             for k in range(2, chain.K + 1):
                 log: list = []
-                rngs.append(torch.get_rng_state())
+                rngs.append(_capture(z1.device))
                 with spike_log(lambda t: log.append(pack_bits(t.detach()).bits)):
                     _, zs[k] = chain.step(k, zs[k - 2], zs[k - 1])
                 logs.append(log)

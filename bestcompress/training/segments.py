@@ -105,8 +105,13 @@ def cut_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     """Where the forward is cut: the trunk streams and every bestcompress neuron's output (spikes: a segment that
     starts there keeps its input as bits)."""
     from ..nn.lif import LIF
-    cuts = set(stream_nodes(gm))
+    try:
+        cuts = set(stream_nodes(gm))
+    except ModelError:
+        cuts = set()  # no trunk (a spiking CNN, ...): the neurons alone
     cuts.update(n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), LIF))
+    if not cuts:
+        raise ModelError(f"'{type(gm).__name__}' has neither a transformer trunk nor bestcompress neurons to cut at")
     return sorted(cuts, key={n: i for i, n in enumerate(gm.graph.nodes)}.__getitem__)
 
 

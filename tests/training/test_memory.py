@@ -298,3 +298,20 @@ def test_trainer_runs_the_switch_and_learns_the_same_weights():
     for k, v in weights["plain"].items():
         assert torch.allclose(weights["checkpoint"][k], v, rtol=1e-5, atol=1e-7), k
     assert any(not torch.equal(weights["plain"][k], v) for k, v in start.state_dict().items())  # it trained
+
+
+def test_checkpoint_cuts_a_model_without_trunk_at_its_neurons():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), LIF(), nn.Linear(16, 16), LIF(v_reset=None), nn.Linear(16, 4))
+    x = 3 * torch.rand(2, 5, 3, generator=torch.Generator().manual_seed(0))  # [T, B, features]
+    y = torch.tensor([0, 1, 2, 3, 0])
+    plain, ckpt = copy.deepcopy(model), copy.deepcopy(model)
+
+    def mean_over_t(net):
+        return lambda inp: net(inp).mean(0)
+    want, _ = _step(mean_over_t(plain), plain, x, y)
+    lines = []
+    net = memory_net(ckpt, "checkpoint", lines.append)
+    assert net.runner is not None and "2 segments" in lines[0]
+    got, _ = _step(mean_over_t(net), ckpt, x, y)
+    _assert_close(got, want)
