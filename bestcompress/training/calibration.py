@@ -4,6 +4,11 @@ BatchNorm statistics are re-estimated, then the binary attention maps' scales λ
 mass, then the BatchNorm statistics again (the maps' new scale changes what the later layers see); the mechanisms
 are bestcompress.nn.calibrate's recalibrate_batchnorm and calibrate_attention_scales. The same batches serve
 every pass.
+
+`refresh_batchnorm` re-estimates the BatchNorm statistics alone; distill runs it at the end of every epoch, before
+the model is scored and saved, when calibration is on. A binary network's pre-activations jump whenever latent
+weights cross zero, and the running averages (momentum 0.1) trail those jumps: at the last epoch of a 12-epoch
+MNIST-1D run, statistics re-estimated on 8 training batches scored +0.5 to +0.7 points over the running ones.
 """
 from __future__ import annotations
 
@@ -74,3 +79,10 @@ def calibrate(model: nn.Module, data, *, batches: int = 8, batch_size: int = 64,
     if scales:
         recalibrate_batchnorm(model, feed(), reset=reset)
     return Calibrated(seen, len(batchnorms(model)), scales)
+
+
+def refresh_batchnorm(model: nn.Module, data, *, batches: int, batch_size: int, seed: int = 0, device=None) -> int:
+    """Re-estimate the BatchNorm statistics of `model` on `batches` training batches of `data` (a DataBundle);
+    weights and attention scales stay. Returns the samples seen."""
+    return recalibrate_batchnorm(model, calibration_batches(data, batches, batch_size, seed, device),
+                                 reset=neuron_reset_fn(model))

@@ -1,6 +1,6 @@
-"""The end of an epoch: score it on the validation and test sets, keep the best epoch (picked on validation,
-never on test), write last.pt and the metrics line, print the epoch line; at the end of the run, the model takes
-the best epoch's weights."""
+"""The end of an epoch: re-estimate the BatchNorm statistics (distill with calibration on), score it on the
+validation and test sets, keep the best epoch (picked on validation, never on test), write last.pt and the
+metrics line, print the epoch line; at the end of the run, the model takes the best epoch's weights."""
 from __future__ import annotations
 
 from .distributed import barrier
@@ -11,6 +11,10 @@ from .run_state import append_metrics, save_run_checkpoint
 def end_epoch(run, epoch: int, stats: dict) -> dict:
     """Record epoch `epoch` (0-based) of `run` after training it; returns its metrics record."""
     model, info = run.model, run.info
+    if run.kind == "distill" and run.recipe.train.calibrate_batches > 0:  # statistics of the weights as they are
+        from .calibration import refresh_batchnorm
+        refresh_batchnorm(model, run.data, batches=run.recipe.train.calibrate_batches,
+                          batch_size=run.per_rank_batch, seed=run.seed, device=run.device)
     val = (evaluate_split(model, run.data, run.device, info, run.limit_batches, amp=run.amp, split="val")
            if run.data.val is not None else None)
     test = evaluate_split(model, run.data, run.device, info, run.limit_batches, amp=run.amp, split="test")

@@ -157,3 +157,24 @@ def test_model_that_does_not_take_the_data(data):
     small = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))  # labels reach 9
     with pytest.raises(DataError, match="out of range for a model with 3 outputs"):
         train(small, data, epochs=1, log=quiet)
+
+
+def test_distill_refreshes_batchnorm_statistics_before_scoring_each_epoch(data):
+    """With calibration on, the kept model's BatchNorm statistics are those of its own weights on the calibration
+    batches (re-estimating them again changes nothing); with calibration off they are the running averages."""
+    from bestcompress.data.split import validation_split
+    from bestcompress.training.calibration import refresh_batchnorm
+    teacher = tiny(1)
+
+    def bn_stats(m):
+        return {k: v.clone() for k, v in m.state_dict().items() if "running_" in k}
+
+    for n in (2, 0):
+        student = binarize(teacher, "bestformer", overrides={"reversible.enabled": False}).model
+        over = {**FAST, "train.calibrate_batches": n, "train.val_fraction": 0.0}
+        result = distill(student, teacher, data, "bestformer", epochs=1, overrides=over, log=quiet)
+        before = bn_stats(result.model)
+        refresh_batchnorm(result.model, validation_split(data, 0.0, 0), batches=2, batch_size=16, seed=0)
+        after = bn_stats(result.model)
+        same = all(torch.allclose(before[k], after[k], rtol=1e-5, atol=1e-6) for k in before)
+        assert same == (n > 0), n
