@@ -48,6 +48,8 @@ class _LeafCall:
     in_leaves: list  # non-tensor leaves of (args, kwargs) as given; tensors are None here
     out_spec: pytree.TreeSpec | None = None
     out_leaves: list = field(default_factory=list)  # non-tensor output leaves; tensors are None here
+    recorded: object = None  # what the call returned in an eager run on the example (opaque leaves only)
+    recorded_sizes: list = field(default_factory=list)  # the shape of that call's first tensor input
 
     def rebuild(self, tensors: list):
         it = iter(tensors)
@@ -59,10 +61,23 @@ _CALLS: dict[str, _LeafCall] = {}
 _session = itertools.count()
 
 
+def _like(recorded, sizes, example_sizes):
+    """A new tensor shaped as an eagerly recorded output; a dimension equal to one of the call's first input's
+    dimensions in that run takes this call's size of it (a free batch size stays free)."""
+    if not isinstance(recorded, torch.Tensor):
+        return recorded
+    shape = [sizes[example_sizes.index(d)] if d in example_sizes else d for d in recorded.shape]
+    return torch.empty(shape, dtype=recorded.dtype, device=recorded.device)
+
+
 def _run_leaf(key: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     call = _CALLS[key]
     args, kwargs = call.rebuild(list(tensors))
-    out = call.forward(*args, **kwargs)
+    if call.recorded is None:
+        out = call.forward(*args, **kwargs)
+    else:  # a module made opaque (its forward may branch on values, which FakeTensors cannot): shapes as recorded
+        sizes = list(tensors[0].shape) if tensors else []
+        out = pytree.tree_map(lambda v: _like(v, sizes, call.recorded_sizes), call.recorded)
     flat, spec = pytree.tree_flatten(out)
     call.out_spec = spec
     call.out_leaves = [(None, True) if isinstance(v, torch.Tensor) else (v, False) for v in flat]
@@ -163,16 +178,42 @@ def _leaf_names(model: nn.Module, extra: set[str]) -> dict[str, nn.Module]:
     return found
 
 
-def _patch_leaves(leaves: dict[str, nn.Module], session: int) -> list:
+def _record_eager(model: nn.Module, args: tuple, names: set[str]) -> dict[str, list]:
+    """Per module in `names`, the (first input's shape, output) of each call in one eager forward on `args`."""
+    from .snn_tracer import _StateGuard
+    found: dict[str, list] = {n: [] for n in names}
+    handles = []
+    for n in names:
+        def hook(mod, a, out, _n=n):
+            first = next((t for t in pytree.tree_leaves(a) if isinstance(t, torch.Tensor)), None)
+            found[_n].append((list(first.shape) if first is not None else [],
+                              pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)))
+        handles.append(model.get_submodule(n).register_forward_hook(hook))
+    guard = _StateGuard(model)
+    try:
+        with torch.no_grad():
+            model(*args)
+    finally:
+        guard.restore()
+        for h in handles:
+            h.remove()
+    return found
+
+
+def _patch_leaves(leaves: dict[str, nn.Module], session: int, recorded: dict[str, list]) -> list:
     undo = []
     for path, module in leaves.items():
         counter = itertools.count()
 
         def wrapper(*args, _path=path, _forward=module.forward, _counter=counter, **kwargs):
-            key = f"{session}:{_path}@{next(_counter)}"
+            k = next(_counter)
+            key = f"{session}:{_path}@{k}"
             flat, spec = pytree.tree_flatten((args, kwargs))
             _CALLS[key] = call = _LeafCall(_path, _forward, spec, [
                 (None, True) if isinstance(v, torch.Tensor) else (v, False) for v in flat])
+            seen = recorded.get(_path)
+            if seen:
+                call.recorded_sizes, call.recorded = seen[k % len(seen)]
             out = _leaf_call(key, [v for v in flat if isinstance(v, torch.Tensor)])
             it = iter(out)
             return pytree.tree_unflatten([next(it) if t else v for v, t in call.out_leaves], call.out_spec)
@@ -205,7 +246,11 @@ def _short(e: Exception) -> str:
 def _export_once(model: nn.Module, args: tuple, extra: set[str]):
     leaves = _leaf_names(model, extra)
     session = next(_session)
-    undo = _patch_leaves(leaves, session)
+    try:  # what the modules made opaque return, for when their forward cannot run on FakeTensors
+        recorded = _record_eager(model, args, {n for n in extra if n in leaves}) if extra else {}
+    except Exception as e:  # noqa: BLE001 - the model does not run on its example: nothing to capture
+        return None, leaves, session, e, None
+    undo = _patch_leaves(leaves, session, recorded)
     stack, handles = _track_calls(model, leaves)
     dynamic = tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() else None
                     for a in args)
@@ -260,8 +305,9 @@ def _output_paths(spec: pytree.TreeSpec) -> list[tuple]:
     """The index path of every leaf of a (tuple/list/dict/namedtuple) output spec, in flatten order."""
     if spec.is_leaf():
         return [()]
-    keys = spec.context if spec.type is dict else range(len(spec.children_specs))
-    return [(k,) + rest for k, child in zip(keys, spec.children_specs) for rest in _output_paths(child)]
+    children = [spec.child(i) for i in range(spec.num_children)]
+    keys = spec.context if spec.type is dict else range(len(children))
+    return [(k,) + rest for k, child in zip(keys, children) for rest in _output_paths(child)]
 
 
 _VIEW_OPS = {aten.slice.Tensor, aten.select.int}
