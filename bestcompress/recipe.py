@@ -58,7 +58,7 @@ class DistillConfig:
     temperature: float = 2.0
     feature_weight: float = 1.0
     attention_weight: float = 1.0  # the attention-relation loss
-    heads: Literal["split", "both"] = "split"  # split: CE on head, KD on head2 (DeiT) | both: each head gets both
+    heads: Literal["split", "both"] = "both"  # both: each head gets CE and KD | split: CE on head, KD on head2 (DeiT)
     label_smoothing: float = 0.1
 
 

@@ -29,7 +29,7 @@ def test_soft_kl_is_zero_when_student_equals_teacher():
 
 def test_hard_distillation_is_minimal_when_head2_is_scaled_teacher():
     t, y = _logits(1)
-    loss = CIELoss(DistillConfig(losses=("hard",), alpha=0.5, label_smoothing=0.1))
+    loss = CIELoss(DistillConfig(losses=("hard",), alpha=0.5, label_smoothing=0.1, heads="split"))
     values = [loss((t, s * t), y, teacher_logits=t)[1]["hard"] for s in (1.0, 5.0, 100.0)]
     assert values[0] > values[1] > values[2] and values[2] < 1e-3
     head, head2 = _logits(2)[0], _logits(3)[0]
@@ -51,7 +51,8 @@ def test_heads_both_gives_each_head_the_labels_and_the_teacher():
                         log_target=True) * 4
         return 0.6 * F.cross_entropy(h, y, label_smoothing=0.1) + 0.4 * soft
     torch.testing.assert_close(total, (one(head) + one(head2)) / 2)
-    split, _ = CIELoss(DistillConfig(losses=("soft",), alpha=0.4, temperature=2.0, label_smoothing=0.1))(
+    split, _ = CIELoss(DistillConfig(losses=("soft",), alpha=0.4, temperature=2.0, label_smoothing=0.1,
+                                     heads="split"))(
         (head, head2), y, teacher_logits=t)
     assert abs(float(split) - float(total)) > 1e-4  # the DeiT split differs
 
