@@ -11,9 +11,8 @@ from bestcompress.data import load_dataset
 
 pytest.importorskip("snntorch")
 
-# Couplings on an unrolled time loop need the couplings pass to couple every step's trunk with shared modules
-# (the graph marks each step: node.meta['bc_time_step'], gm.bc_time_steps); until then they are switched off.
-NO_COUPLINGS = {"reversible.enabled": False}
+# The default recipe as a user runs it: couplings on (one coupling per sub-block, shared by every step of the loop)
+DEFAULT = {}
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +20,7 @@ def student_and_teacher():
     from tests.thirdparty_models import SnnTorchTimeLoopTransformer
     torch.manual_seed(0)
     teacher = SnnTorchTimeLoopTransformer().eval()
-    result = bc.binarize(teacher, "bestformer", overrides=NO_COUPLINGS)
+    result = bc.binarize(teacher, "bestformer", overrides=DEFAULT)
     return result, teacher
 
 
@@ -40,7 +39,7 @@ def test_distill_then_evaluate_then_export_verified(student_and_teacher, tmp_pat
     student = result.model
     data = load_dataset("synthetic", student, subset=64, seed=0)
     bc.distill(student, teacher, data, overrides={"train.batch_size": 16, "train.calibrate_batches": 1,
-                                                  "distill.losses": ["hard"]},  # feature taps: see NO_COUPLINGS
+                                                  "distill.losses": ["hard"]},
                epochs=1, limit_batches=3, progress=False)  # a second batch used to fail in backward
     first = bc.evaluate(student, data)
     assert bc.evaluate(student, data) == first  # deterministic: no state survives a batch
