@@ -182,7 +182,32 @@ def bench_memory(small: bool) -> dict:
     ratio = rows["plain"]["peak"] / rows[best]["peak"]
     return {"model": f"spikingformer binary student, depth {depth}, embed 384, T=4, batch {batch}",
             "bytes": rows, "best": best, "memory_plain_over_best": ratio,
-            "forward_only_ratio": rows["plain"]["forward"] / rows[best]["forward"]}
+            "forward_only_ratio": rows["plain"]["forward"] / rows[best]["forward"],
+            "step_time_vs_plain": bench_memory_time(2)}
+
+
+def bench_memory_time(repeats: int) -> dict:
+    """CPU time of one training step in each mode ÷ plain autograd without packing (the student_vs_fp model:
+    spikformer_cifar dims 128, depth 2, T=4, batch 16; couplings ½, ½)."""
+    from bestcompress.convert import binarize
+    from bestcompress.training.memory import memory_net
+    fp = _spikformer(embed_dims=128, depths=2, num_heads=4, T=4).eval()
+    student = binarize(fp, "bestformer", overrides={"reversible.form": "paper"}).model.train()
+    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(1))
+
+    def step(net):
+        def run():
+            out = net(x)
+            out = out[0] + out[1] if isinstance(out, tuple) else out
+            student.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(out, y).backward()
+        return run
+    modes = {"plain_unpacked": ("plain", False), "plain": ("plain", True), "checkpoint": ("checkpoint", True),
+             "reversible": ("reversible", True)}
+    t = interleaved({k: step(memory_net(student, m, say=lambda *_: None, pack=p)) for k, (m, p) in modes.items()},
+                    repeats)
+    return {k: v / t["plain_unpacked"] for k, v in t.items()}
 
 
 def _write(result: dict) -> None:
@@ -199,6 +224,8 @@ def _print_memory(mem: dict) -> None:
         print(f"  {mode:<22}{b['forward'] / 1e6:>10.1f} forward {b['largest_segment'] / 1e6:>8.1f} segment "
               f"{b['peak'] / 1e6:>10.1f} peak")
     print(f"memory_plain_over_best: {mem['memory_plain_over_best']:.2f} ({mem['best']}; goal >= 4)")
+    print("step time / plain autograd without packing: " + ", ".join(
+        f"{k} {v:.2f}" for k, v in mem["step_time_vs_plain"].items()))
 
 
 def main_memory(small: bool) -> None:
