@@ -353,7 +353,7 @@ void bk_transpose(const uint64_t *in, ptrdiff_t B, ptrdiff_t rows, ptrdiff_t Kw,
 
 /* ------------------------------------------------------------------------------------------- max pooling */
 
-static inline float pool_max(float a, float b) { return (b > a || b != b) ? b : a; } /* NaN wins, as in torch */
+static inline float pool_max(float a, float b) { return ((b > a) | (b != b)) ? b : a; } /* NaN wins, as in torch */
 
 void bk_maxpool(const float *x, ptrdiff_t planes, ptrdiff_t H, ptrdiff_t W, const int *k, const int *s,
                 const int *pad, ptrdiff_t Ho, ptrdiff_t Wo, float *out, float *tmp) {
@@ -367,9 +367,39 @@ void bk_maxpool(const float *x, ptrdiff_t planes, ptrdiff_t H, ptrdiff_t W, cons
             memcpy(tmp, xp + y0 * W, (size_t)W * sizeof(float));
             for (ptrdiff_t r = y0 + 1; r < y1; r++) {
                 const float *row = xp + r * W;
-                for (ptrdiff_t i = 0; i < W; i++) tmp[i] = pool_max(tmp[i], row[i]);
+                ptrdiff_t i = 0;
+#if defined(BC_AVX512)
+                for (; i < W; i += 16) {  /* max, then a NaN in tmp wins back (vmaxps returns its second input) */
+                    __mmask16 mk = W - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (W - i)) - 1u);
+                    __m512 a = _mm512_maskz_loadu_ps(mk, tmp + i), b = _mm512_maskz_loadu_ps(mk, row + i);
+                    __m512 m = _mm512_max_ps(a, b);
+                    m = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), m, a);
+                    _mm512_mask_storeu_ps(tmp + i, mk, m);
+                }
+#endif
+                for (; i < W; i++) tmp[i] = pool_max(tmp[i], row[i]);
             }
-            for (ptrdiff_t xo = 0; xo < Wo; xo++) {
+            ptrdiff_t xo = 0;
+#if defined(BC_AVX512)
+            for (; xo + 16 <= Wo; xo += 16) {  /* the window's columns gathered 16 outputs at a time */
+                const __m512i base = _mm512_add_epi32(
+                    _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32((int)xo),
+                                                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                                                          13, 14, 15)), _mm512_set1_epi32(s[1])),
+                    _mm512_set1_epi32(-pad[1]));
+                __m512 m = _mm512_set1_ps(-INFINITY);
+                for (int j = 0; j < k[1]; j++) {
+                    __m512i idx = _mm512_add_epi32(base, _mm512_set1_epi32(j));
+                    __mmask16 ok = _mm512_cmpge_epi32_mask(idx, _mm512_setzero_si512()) &
+                                   _mm512_cmplt_epi32_mask(idx, _mm512_set1_epi32((int)W));
+                    __m512 v = _mm512_mask_i32gather_ps(m, ok, idx, tmp, 4);
+                    __m512 mx = _mm512_max_ps(m, v); /* v when either is NaN ... */
+                    m = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m, m, _CMP_UNORD_Q), mx, m); /* ... a NaN m stays */
+                }
+                _mm512_storeu_ps(op + y * Wo + xo, m);
+            }
+#endif
+            for (; xo < Wo; xo++) {
                 ptrdiff_t x0 = xo * s[1] - pad[1], x1 = x0 + k[1];
                 if (x0 < 0) x0 = 0;
                 if (x1 > W) x1 = W;
