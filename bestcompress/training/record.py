@@ -1,5 +1,5 @@
 """The end of an epoch: re-estimate the BatchNorm statistics (distill with calibration on), score it on the
-validation and test sets, keep the best epoch (picked on validation, never on test), write last.pt and the
+validation and test sets, keep the best epoch (picked on validation, never on test; ties go to the later epoch), write last.pt and the
 metrics line, print the epoch line; at the end of the run, the model takes the best epoch's weights."""
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ def end_epoch(run, epoch: int, stats: dict) -> dict:
     test = evaluate_split(model, run.data, run.device, info, run.limit_batches, amp=run.amp, split="test")
     if val is None:  # no validation set: the last epoch is the one kept
         run.best = {"epoch": epoch + 1, "val_top1": None, "model": None}
-    elif run.best.get("val_top1") is None or val["top1"] > run.best["val_top1"]:
+    elif run.best.get("val_top1") is None or val["top1"] >= run.best["val_top1"]:
+        # a tie goes to the later epoch: it has trained longer at a lower learning rate (a validation split of a
+        # few hundred samples ties often: its top-1 moves in steps of 1/n)
         run.best = {"epoch": epoch + 1, "val_top1": val["top1"],
                     "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
     record = {"epoch": epoch + 1, **{k: v for k, v in stats.items() if k not in ("samples_per_s", "epoch_time_s")},

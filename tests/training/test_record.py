@@ -1,5 +1,6 @@
 """The best epoch is picked on the validation set (carved from the training set, never trained on, never the
-test set), kept in the returned and saved model, while last.pt keeps the last epoch."""
+test set; a tie goes to the later epoch), kept in the returned and saved model, while last.pt keeps the last
+epoch."""
 from __future__ import annotations
 
 import torch
@@ -52,6 +53,20 @@ def test_best_epoch_is_the_one_kept_and_saved(tmp_path):
         assert torch.equal(result.model.state_dict()[k], snapshots[1][k]), k
         assert torch.equal(last["model"][k], snapshots[3][k]), k
     assert last["epoch"] == 3 and last["best"]["epoch"] == 1
+
+
+def test_a_tie_on_validation_goes_to_the_later_epoch(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("spikformer_seq", seq_len=20, embed_dims=32, num_heads=2, depths=1, T=2)
+    data = load_dataset("synthetic", model, num_classes=5, subset=128)
+    # every epoch answers class 9, which no sample has: all score 0 % on validation, a tie the last epoch wins
+    model.head.register_forward_hook(lambda mod, args, out: out + torch.nn.functional.one_hot(
+        torch.full((out.shape[0],), 9), out.shape[1]) * 1e4)
+    over = {"train.batch_size": 32, "train.warmup_epochs": 0, "train.val_fraction": 0.25}
+    result = train(model, data, "bestformer", epochs=3, overrides=over, run_dir=tmp_path / "run", log=lambda *_: None)
+    vals = [m["val_top1"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert vals == [0.0, 0.0, 0.0]
+    assert result.best_epoch == 3
 
 
 def test_validation_samples_are_never_trained_on(tmp_path):
