@@ -21,6 +21,7 @@ which would see tensors without a graph) runs that forward as `checkpoint` and s
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from typing import Callable
@@ -87,9 +88,10 @@ class _Restore:
     """Puts buffers (BatchNorm statistics) back after a recomputation."""
 
     def __init__(self, buffers: list[torch.Tensor]) -> None:
-        self.buffers, self.kept = buffers, [b.clone() for b in buffers]
+        self.buffers, self.kept = buffers, []
 
     def __enter__(self):
+        self.kept = [b.clone() for b in self.buffers]
         return self
 
     def __exit__(self, *exc):
@@ -247,9 +249,12 @@ class ReversibleStage(nn.Module):
                 self._tell("plain", f"train.memory=reversible: stage {chain.stage} runs with checkpoints ({why})")
             zs = [z0, z1]
             for k in range(2, chain.K + 1):
+                if not torch.is_grad_enabled():
+                    zs.append(chain.step(k, zs[-2], zs[-1])[1])
+                    continue
                 zs.append(torch.utils.checkpoint.checkpoint(
-                    lambda a, b, k=k: chain.step(k, a, b)[1], zs[-2], zs[-1], use_reentrant=False)
-                    if torch.is_grad_enabled() else chain.step(k, zs[-2], zs[-1])[1])
+                    lambda a, b, k=k: chain.step(k, a, b)[1], zs[-2], zs[-1], use_reentrant=False,
+                    context_fn=lambda k=k: (contextlib.nullcontext(), _Restore(chain.buffers[k - 2]))))
             return zs[-2], zs[-1]
         _, flat = chain.kept()
         if flat:
