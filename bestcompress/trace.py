@@ -313,7 +313,7 @@ def _export_front_end(model: nn.Module, example_args: tuple, report: TraceReport
     """The model captured by torch.export(strict=False) (export_frontend.py) as a GraphModule, when it captures
     more than fx did (no eager root; fewer opaque leaves) and computes what the model computes on the example;
     else None. Either way the report says what was tried."""
-    from .export_frontend import CaptureError, capture_with_export
+    from .export_frontend import CaptureError, capture_with_export, outputs_differ
     where = f"'{prefix or '<root>'}'"
     why_fx = f"fx could not trace its forward ({fx_error})" if fx_error else f"fx made {fx_leaves} module(s) opaque"
     guard = _StateGuard(model)
@@ -334,7 +334,7 @@ def _export_front_end(model: nn.Module, example_args: tuple, report: TraceReport
     finally:
         for name in cap.constants:
             delattr(model, name)
-    mismatch = _outputs_differ(model, gm, example_args)
+    mismatch = outputs_differ(model, gm, example_args)
     if mismatch:
         report.front_ends.append(f"{where}: torch.export(strict=False) tried as the second front-end ({why_fx}); "
                                  f"its graph was not used: {mismatch}")
@@ -350,30 +350,6 @@ def _export_front_end(model: nn.Module, example_args: tuple, report: TraceReport
     gm.bc_front_end = "torch.export"
     annotate_time_steps(gm, time_steps)
     return gm
-
-
-def _outputs_differ(model: nn.Module, gm: fx.GraphModule, example_args: tuple) -> str | None:
-    """Why `gm` does not compute what `model` computes on the example (None when every output is equal)."""
-    guard = _StateGuard(model)
-    try:
-        with torch.no_grad():
-            want = model(*example_args)
-            guard.restore()
-            got = gm(*example_args)
-    except Exception as e:  # noqa: BLE001 - any failure means the graph is not usable
-        return f"it fails to run ({_short(e)})"
-    finally:
-        guard.restore()
-    from torch.utils import _pytree as pytree
-    w, w_spec = pytree.tree_flatten(want)
-    g, g_spec = pytree.tree_flatten(got)
-    if w_spec != g_spec:
-        return "its outputs are structured differently"
-    for a, b in zip(w, g):
-        same = torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else a == b
-        if not same:
-            return "its outputs differ from the model's on the example input"
-    return None
 
 
 def _first_inputs(model: nn.Module, children: dict[str, nn.Module], example_args: tuple) -> dict[str, tuple]:

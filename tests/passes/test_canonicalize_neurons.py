@@ -235,3 +235,31 @@ def test_norse_neurons_are_named_in_a_note():
     out, p, notes = _apply(model)
     assert isinstance(out[1], LIFCell) and "synaptic current" in p.kept["1"]
     assert any("kept '1'" in n and "norse" in n for n in notes)
+
+
+def test_snntorch_init_hidden_model_binarizes_distills_a_step_and_exports_verified(tmp_path):
+    pytest.importorskip("snntorch")
+    import copy
+
+    import bestcompress as bc
+    from bestcompress.convert import binarize
+    from bestcompress.data import load_dataset
+    from bestcompress.nn.binary import is_binary_layer
+    from bestcompress.training.trainer import distill
+    from tests.thirdparty_models import SnnTorchHiddenNet
+
+    torch.manual_seed(0)
+    teacher = SnnTorchHiddenNet().eval()
+    x = torch.rand(2, 8) * 3
+    result = binarize(copy.deepcopy(teacher), "bestformer", example_input=x, overrides={"reversible.enabled": False})
+    student = result.model
+    leaky = [m for m in student.modules() if isinstance(m, Leaky)]
+    assert len(leaky) == 2 and all(m.init_hidden for m in leaky)  # canonicalised, not kept
+    assert not any("kept" in n and "CanonicalizeNeurons" in n for n in result.notes)
+    assert any(is_binary_layer(m) for m in student.modules())
+    data = load_dataset("synthetic", input_shape=(8,), num_classes=3, subset=16)
+    before = [p.detach().clone() for p in student.parameters()]
+    distill(student, teacher, data, epochs=1, limit_batches=1, log=lambda *a: None,
+            overrides={"train.batch_size": 8, "train.calibrate_batches": 0})
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    assert bc.export(student.eval(), "qonnx", tmp_path / "m.onnx", example_input=x).stat().st_size > 0
