@@ -10,6 +10,10 @@ with the same surrogate. Two backends, equal in spikes (bit for bit) and gradien
 - 'torch': the same algorithm in torch ops under no_grad (used when the C++ kernel cannot be built; `lif_backend()`
   says which one runs and why).
 
+What backward needs is H alone: the surrogate is a function of H − V_th and a hard reset's spike is H >= V_th, so
+no spike tensor is saved here; the spikes it returns are marked (nn/memory.py) so that the layers consuming them
+save them as bits.
+
 `BESTCOMPRESS_LIF=reference|torch|cpp|auto` (default auto) selects the backend; 'reference' keeps the plain loop.
 The fused path serves LIF, IF and the attention-map neuron with their own charge/fire/reset (`LIF.kernel_params`
 says when: subclasses that change them, such as ParametricLIF whose tau is learnable, keep the plain loop), CPU

@@ -68,9 +68,8 @@ class Segment(nn.Module):
                 yield
             finally:
                 _restore(self.stateful, now)
-                with torch.no_grad():
-                    for b, c in zip(self.buffers_, kept):
-                        b.copy_(c)
+                for b, c in zip(self.buffers_, kept):
+                    b.data.copy_(c)  # through .data: BatchNorm's backward holds its buffers and checks their version
         return first_run(), recompute()
 
     def forward(self, *args):
