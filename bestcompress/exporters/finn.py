@@ -1,11 +1,15 @@
-"""FINN: the QONNX graph through FINN+'s front-end, executed against PyTorch, with a per-node coverage report.
+"""FINN: a FINN-ready graph of the binary model through FINN+'s front-end, executed against PyTorch at every
+stage, with a per-node coverage report.
 
-Stages (as FINN's build steps run them, without the Vivado-dependent builder): ConvertQONNXtoFINN; tidy-up
-(shapes, constant folding, names, datatypes); Streamline (plus conv lowering and XNOR-popcount for bipolar
-MatMuls); the convert-to-hardware-layer transforms (MVAU, Thresholding, pooling, ConvolutionInputGenerator,
-elementwise, Concat, DuplicateStreams, ...). A transform that fails is recorded and skipped. The last stage is
-executed with FINN's Python executor and compared with PyTorch. The report says, for every node of the last
-stage, which FINN hardware layer it became or why it could not, with totals.
+The graph FINN gets is not the generic QONNX export (T·B-merged convolutions, BipolarQuant spikes) but the
+FINN-ready graph of finn_unroll.py / finn_ready.py: time steps unrolled as batch-1 streams, spikes as BINARY
+MultiThresholds, 1-bit weights BIPOLAR. (A model that is not one fx graph falls back to the QONNX graph through
+ConvertQONNXtoFINN, with a note.) Stages, as FINN's build steps run them without the Vivado-dependent builder:
+'finn' (tidied: shapes, constants, datatypes), 'streamlined' (Streamline, conv lowering to Im2Col + MatMul,
+XNOR-popcount for bipolar×bipolar MatMuls) and 'hw' (MVAU, VVAU, Thresholding, ConvolutionInputGenerator,
+elementwise, pooling, DuplicateStreams, ...). A transform that fails is recorded and skipped. Every stage is
+executed with FINN's Python executor and compared with PyTorch (logits and, where the spike tensors survived
+the transforms, every neuron's spikes). finn_coverage.py writes the report.
 
 FINN+ is an optional extra (its pins conflict with torch 2.13): it is imported only when this format is used.
 Synthesis, C++/RTL simulation and bitfiles need Vivado/Vitis and are not attempted.
@@ -17,7 +21,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import onnx
@@ -25,14 +28,14 @@ import torch
 from torch import nn
 
 from ..errors import ExportError, short_reason
+from .finn_coverage import coverage, folding_config, format_report
+from .finn_ready import Quiet as _Quiet
 from .formats import ExportFormat, ExportOptions, ExportResult, path_bytes, register_format
-from .graph_check import check_domains, graph_batch, graph_input_shape, read_graph, verify_graph
+from .graph_check import check_domains, graph_input_shape, read_graph, verify_graph
 from .verify import compare, verification_inputs
 
 INSTALL_HINT = ('install it with `pip install --no-deps finn-plus==1.6.1` and then `pip install pydantic rich click '
                 'pyyaml bitstring psutil "scipy>=1.17,<1.18"` (its own pins would replace the CPU torch)')
-HW_DOMAIN = "finn.custom_op.fpgadataflow"
-MATRIX_LAYERS = ("MVAU", "VVAU", "MatrixVectorActivation", "VectorVectorActivation")
 
 
 def _import_finn():
@@ -47,12 +50,12 @@ def _import_finn():
 
 
 def _tidy():
+    """Shapes, constants, names, datatypes; tensor names are kept (spike tensors are found by name)."""
     from qonnx.transformation.fold_constants import FoldConstants
-    from qonnx.transformation.general import GiveReadableTensorNames, GiveUniqueNodeNames, RemoveStaticGraphInputs
+    from qonnx.transformation.general import GiveUniqueNodeNames, RemoveStaticGraphInputs
     from qonnx.transformation.infer_datatypes import InferDataTypes
     from qonnx.transformation.infer_shapes import InferShapes
-    return [InferShapes(), FoldConstants(), GiveUniqueNodeNames(), GiveReadableTensorNames(), InferDataTypes(),
-            RemoveStaticGraphInputs()]
+    return [InferShapes(), FoldConstants(), GiveUniqueNodeNames(), InferDataTypes(), RemoveStaticGraphInputs()]
 
 
 def _batched_convs(model) -> int:
@@ -101,143 +104,31 @@ def _to_hw():
             GiveUniqueNodeNames()]
 
 
-class _Quiet:
-    """FINN prints progress, logs and warns for every node it looks at: keep that out of the user's terminal."""
-
-    def __enter__(self):
-        import contextlib
-        import io
-        import logging
-
-        import warnings
-
-        self._stack = contextlib.ExitStack()
-        self._stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-        self._stack.enter_context(warnings.catch_warnings())
-        warnings.simplefilter("ignore")
-        self._loggers = [logging.getLogger(n) for n in ("finn_logger", "finn", "qonnx")]
-        self._levels = [lg.level for lg in self._loggers]
-        for lg in self._loggers:
-            lg.setLevel(logging.ERROR)
-        return self
-
-    def __exit__(self, *exc):
-        for lg, level in zip(self._loggers, self._levels):
-            lg.setLevel(level)
-        self._stack.close()
-        return False
+TIMES: dict[str, float] = {}  # seconds per transform of the last run (the benchmark prints them)
 
 
-def _run_stage(model, transforms, notes: list[str], stage: str):
+def _run_stage(model, transforms, notes: list[str], stage: str, say=None):
     for t in transforms:
+        t0 = time.perf_counter()
         try:
             model = model.transform(t)
         except Exception as e:  # FINN raises bare exceptions on graphs it cannot handle: record and go on
             notes.append(f"{stage}: {type(t).__name__} skipped ({type(e).__name__}: {short_reason(e)})")
+        took = time.perf_counter() - t0
+        TIMES[f"{stage}/{type(t).__name__}"] = TIMES.get(f"{stage}/{type(t).__name__}", 0.0) + took
+        if say is not None and took > 5:
+            say(f"FINN+: {stage}: {type(t).__name__} took {took:.0f} s")
     return model
-
-
-# ------------------------------------------------------------------------------------------------- report
-
-def _dtype(model, tensor: str) -> str:
-    try:
-        return model.get_tensor_datatype(tensor).name
-    except Exception:
-        return "?"
-
-
-def _why_not(model, node, inits: set[str], producers: dict) -> str:
-    """Why a node stayed a plain (software) ONNX node."""
-    op = node.op_type
-    dyn = [i for i in node.input if i and i not in inits]
-    if op in ("MatMul", "Gemm", "Conv") and len(dyn) >= 2:
-        return "activation×activation MatMul (attention): both operands are streams"
-    if op in ("MatMul", "Gemm", "Conv"):
-        w = next((i for i in node.input if i in inits), None)
-        wdt = _dtype(model, w) if w else "?"
-        idt = _dtype(model, node.input[0])
-        shape = model.get_tensor_shape(node.input[0]) or [1]
-        if op == "Conv" and shape[0] != 1:
-            kind = "1-bit-weight convolution" if wdt in ("BIPOLAR", "BINARY") else "convolution"
-            return f"{kind} over a T·B-merged batch: FINN lowers convolutions (Im2Col) only for batch 1"
-        if wdt == "FLOAT32":
-            return "full-precision weights (a layer the recipe keeps in fp32: first layer or head)"
-        if wdt in ("BIPOLAR", "BINARY") and idt == "FLOAT32":
-            return ("1-bit weights, but its input spikes arrive as FLOAT32: the LIF threshold stays a MultiThreshold "
-                    "(out_scale 2, then ×0.5), so FINN cannot type the stream as BINARY for an MVAU")
-        return f"input is {idt}, not an integer stream (a full-precision value feeds this layer)"
-    if op == "MultiThreshold":
-        return ("LIF spike threshold: FINN's Thresholding layer needs out_scale 1 and an integer input, but the "
-                f"membrane potential is a {_dtype(model, node.input[0])} value of the LIF recurrence over T")
-    if op in ("Mul", "Add", "Sub", "Div"):
-        if len(dyn) >= 2:
-            return ("LIF membrane recurrence / residual stream: float elementwise op of two streams "
-                    "(leak, reset, V + (X − V)/τ over T)")
-        return "LIF membrane recurrence: float scale/bias (leak 1/τ, reset) not absorbable into a threshold"
-    if op in ("Gather", "Slice"):
-        return "time unrolling: selects step t of the [T, ...] input of a neuron"
-    if op in ("Unsqueeze", "Concat", "Squeeze"):
-        return "time axis: repeats the input over T or stacks each step's spikes back into [T, ...]"
-    if op in ("Reshape", "Transpose", "Flatten", "Expand", "Tile"):
-        return "layout op (T·B merge/split, head split) FINN could not absorb"
-    if op in ("ReduceMean", "ReduceSum", "GlobalAveragePool"):
-        return "mean over tokens/time of a float stream"
-    if op in ("BatchNormalization",):
-        return "BatchNorm on a float stream that could not be folded into a threshold"
-    if op in ("MaxPool", "MaxPoolNHWC"):
-        return "max-pool on a non-integer stream"
-    return f"no FINN hardware layer for {op} here"
-
-
-def coverage(model) -> dict:
-    """Per-node report of a FINN model: the hardware layer each node became, or why it did not, and totals."""
-    inits = {i.name for i in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
-    rows = []
-    for node in model.graph.node:
-        hw = node.domain.startswith(HW_DOMAIN)
-        rows.append({"node": node.name, "op_type": node.op_type, "hw": hw,
-                     "layer": node.op_type if hw else None,
-                     "reason": None if hw else _why_not(model, node, inits, producers)})
-    n_hw = sum(r["hw"] for r in rows)
-    mvau = sum(r["hw"] and r["op_type"] in MATRIX_LAYERS for r in rows)
-    unmapped_weights = sum(not r["hw"] and r["op_type"] in ("MatMul", "Gemm", "Conv") and "1-bit" in r["reason"]
-                           for r in rows)  # the reasons name 1-bit weights whenever the weights are BIPOLAR
-    return {"nodes": rows,
-            "totals": {"nodes": len(rows), "hw": n_hw, "not_mapped": len(rows) - n_hw,
-                       "hw_fraction": n_hw / len(rows) if rows else 0.0,
-                       "binary_weight_layers": {"mvau": mvau, "not_mapped": unmapped_weights},
-                       "by_layer": dict(Counter(r["layer"] for r in rows if r["hw"]).most_common()),
-                       "by_reason": dict(Counter(r["reason"] for r in rows if not r["hw"]).most_common())}}
-
-
-def format_report(report: dict) -> str:
-    """The coverage report as a readable text table."""
-    lines = [f"{'node':<34} {'op':<26} {'FINN hardware layer / why not'}", "-" * 110]
-    for r in report["nodes"]:
-        lines.append(f"{r['node']:<34} {r['op_type']:<26} {r['layer'] if r['hw'] else 'not mapped: ' + r['reason']}")
-    t = report["totals"]
-    w = t["binary_weight_layers"]
-    lines += ["-" * 110,
-              f"total nodes {t['nodes']}: {t['hw']} hardware layers ({100 * t['hw_fraction']:.1f} %), "
-              f"{t['not_mapped']} not mapped; matrix layers with 1-bit weights on MVAU/VVAU: {w['mvau']} of "
-              f"{w['mvau'] + w['not_mapped']}"]
-    for layer, n in t["by_layer"].items():
-        lines.append(f"  {n:>5} × {layer}")
-    for reason, n in t["by_reason"].items():
-        lines.append(f"  {n:>5} × not mapped: {reason}")
-    for note in report.get("notes", []):
-        lines.append(f"note: {note}")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------- the pipeline
 
-def finn_pipeline(qonnx_proto: onnx.ModelProto, progress=None) -> tuple[dict, list[str]]:
-    """Run FINN+'s front-end on a QONNX graph.
+def finn_pipeline(start, progress=None, convert_qonnx: bool = False) -> tuple[dict, list[str]]:
+    """Run FINN+'s front-end on a FINN-ready graph (a qonnx ModelWrapper) or, with `convert_qonnx`, on a QONNX
+    ModelProto through ConvertQONNXtoFINN first.
 
     Returns:
-        ({stage name: qonnx ModelWrapper}, notes on skipped transforms); stages are 'finn' (converted and tidied),
+        ({stage name: qonnx ModelWrapper}, notes on skipped transforms); stages are 'finn' (tidied),
         'streamlined' and 'hw'.
     """
     _, ConvertQONNXtoFINN, Streamline = _import_finn()
@@ -245,35 +136,107 @@ def finn_pipeline(qonnx_proto: onnx.ModelProto, progress=None) -> tuple[dict, li
 
     say = progress or (lambda line: None)
     notes: list[str] = []
+    TIMES.clear()
     with _Quiet():
-        model = ModelWrapper(qonnx_proto, make_deepcopy=True)
-        say(f"FINN+: ConvertQONNXtoFINN on {len(qonnx_proto.graph.node)} nodes")
-        try:
-            model = model.transform(ConvertQONNXtoFINN())
-        except Exception as e:
-            raise ExportError(f"FINN+ could not convert the QONNX graph ({type(e).__name__}: "
-                              f"{short_reason(e)}).") from None
-        say("FINN+: tidy-up")
-        stages = {"finn": _run_stage(model, _tidy(), notes, "tidy-up")}
+        if convert_qonnx:
+            model = ModelWrapper(start, make_deepcopy=True)
+            say(f"FINN+: ConvertQONNXtoFINN on {len(start.graph.node)} nodes")
+            try:
+                model = model.transform(ConvertQONNXtoFINN())
+            except Exception as e:
+                raise ExportError(f"FINN+ could not convert the QONNX graph ({type(e).__name__}: "
+                                  f"{short_reason(e)}).") from None
+        else:
+            model = start
+        say(f"FINN+: tidy-up ({len(model.graph.node)} nodes)")
+        stages = {"finn": _run_stage(model, _tidy(), notes, "tidy-up", say)}
         say("FINN+: streamline")
         stages["streamlined"] = _run_stage(stages["finn"], _streamline(Streamline, stages["finn"], notes), notes,
-                                           "streamline")
+                                           "streamline", say)
         say("FINN+: convert to hardware layers")
-        stages["hw"] = _run_stage(stages["streamlined"], _to_hw(), notes, "convert-to-hw")
+        stages["hw"] = _run_stage(stages["streamlined"], _to_hw(), notes, "convert-to-hw", say)
     return stages, notes
 
 
-def finn_runner(model):
-    """x -> ([outputs], {}) with FINN's Python executor."""
-    execute_onnx, _, _ = _import_finn()
-    name = model.graph.input[0].name
-    outs = [o.name for o in model.graph.output]
+def _finn_ready(model, example_input, progress, notes: list[str]):
+    """(FINN-ready ModelWrapper, spike map) or (None, {}) with a note when the model cannot be unrolled."""
+    from .finn_ready import finn_ready_graph
 
-    def run(x, feeds):
-        with _Quiet():
-            res = execute_onnx(model, {name: x})
-        return [res[o] for o in outs], {}
-    return run
+    if progress is not None:
+        progress("FINN+: building the FINN-ready graph (time steps unrolled, BINARY spikes, BIPOLAR weights)")
+    try:
+        wrapper, spikes, more = finn_ready_graph(model, example_input)
+    except ExportError as e:
+        notes.append(f"FINN-ready graph not built ({e}); the QONNX graph goes through ConvertQONNXtoFINN instead")
+        return None, {}
+    notes.extend(more)
+    return wrapper, spikes
+
+
+def _check_stage(model, graph, spikes, x, kind, tolerance, stage: str):
+    from .finn_ready import finn_runner
+    run = finn_runner(graph, spikes)
+    try:
+        rep = compare(model, run, x, 1, run.neurons, f"finn python executor, {stage}", tolerance, kind)
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"FINN's Python executor cannot run the {stage} graph ({type(e).__name__}: "
+                          f"{short_reason(e, 200)}).") from None
+    return rep
+
+
+def export_finn(model: nn.Module, example_input: torch.Tensor, path: str | Path, data=None, samples=None,
+                tolerance: float = 1e-4, seed: int = 0, qonnx_proto=None, progress=None):
+    """Export to QONNX and to the FINN-ready graph, run FINN+'s front-end, verify every stage, and write a folder.
+
+    The folder holds model_qonnx.onnx, model_finn.onnx, model_streamlined.onnx, model_hw.onnx, report.json,
+    report.txt and folding_config.json. Nothing is left behind when a step or a verification fails.
+
+    Returns:
+        (folder, report dict, VerifyReport of the hardware-layer graph); the report dict includes
+        'verification' for the QONNX graph and every FINN stage.
+    """
+    from .qonnx import to_qonnx
+
+    _import_finn()
+    path = Path(path)
+    proto = qonnx_proto if qonnx_proto is not None else to_qonnx(model, example_input, progress)
+    q_report = verify_graph(proto, model, runtime="qonnx", data=data, samples=samples, tolerance=tolerance, seed=seed,
+                            progress=progress)
+    if not q_report.passed:
+        raise ExportError(q_report.message("The QONNX graph for FINN"))
+    t0 = time.perf_counter()
+    notes: list[str] = []
+    ready, spikes = _finn_ready(model, example_input, progress, notes)
+    stages, more = finn_pipeline(ready if ready is not None else proto, progress, convert_qonnx=ready is None)
+    notes.extend(more)
+    seconds = time.perf_counter() - t0
+    x, kind = verification_inputs(model, tuple(example_input.shape[1:]), 1, data, samples, seed)
+    checks = {}
+    for stage, graph in stages.items():
+        if progress is not None:
+            progress(f"FINN+: running the {stage} graph with FINN's Python executor on {len(x)} {kind} samples")
+        checks[stage] = _check_stage(model, graph, spikes, x, kind, tolerance, stage)
+        if not checks[stage].passed:
+            raise ExportError(checks[stage].message(f"The FINN {stage} graph"))
+    report = coverage(stages["hw"])
+    report["notes"] = notes
+    report["stages"] = {name: len(m.graph.node) for name, m in stages.items()}
+    report["seconds"] = {"finn_front_end": round(seconds, 2), "verification": round(time.perf_counter() - t0 - seconds, 2)}
+    report["verification"] = {"qonnx": q_report.to_dict(), **{s: r.to_dict() for s, r in checks.items()}}
+    report["spike_tensors"] = {k: {"steps": v[0], "kind": v[1]} for k, v in spikes.items()}
+    report["finn_ready"] = ready is not None
+
+    def build(tmp: Path) -> None:
+        onnx.save(proto, str(tmp / "model_qonnx.onnx"))
+        for name, m in stages.items():
+            m.save(str(tmp / f"model_{name}.onnx"))
+        (tmp / "report.json").write_text(json.dumps(report, indent=1))
+        (tmp / "report.txt").write_text(format_report(report) + "\n")
+        (tmp / "folding_config.json").write_text(json.dumps(folding_config(stages["hw"]), indent=1))
+
+    return _atomic_dir(path, build), report, checks["hw"]
 
 
 def _atomic_dir(path: Path, build) -> Path:
@@ -303,58 +266,6 @@ def _atomic_dir(path: Path, build) -> Path:
     return path
 
 
-def export_finn(model: nn.Module, example_input: torch.Tensor, path: str | Path, data=None, samples=None,
-                tolerance: float = 1e-4, seed: int = 0, qonnx_proto=None, progress=None):
-    """Export to QONNX, run FINN+'s front-end, verify, and write a folder with every stage and the report.
-
-    The folder holds model_qonnx.onnx, model_finn.onnx, model_streamlined.onnx, model_hw.onnx, report.json and
-    report.txt. Nothing is left behind when a step or the verification fails.
-
-    Returns:
-        (folder, report dict, VerifyReport of the FINN graph); the report dict includes 'verification' for the
-        QONNX graph and the FINN hardware-layer graph.
-    """
-    from .qonnx import to_qonnx
-
-    _import_finn()
-    path = Path(path)
-    proto = qonnx_proto if qonnx_proto is not None else to_qonnx(model, example_input, progress)
-    q_report = verify_graph(proto, model, runtime="qonnx", data=data, samples=samples, tolerance=tolerance, seed=seed,
-                            progress=progress)
-    if not q_report.passed:
-        raise ExportError(q_report.message("The QONNX graph for FINN"))
-    t0 = time.perf_counter()
-    stages, notes = finn_pipeline(proto, progress)
-    seconds = time.perf_counter() - t0
-    batch = graph_batch(proto)
-    x, kind = verification_inputs(model, tuple(example_input.shape[1:]), batch, data, samples, seed)
-    if progress is not None:
-        progress("FINN+: running the hardware-layer graph with FINN's Python executor")
-    try:
-        f_report = compare(model, finn_runner(stages["hw"]), x, batch, [], "finn python executor", tolerance, kind)
-    except ExportError:
-        raise
-    except Exception as e:
-        raise ExportError(f"FINN's Python executor cannot run the converted graph ({type(e).__name__}: "
-                          f"{short_reason(e, 200)}).") from None
-    report = coverage(stages["hw"])
-    report["notes"] = notes
-    report["stages"] = {name: len(m.graph.node) for name, m in stages.items()}
-    report["seconds"] = {"finn_front_end": round(seconds, 2)}
-    report["verification"] = {"qonnx": q_report.to_dict(), "finn": f_report.to_dict()}
-    if not f_report.passed:
-        raise ExportError(f_report.message("The FINN graph"))
-
-    def build(tmp: Path) -> None:
-        onnx.save(proto, str(tmp / "model_qonnx.onnx"))
-        for name, m in stages.items():
-            m.save(str(tmp / f"model_{name}.onnx"))
-        (tmp / "report.json").write_text(json.dumps(report, indent=1))
-        (tmp / "report.txt").write_text(format_report(report) + "\n")
-
-    return _atomic_dir(path, build), report, f_report
-
-
 def verify_finn_dir(path: Path, model: nn.Module, data=None, samples=None, tolerance: float = 1e-4, seed: int = 0,
                     progress=None):
     """Re-check a FINN export folder: its hardware-layer graph with FINN's executor (the QONNX graph with qonnx
@@ -375,9 +286,16 @@ def verify_finn_dir(path: Path, model: nn.Module, data=None, samples=None, toler
     from qonnx.core.modelwrapper import ModelWrapper
     hw_proto = read_graph(hw)
     check_domains(hw_proto, f"'{hw}'")
-    m = ModelWrapper(hw_proto)
-    x, kind = verification_inputs(model, graph_input_shape(proto), graph_batch(proto), data, samples, seed)
-    return compare(model, finn_runner(m), x, graph_batch(proto), [], "finn python executor", tolerance, kind)
+    spikes = {}
+    try:
+        stored = json.loads((path / "report.json").read_text()).get("spike_tensors") or {}
+        spikes = {k: (list(v["steps"]), v["kind"]) for k, v in stored.items()
+                  if isinstance(v, dict) and v.get("kind") in ("tf", "tb")
+                  and all(isinstance(n, str) for n in v.get("steps", []))}
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        spikes = {}
+    x, kind = verification_inputs(model, graph_input_shape(proto), 1, data, samples, seed)
+    return _check_stage(model, ModelWrapper(hw_proto), spikes, x, kind, tolerance, "hw")
 
 
 # ------------------------------------------------------------------------------------------------ the format
@@ -391,7 +309,10 @@ def _export(model: nn.Module, path: Path, opts: ExportOptions) -> ExportResult:
     make_readable(out)
     return ExportResult(out, "finn", path_bytes(out), 0, verification,
                         extra={"finn": {"totals": report["totals"], "stages": report["stages"],
-                                        "notes": report["notes"], "qonnx_verification": report["verification"]["qonnx"]}})
+                                        "notes": report["notes"], "seconds_front_end": report["seconds"],
+                                        "binary_mac_fraction_in_hw": report["binary_mac_fraction_in_hw"],
+                                        "nodes_total": report["nodes_total"], "nodes_hw": report["nodes_hw"],
+                                        "qonnx_verification": report["verification"]["qonnx"]}})
 
 
 def _verify(path: Path, model: nn.Module, opts: ExportOptions):
@@ -403,5 +324,5 @@ def _recognise(path: Path) -> bool:
 
 
 register_format(ExportFormat(
-    "finn", "a folder: QONNX, FINN+ front-end stages, FINN execution check, per-node coverage report", "",
-    _export, _verify, _recognise, needs=lambda: _import_finn() and None))
+    "finn", "a folder: QONNX, the FINN-ready graph through FINN+'s front-end, every stage checked, coverage report",
+    "", _export, _verify, _recognise, needs=lambda: _import_finn() and None))

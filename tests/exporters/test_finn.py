@@ -1,4 +1,5 @@
-"""FINN+ front-end: a tiny binary spiking model converts, executes equal to PyTorch, and is reported node by node."""
+"""FINN+ front-end: a tiny binary spiking model's FINN-ready graph reaches MVAU hardware layers, executes equal to
+PyTorch at every stage, and is reported node by node."""
 from __future__ import annotations
 
 import importlib.util
@@ -20,8 +21,8 @@ def test_tiny_model_converts_executes_and_is_reported(tmp_path, tiny_mlp_binary)
     result = export_model(tiny_mlp_binary, "finn", out, batch_size=2)
     assert result.verification.passed and result.verification.max_abs_diff <= 1e-4
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["model_finn.onnx", "model_hw.onnx", "model_qonnx.onnx", "model_streamlined.onnx",
-                     "report.json", "report.txt"]
+    assert files == ["folding_config.json", "model_finn.onnx", "model_hw.onnx", "model_qonnx.onnx",
+                     "model_streamlined.onnx", "report.json", "report.txt"]
     report = json.loads((out / "report.json").read_text())
     hw = onnx.load(str(out / "model_hw.onnx"))
     assert [r["node"] for r in report["nodes"]] == [n.name for n in hw.graph.node]  # every node is listed
@@ -31,8 +32,18 @@ def test_tiny_model_converts_executes_and_is_reported(tmp_path, tiny_mlp_binary)
     assert t["nodes"] == len(hw.graph.node) == t["hw"] + t["not_mapped"]
     assert t["hw"] > 0 and sum(t["by_layer"].values()) == t["hw"] and sum(t["by_reason"].values()) == t["not_mapped"]
     assert all(r["layer"] for r in report["nodes"] if r["hw"]) and all(r["reason"] for r in report["nodes"] if not r["hw"])
-    assert any("LIF" in reason for reason in t["by_reason"])  # the membrane recurrence is reported honestly
-    assert report["verification"]["qonnx"]["passed"] and report["verification"]["finn"]["passed"]
+    assert report["finn_ready"] and report["nodes_total"] == t["nodes"] and report["nodes_hw"] == t["hw"]
+    # fc1 (the one 1-bit layer) runs once per time step: each step's MatMul became an MVAU with BINARY input
+    mvau = [n for n in hw.graph.node if n.op_type == "MVAU"]
+    assert len(mvau) == tiny_mlp_binary.T and report["binary_mac_fraction_in_hw"] == 1.0
+    assert all(dict((a.name, a.s) for a in n.attribute)["inputDataType"] == b"BINARY" for n in mvau)
+    assert t["binary_macs"] == tiny_mlp_binary.T * 32 * 32  # one 32 -> 32 product per step (batch 1)
+    assert "Thresholding" in t["by_layer"]  # the LIF spikes are hardware thresholds
+    for stage in ("qonnx", "finn", "streamlined", "hw"):
+        assert report["verification"][stage]["passed"], stage
+    assert len(report["verification"]["finn"]["neurons"]) == 2  # both neurons' spikes compared, step by step
+    folding = json.loads((out / "folding_config.json").read_text())
+    assert all(folding[n.name]["PE"] == 1 and folding[n.name]["SIMD"] == 1 for n in mvau)
     from bestcompress.exporters import verify_file
     assert verify_file(out, tiny_mlp_binary).passed
 

@@ -1,0 +1,191 @@
+"""Build the FINN-ready graph of a binary model (finn_unroll.py traces it) and run FINN graphs against PyTorch.
+
+`finn_ready_graph` exports `UnrolledModel` with the TorchScript ONNX exporter at batch 1, turns constants into
+initializers, marks every ±1 weight BIPOLAR, and names every spike tensor `spike/<neuron>/t<step>` (the
+MultiThresholds appear in the graph in the order the interpreter fired them). `finn_runner` executes a FINN
+graph with FINN's Python executor and returns, besides the logits, every neuron whose spike tensors of all
+steps are still present under those names (FINN's transforms keep a MultiThreshold's output name when they
+absorb it into an MVAU or a Thresholding layer), stacked as PyTorch's neuron returns them.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import onnx
+import torch
+from torch import fx, nn
+
+from ..errors import ExportError, short_reason
+from ..model_facts import model_time_steps
+
+SPIKE_PREFIX = "spike/"
+
+
+def spike_name(key: str, t: int) -> str:
+    return f"{SPIKE_PREFIX}{key}/t{t}"
+
+
+def bipolar_initializers(proto) -> list[str]:
+    """Initializers feeding a MatMul/Conv weight input whose values are all ±1."""
+    from onnx import numpy_helper
+    inits = {i.name: i for i in proto.graph.initializer}
+    names = []
+    for node in proto.graph.node:
+        if node.op_type in ("MatMul", "Conv") and len(node.input) > 1 and node.input[1] in inits:
+            w = numpy_helper.to_array(inits[node.input[1]])
+            if w.size and np.all(np.abs(w) == 1.0):
+                names.append(node.input[1])
+    return names
+
+
+def constants_to_initializers(proto) -> None:
+    """Constant nodes become initializers and Identity nodes disappear, in place (qonnx's FoldConstants would
+    execute each Constant node in its own runtime session: minutes on a model of a few hundred nodes)."""
+    graph = proto.graph
+    rename: dict[str, str] = {}
+    keep = []
+    outputs = {o.name for o in graph.output}
+    for node in graph.node:
+        if (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1
+                and node.attribute[0].name == "value"):
+            t = onnx.TensorProto()
+            t.CopyFrom(node.attribute[0].t)
+            t.name = node.output[0]
+            graph.initializer.append(t)
+        elif node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
+            rename[node.output[0]] = rename.get(node.input[0], node.input[0])
+        else:
+            keep.append(node)
+    for node in keep:
+        node.input[:] = [rename.get(i, i) for i in node.input]
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def _name_spikes(proto, spikes: list[tuple[str, int, str]]) -> dict[str, tuple[list[str], str]]:
+    """Rename the MultiThreshold outputs to spike names; {neuron key: ([tensor per step], kind)}."""
+    mts = [n for n in proto.graph.node if n.op_type == "MultiThreshold"]
+    if len(mts) != len(spikes):
+        return {}
+    rename = {}
+    out: dict[str, tuple[list[str], str]] = {}
+    for node, (key, t, kind) in zip(mts, spikes):
+        new = spike_name(key, t)
+        rename[node.output[0]] = new
+        node.output[0] = new
+        out.setdefault(key, ([], kind))[0].append(new)
+    for node in proto.graph.node:
+        node.input[:] = [rename.get(i, i) for i in node.input]
+    for o in proto.graph.output:
+        if o.name in rename:
+            o.name = rename[o.name]
+    return out
+
+
+def finn_ready_graph(model: nn.Module, example_input: torch.Tensor):
+    """(qonnx ModelWrapper of the FINN-ready graph, {neuron key: ([spike tensor per step], kind)}, notes).
+
+    Raises ExportError when the model is not an fx graph of a time-first spiking model this interpreter knows.
+    """
+    from qonnx.core.datatype import DataType
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.transformation.fold_constants import FoldConstants
+    from qonnx.transformation.general import GiveUniqueNodeNames, RemoveUnusedTensors
+    from qonnx.transformation.infer_datatypes import InferDataTypes
+    from qonnx.transformation.infer_shapes import InferShapes
+
+    from .finn_unroll import UnrolledModel
+
+    T = model_time_steps(model)
+    if not isinstance(model, fx.GraphModule) or T is None:
+        raise ExportError("the model is not one fx graph with a declared number of time steps T")
+    unrolled = UnrolledModel(model, T).eval()
+    x = example_input[:1].detach().cpu().float()
+    buf = io.BytesIO()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(unrolled, (x,), buf, dynamo=False, opset_version=17, input_names=["global_in"],
+                              output_names=["global_out"])
+    except Exception as e:
+        raise ExportError(f"the time-unrolled trace failed ({type(e).__name__}: {short_reason(e)})") from None
+    proto = onnx.load_from_string(buf.getvalue())
+    constants_to_initializers(proto)
+    spikes = _name_spikes(proto, unrolled.log.spikes)
+    notes = [f"unrolled: {f} ran on the stacked [T, ...] tensor" for f in dict.fromkeys(unrolled.log.fallbacks)]
+    if not spikes and unrolled.log.spikes:
+        notes.append("unrolled: spike tensors could not be matched to neurons; only the logits are compared")
+    m = ModelWrapper(proto)
+    for t in (InferShapes(), FoldConstants(), RemoveUnusedTensors(), GiveUniqueNodeNames(), InferShapes()):
+        m = m.transform(t)
+    for name in bipolar_initializers(m.model):
+        m.set_tensor_datatype(name, DataType["BIPOLAR"])
+    m = m.transform(InferDataTypes())
+    return m, spikes, notes
+
+
+class Quiet:
+    """FINN prints progress, logs and warns for every node it looks at: keep that out of the user's terminal."""
+
+    def __enter__(self):
+        import contextlib
+        import io
+        import logging
+
+        import warnings
+
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        self._stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")
+        self._loggers = [logging.getLogger(n) for n in ("finn_logger", "finn", "qonnx")]
+        self._levels = [lg.level for lg in self._loggers]
+        for lg in self._loggers:
+            lg.setLevel(logging.ERROR)
+        return self
+
+    def __exit__(self, *exc):
+        for lg, level in zip(self._loggers, self._levels):
+            lg.setLevel(level)
+        self._stack.close()
+        return False
+
+
+def finn_runner(model, spikes: dict[str, tuple[list[str], str]] | None = None):
+    """x -> ([logits], {neuron key: spikes}) with FINN's Python executor, one sample at a time (batch-1 graph)."""
+    from finn.core.onnx_exec import execute_onnx
+
+    name = model.graph.input[0].name
+    outs = [o.name for o in model.graph.output]
+    present = {n for node in model.graph.node for n in node.output}
+    found = {k: v for k, v in (spikes or {}).items() if all(n in present for n in v[0])}
+    batch = 1
+    dims = model.get_tensor_shape(name)
+    if dims:
+        batch = int(dims[0])
+
+    def run(x, feeds):
+        results: list[list[np.ndarray]] = [[] for _ in outs]
+        got: dict[str, list[np.ndarray]] = {k: [] for k in found}
+        for start in range(0, len(x), batch):
+            with Quiet():
+                ctx = execute_onnx(model, {name: x[start:start + batch]}, return_full_exec_context=bool(found))
+            for i, o in enumerate(outs):
+                results[i].append(ctx[o])
+            for k, (names, kind) in found.items():
+                steps = [ctx[n] for n in names]
+                got[k].append(np.stack(steps, 0) if kind == "tf" else np.concatenate(steps, 0))
+        spikes_out = {k: (np.concatenate(v, 1) if found[k][1] == "tf" else _merge_tb(v, len(found[k][0])))
+                      for k, v in got.items()}
+        return [np.concatenate(r, 0) for r in results], spikes_out
+    run.neurons = list(found)
+    return run
+
+
+def _merge_tb(chunks: list[np.ndarray], T: int) -> np.ndarray:
+    """Per-sample [T·1, ...] spike maps of a time-merged neuron joined into the [T·B, ...] order (t-major)."""
+    per = [c.reshape((T, -1) + c.shape[1:]) for c in chunks]
+    joined = np.concatenate(per, 1)
+    return joined.reshape((-1,) + joined.shape[2:])
