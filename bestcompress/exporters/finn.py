@@ -213,6 +213,14 @@ def export_finn(model: nn.Module, example_input: torch.Tensor, path: str | Path,
     notes.extend(more)
     seconds = time.perf_counter() - t0
     x, kind = verification_inputs(model, tuple(example_input.shape[1:]), 1, data, samples, seed)
+    if ready is not None:
+        from .finn_ready import rename_spikes
+        probe, _ = verification_inputs(model, tuple(example_input.shape[1:]), 1, None, 1, seed + 7919)
+        for stage in ("streamlined", "hw"):
+            matched, total = rename_spikes(stages[stage], stages["finn"], spikes, probe)
+            if matched < total:
+                notes.append(f"{stage}: {matched} of {total} spike tensors matched to neurons (the others hold "
+                             "values no other spike tensor tells apart); only matched neurons are compared there")
     checks = {}
     for stage, graph in stages.items():
         if progress is not None:

@@ -189,3 +189,46 @@ def _merge_tb(chunks: list[np.ndarray], T: int) -> np.ndarray:
     per = [c.reshape((T, -1) + c.shape[1:]) for c in chunks]
     joined = np.concatenate(per, 1)
     return joined.reshape((-1,) + joined.shape[2:])
+
+
+def _spike_producers(model) -> list:
+    """Nodes that output spikes, in graph order: MultiThresholds, Thresholding layers, MVAUs with thresholds."""
+    out = []
+    for node in model.graph.node:
+        op = node.op_type
+        if op == "MultiThreshold" or op.startswith("Thresholding"):
+            out.append(node)
+        elif op.startswith("MVAU") and all(not (a.name == "noActivation" and a.i == 1) for a in node.attribute):
+            out.append(node)
+    return out
+
+
+def rename_spikes(model, ready, spikes: dict, x: np.ndarray) -> tuple[int, int]:
+    """Give the spike tensors of a FINN stage their spike names again (Streamline renames every tensor and may
+    reorder nodes): each spike-producing node's output is matched, on input `x`, to the one spike tensor of the
+    FINN-ready graph `ready` with exactly the same values; a tensor with no unique match keeps its name (that
+    neuron is then not compared at this stage). Returns (matched, total) spike tensors.
+    """
+    from finn.core.onnx_exec import execute_onnx
+
+    names = [n for steps, _ in spikes.values() for n in steps]
+    if not names:
+        return 0, 0
+    with Quiet():
+        ref = execute_onnx(ready, {ready.graph.input[0].name: x}, return_full_exec_context=True)
+        got = execute_onnx(model, {model.graph.input[0].name: x}, return_full_exec_context=True)
+    outputs = [node.output[0] for node in _spike_producers(model)]
+    rename = {}
+    for name in names:
+        same = [o for o in outputs if o in got and got[o].shape == ref[name].shape and np.array_equal(got[o], ref[name])]
+        twins = [n for n in names if ref[n].shape == ref[name].shape and np.array_equal(ref[n], ref[name])]
+        if len(same) == 1 and len(twins) == 1:
+            rename[same[0]] = name
+    for node in model.graph.node:
+        node.input[:] = [rename.get(i, i) for i in node.input]
+        node.output[:] = [rename.get(o, o) for o in node.output]
+    for vi in list(model.graph.value_info) + list(model.graph.output):
+        vi.name = rename.get(vi.name, vi.name)
+    for ann in model.graph.quantization_annotation:
+        ann.tensor_name = rename.get(ann.tensor_name, ann.tensor_name)
+    return len(rename), len(names)
