@@ -13,7 +13,9 @@ FINN+'s transformations scan the whole graph for every node they touch (quadrati
 ~6.5 min on a one-block, T=2 Spikformer-384 (374 nodes) on a 2-core machine, and would take hours on the full
 4-block, T=4 graph (~2000 nodes). The coverage is therefore measured on that one-block, T=2 model (full width
 and input size; every block is identical, so the per-node verdicts are the same kinds and the totals scale with
-depth and T). --finn-full also tries the full model in a child process under --finn-timeout.
+depth and T). --finn-full also tries the full model in a child process under --finn-timeout. --finn-tiny runs
+FINN on the zoo tiny configs of spikformer_seq and spikformer_cifar instead (the fast setting: the FINN-ready
+graph, every stage executed against PyTorch; a FINN-only run keeps the other formats' figures in export.json).
 
 The qonnx and onnx exports share one traced graph (`export_all`); its tracing time is reported on its own row
 and counted in the first format's row. Wall seconds and this process's CPU seconds are both reported (1 thread
@@ -23,6 +25,7 @@ ties are counted, not cascaded). `--deep` adds the same measurement on a 22-bloc
 width 128), the size class of Meta-SpikeFormer (~140 binary layers), for the "export + verify under 60 s" target.
 
     python benchmarks/bench_export.py [--formats qonnx,onnx,packed,finn] [--deep] [--finn-full --finn-timeout 3600]
+    python benchmarks/bench_export.py --formats finn --finn-tiny --finn-samples 2
 
 Writes benchmarks/results/export.json.
 """
@@ -47,7 +50,7 @@ from bestcompress.convert import binarize  # noqa: E402
 from bestcompress.exporters import export_all, export_model  # noqa: E402
 from bestcompress.nn.calibrate import make_it_fire  # noqa: E402
 from bestcompress.nn.binary import is_binary_layer  # noqa: E402
-from bestcompress.zoo import create_model  # noqa: E402
+from bestcompress.zoo import create_model, get_entry  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "export.json"
 
@@ -77,22 +80,38 @@ def build(depths: int = 4, T: int = 4, **kwargs):
     return source, binary, seconds
 
 
-def _finn_child(depths: int, T: int, out: str, queue) -> None:
+def build_tiny(arch: str):
+    """The zoo's tiny configuration of `arch`, binarized and made to fire like a trained model."""
+    torch.manual_seed(0)
+    source = create_model(arch, **get_entry(arch).tiny_cfg).eval()
+    binary = binarize(source, "bestformer").model
+    make_it_fire(binary, binary.bc_input_shape)
+    trained_like(binary)
+    return binary
+
+
+def _finn_child(spec, out: str, samples, queue) -> None:
     torch.set_num_threads(1)
     try:
-        _, binary, _ = build(depths, T)
+        binary = build_tiny(spec) if isinstance(spec, str) else build(*spec)[1]
         t0 = time.perf_counter()
-        result = export_model(binary, "finn", out)
+        result = export_model(binary, "finn", out, samples=samples)
+        from bestcompress.exporters import finn as finn_format
+        slowest = sorted(finn_format.TIMES.items(), key=lambda kv: -kv[1])[:5]
         queue.put({"seconds": round(time.perf_counter() - t0, 1), "max_abs_diff": result.verification.max_abs_diff,
-                   "passed": result.verification.passed, **result.extra["finn"]})
+                   "passed": result.verification.passed, "samples": result.verification.samples,
+                   "neurons_checked": len(result.verification.neurons),
+                   "slowest_transforms_s": {k: round(v, 1) for k, v in slowest}, **result.extra["finn"]})
     except Exception as e:  # report, do not crash the benchmark
         queue.put({"error": f"{type(e).__name__}: {str(e)[:300]}"})
 
 
-def run_finn(depths: int, T: int, timeout: float, tmp: Path) -> dict:
+def run_finn(spec, timeout: float, tmp: Path, samples=None) -> dict:
+    """FINN export of `spec` (a zoo name: its tiny config; or (depths, T) of Spikformer-384) in a child process."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_finn_child, args=(depths, T, str(tmp / f"finn_d{depths}_t{T}"), queue))
+    tag = spec if isinstance(spec, str) else f"d{spec[0]}_t{spec[1]}"
+    proc = ctx.Process(target=_finn_child, args=(spec, str(tmp / f"finn_{tag}"), samples, queue))
     t0 = time.perf_counter()
     proc.start()
     proc.join(timeout)
@@ -142,6 +161,10 @@ def main() -> None:
     ap.add_argument("--deep", action="store_true", help="also measure a 22-block (136 binary layers) Spikformer")
     ap.add_argument("--finn-full", action="store_true", help="also run FINN on the full 4-block, T=4 model")
     ap.add_argument("--finn-timeout", type=float, default=3600.0, help="seconds allowed for each FINN run")
+    ap.add_argument("--finn-tiny", action="store_true",
+                    help="run FINN on the zoo tiny configs of spikformer_seq and spikformer_cifar (the fast setting) "
+                         "instead of Spikformer-384 with 1 block, T=2")
+    ap.add_argument("--finn-samples", type=int, default=None, help="verification samples for FINN (default 4)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
@@ -171,17 +194,21 @@ def main() -> None:
                                "binary_layers": layers, **deep_res}
             rows += deep_rows
         if "finn" in formats:
-            finn = {"1 block, T=2": run_finn(1, 2, args.finn_timeout, tmp)}
-            print(f"finn (1 block, T=2): {finn['1 block, T=2'].get('totals', finn['1 block, T=2'])}", flush=True)
+            specs = ({f"{a} tiny": a for a in ("spikformer_seq", "spikformer_cifar")} if args.finn_tiny
+                     else {"1 block, T=2": (1, 2)})
             if args.finn_full:
-                finn["full"] = run_finn(4, 4, args.finn_timeout, tmp)
-                print(f"finn (4 blocks): {finn['full'].get('totals', finn['full'])}", flush=True)
+                specs["full"] = (4, 4)
+            finn = {}
+            for key, spec in specs.items():
+                finn[key] = run_finn(spec, args.finn_timeout, tmp, args.finn_samples)
+                print(f"finn ({key}): {finn[key].get('totals', finn[key])}", flush=True)
             results["formats"]["finn"] = finn
             for key, f in finn.items():
                 if "totals" in f:
                     t = f["totals"]
                     rows.append([f"finn ({key})", f"{f['seconds']:.0f}", "-", "-", f"{f['max_abs_diff']:.2g}", "-",
-                                 "-", f"{t['hw']}/{t['nodes']} nodes to hw layers"])
+                                 "-", f"{t['hw']}/{t['nodes']} nodes to hw layers, "
+                                 f"{100 * t['binary_mac_fraction_in_hw']:.1f} % of 1-bit MACs in MVAU/VVAU"])
                 else:
                     rows.append([f"finn ({key})", str(f.get("seconds", "-")), "-", "-", "-", "-", "-",
                                  f["error"][:40]])
@@ -205,6 +232,10 @@ def main() -> None:
             for reason, n in f["totals"]["by_reason"].items():
                 print(f"  {n:>5}  not mapped: {reason}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    if not graph_formats and RESULTS.is_file():  # a FINN-only run keeps the other formats' figures
+        kept = json.loads(RESULTS.read_text())
+        kept.setdefault("formats", {})["finn"] = results["formats"].get("finn", {})
+        results = kept
     RESULTS.write_text(json.dumps(results, indent=1))
     print(f"\nsaved {RESULTS.relative_to(ROOT)}")
 
