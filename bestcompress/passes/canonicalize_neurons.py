@@ -15,7 +15,9 @@ Covered:
   surrogate), with explicit state (init_hidden=False: the membrane the model passes is never stored) or with
   hidden state (init_hidden=True: kept in the neuron; `utils.reset(self)` or `reset_mem()` inside a forward is
   replayed by the traced graph, and bestcompress.nn.state.reset_state clears it between batches).
-Kept, with a note: every other snntorch, norse and sinabs neuron, and any setting without a canonical form
+- norse LIFBoxCell -> bestcompress.nn.norse_lif.BoxLIFCell (norse's equations, strict threshold, SuperSpike
+  surrogate, `z, state = cell(x, state)`).
+Kept, with a note: every other snntorch, norse (LIFCell integrates a synaptic current) and sinabs neuron, and any setting without a canonical form
 (other surrogates, state quantization, ...).
 """
 from __future__ import annotations
@@ -29,11 +31,12 @@ from torch import nn
 
 from ..nn.leaky import Leaky
 from ..nn.lif import IF, LIF, ParametricLIF
+from ..nn.norse_lif import BoxLIFCell
 from ..trace import is_neuron
 from .base import Pass, PassContext, PassError, register_pass
 from .neuron_check import verify_swap
 
-CANONICAL_NEURONS = (LIF, Leaky)
+CANONICAL_NEURONS = (LIF, Leaky, BoxLIFCell)
 
 
 class Unsupported(Exception):
@@ -133,6 +136,20 @@ def _to_plif(m: nn.Module, legacy_multi: bool | None = None) -> nn.Module:
     return _keep_single_step_state(new, m)
 
 
+def _to_box_lif(m: nn.Module) -> nn.Module:
+    p = m.p
+    method = getattr(p, "method", "super")
+    if method not in ("super", "heaviside"):
+        raise Unsupported(f"its threshold method {method!r} has no canonical form (super and heaviside do)")
+    reset_fn = getattr(getattr(p, "reset_method", None), "__name__", "reset_value")
+    reset = {"reset_value": "value", "reset_subtract": "subtract"}.get(reset_fn)
+    if reset is None:
+        raise Unsupported(f"its reset method {reset_fn} has no canonical form")
+    return BoxLIFCell(tau_mem_inv=_float(p.tau_mem_inv, "tau_mem_inv"), v_leak=_float(p.v_leak, "v_leak"),
+                      v_th=_float(p.v_th, "v_th"), v_reset=_float(p.v_reset, "v_reset"), dt=_float(m.dt, "dt"),
+                      reset=reset, surrogate=method)
+
+
 def _to_leaky(m: nn.Module) -> nn.Module:
     if getattr(m, "inhibition", False):
         raise Unsupported("inhibition=True has no canonical form")
@@ -193,6 +210,13 @@ def _is_snntorch_leaky(m: nn.Module) -> bool:
     return type(m) is snntorch.Leaky
 
 
+def _is_norse_box_cell(m: nn.Module) -> bool:
+    # norse.torch.LIFBoxCell (recognised by name: norse is optional); its parameters are a LIFBoxParameters tuple
+    p = getattr(m, "p", None)
+    return (type(m).__name__ == "LIFBoxCell" and type(m).__module__.startswith("norse.") and hasattr(m, "dt")
+            and all(hasattr(p, f) for f in ("tau_mem_inv", "v_leak", "v_th", "v_reset")))
+
+
 _SJ_NEEDS = ("v_threshold", "v_reset", "surrogate_function", "detach_reset")
 
 NEURON_RULES: list[NeuronRule] = [
@@ -212,6 +236,7 @@ NEURON_RULES: list[NeuronRule] = [
                lambda m: _to_lif(m, False)),
     NeuronRule("spikingjelly (legacy) IFNode", _is_legacy("IFNode", _SJ_NEEDS), lambda m: _to_if(m, False)),
     NeuronRule("snntorch Leaky", _is_snntorch_leaky, _to_leaky),
+    NeuronRule("norse LIFBoxCell", _is_norse_box_cell, _to_box_lif),
 ]
 
 

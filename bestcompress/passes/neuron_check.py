@@ -3,6 +3,7 @@ surrogate gradients to float tolerance. Also `deepcopy_module`, a deepcopy that 
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 from torch import nn
@@ -42,13 +43,24 @@ def _sample_shape(*modules: nn.Module) -> tuple[int, ...]:
     return shape
 
 
+def _threads_state(neuron: nn.Module) -> bool:
+    """A norse-style cell: `z, state = cell(x, state)`, the caller passes the state on."""
+    try:
+        params = list(inspect.signature(neuron.forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return len(params) >= 2 and params[1] == "state"
+
+
 def _run(neuron: nn.Module, x: torch.Tensor, multi_step: bool) -> torch.Tensor:
     if multi_step:
         out = neuron(x)
         return out[0] if isinstance(out, tuple) else out
-    outs = []
+    outs, state, threads = [], None, _threads_state(neuron)
     for t in range(x.shape[0]):
-        out = neuron(x[t])
+        out = neuron(x[t], state) if threads else neuron(x[t])
+        if threads:
+            state = out[1]
         outs.append(out[0] if isinstance(out, tuple) else out)
     return torch.stack(outs, 0)
 

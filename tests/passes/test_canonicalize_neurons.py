@@ -1,5 +1,7 @@
 """CanonicalizeNeurons: third-party neurons become bestcompress neurons only when verified equal; every neuron
 left in place is named in a note."""
+from typing import NamedTuple
+
 import pytest
 import torch
 from torch import nn
@@ -263,3 +265,101 @@ def test_snntorch_init_hidden_model_binarizes_distills_a_step_and_exports_verifi
             overrides={"train.batch_size": 8, "train.calibrate_batches": 0})
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
     assert bc.export(student.eval(), "qonnx", tmp_path / "m.onnx", example_input=x).stat().st_size > 0
+
+
+# norse's LIFBoxCell, written here after norse's documented equations (norse is not installed here): parameters
+# in a `p` tuple, `z, state = cell(x, state)`, state None at the first step, strict heaviside, SuperSpike backward.
+class _SuperSpike(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.gt(x, 0.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g / (torch.abs(x) + 1.0).pow(2)
+
+
+def reset_value(z, v, reset, th):
+    return (1 - z) * v + z * reset
+
+
+def reset_subtract(z, v, reset, th):
+    return (1 - z) * v + z * (v - th)
+
+
+class LIFBoxParameters(NamedTuple):
+    tau_mem_inv: torch.Tensor = torch.as_tensor(100.0)
+    v_leak: torch.Tensor = torch.as_tensor(0.0)
+    v_th: torch.Tensor = torch.as_tensor(1.0)
+    v_reset: torch.Tensor = torch.as_tensor(0.0)
+    method: str = "super"
+    alpha: torch.Tensor = torch.as_tensor(100.0)
+    reset_method: object = reset_value
+
+
+class LIFBoxFeedForwardState(NamedTuple):
+    v: torch.Tensor
+
+
+class LIFBoxCell(nn.Module):
+    __module__ = "norse.torch.module.lif_box"
+
+    def __init__(self, p=LIFBoxParameters(), dt=0.001):
+        super().__init__()
+        self.p, self.dt = p, dt
+
+    def forward(self, input_tensor, state=None):
+        p = self.p
+        v = p.v_leak.clone() if state is None else state.v
+        v = v + self.dt * p.tau_mem_inv * (input_tensor + p.v_leak - v)
+        z = _SuperSpike.apply(v - p.v_th) if p.method == "super" else torch.gt(v - p.v_th, 0.0).to(v.dtype)
+        return z, LIFBoxFeedForwardState(p.reset_method(z, v, p.v_reset, p.v_th))
+
+
+class _NorseBoxNet(nn.Module):
+    def __init__(self, T=5):
+        super().__init__()
+        self.T = T
+        self.input_shape = (6,)
+        self.fc, self.fc2, self.head = nn.Linear(6, 10), nn.Linear(10, 10), nn.Linear(10, 3)
+        self.cell = LIFBoxCell(LIFBoxParameters(tau_mem_inv=torch.as_tensor(200.0), v_th=torch.as_tensor(0.75)))
+        self.cell2 = LIFBoxCell(LIFBoxParameters(reset_method=reset_subtract))
+
+    def forward(self, x):
+        s1 = s2 = None
+        out = 0
+        for _ in range(self.T):
+            z, s1 = self.cell(self.fc(x) * 10, s1)
+            z, s2 = self.cell2(self.fc2(z) * 10 + 3, s2)
+            out = out + self.head(z)
+        return out / self.T
+
+
+def test_norse_lif_box_cells_become_box_lif_cells_and_the_model_exports_verified(tmp_path):
+    import copy
+
+    import bestcompress as bc
+    from bestcompress.convert import binarize
+    from bestcompress.data import load_dataset
+    from bestcompress.nn.norse_lif import BoxLIFCell
+    from bestcompress.training.trainer import distill
+
+    torch.manual_seed(0)
+    teacher = _NorseBoxNet().eval()
+    x = torch.rand(4, 6)
+    out, p, notes = _apply(copy.deepcopy(teacher))
+    assert p.replaced == {"cell": "norse LIFBoxCell", "cell2": "norse LIFBoxCell"} and not p.kept
+    assert (out.cell.tau_mem_inv, out.cell.v_th, out.cell2.reset_mode) == (200.0, 0.75, "subtract")
+    with torch.no_grad():
+        want = teacher(x)
+        assert torch.equal(out(x), want) and not torch.allclose(want, teacher.head.bias.expand_as(want))  # it fires
+    wrong = LIFBoxCell(LIFBoxParameters(method="triangle"))
+    assert "threshold method 'triangle'" in _apply(nn.Sequential(nn.Linear(2, 2), wrong))[1].kept["1"]
+    result = binarize(copy.deepcopy(teacher), "bestformer", example_input=x, overrides={"reversible.enabled": False})
+    assert sum(isinstance(m, BoxLIFCell) for m in result.model.modules()) == 2
+    data = load_dataset("synthetic", input_shape=(6,), num_classes=3, subset=16)
+    distill(result.model, teacher, data, epochs=1, limit_batches=1, log=lambda *a: None,
+            overrides={"train.batch_size": 8, "train.calibrate_batches": 0})
+    assert bc.export(result.model.eval(), "qonnx", tmp_path / "m.onnx", example_input=x).stat().st_size > 0
