@@ -64,6 +64,23 @@ def constants_to_initializers(proto) -> None:
     graph.node.extend(keep)
 
 
+def _fold_shapes(model) -> bool:
+    """Shape nodes of tensors whose shape is static become int64 initializers (the batch is fixed at 1), so that
+    FoldConstants can fold the Slice/Concat arithmetic a model's reshapes traced into."""
+    keep, folded = [], False
+    for node in model.graph.node:
+        shape = model.get_tensor_shape(node.input[0]) if node.op_type == "Shape" and not node.attribute else None
+        if shape and all(isinstance(d, int) and d > 0 for d in shape):
+            model.set_initializer(node.output[0], np.asarray(shape, dtype=np.int64))
+            folded = True
+        else:
+            keep.append(node)
+    if folded:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return folded
+
+
 def _name_spikes(proto, spikes: list[tuple[str, int, str]]) -> dict[str, tuple[list[str], str]]:
     """Rename the MultiThreshold outputs to spike names; {neuron key: ([tensor per step], kind)}."""
     mts = [n for n in proto.graph.node if n.op_type == "MultiThreshold"]
@@ -117,8 +134,10 @@ def finn_ready_graph(model: nn.Module, example_input: torch.Tensor):
     notes = [f"unrolled: {f} ran on the stacked [T, ...] tensor" for f in dict.fromkeys(unrolled.log.fallbacks)]
     if not spikes and unrolled.log.spikes:
         notes.append("unrolled: spike tensors could not be matched to neurons; only the logits are compared")
-    m = ModelWrapper(proto)
-    for t in (InferShapes(), FoldConstants(), RemoveUnusedTensors(), GiveUniqueNodeNames(), InferShapes()):
+    m = ModelWrapper(proto).transform(InferShapes())
+    if _fold_shapes(m):
+        m = m.transform(InferShapes())
+    for t in (FoldConstants(), RemoveUnusedTensors(), GiveUniqueNodeNames(), InferShapes()):
         m = m.transform(t)
     for name in bipolar_initializers(m.model):
         m.set_tensor_datatype(name, DataType["BIPOLAR"])
