@@ -95,7 +95,7 @@ def estimates(model, node) -> dict:
 
     out = {}
     try:
-        inst = getHWCustomOp(node, model)
+        inst = getHWCustomOp(node)
     except Exception:
         return out
     try:
@@ -156,7 +156,7 @@ def coverage(model, with_estimates: bool = True) -> dict:
     resources: Counter = Counter()
     for r in rows:
         for k, v in (r.get("resources") or {}).items():
-            if isinstance(v, (int, float)):
+            if isinstance(v, (int, float)) and "efficiency" not in k:
                 resources[k] += v
     totals = {"nodes": len(rows), "hw": n_hw, "not_mapped": len(rows) - n_hw,
               "hw_fraction": n_hw / len(rows) if rows else 0.0,
@@ -168,7 +168,9 @@ def coverage(model, with_estimates: bool = True) -> dict:
     if cycles:
         totals["estimates"] = {"fpga_part": FPGA_PART, "slowest_layer_cycles": max(cycles),
                                "resources": {k: round(v, 1) for k, v in resources.items()},
-                               "note": "FINN's analytical estimates at PE = SIMD = 1; no synthesis was run"}
+                               "note": ("FINN's analytical estimates at PE = SIMD = 1 for the generic (not yet HLS/RTL-"
+                                        "specialized) layers, which estimate memories but count no LUTs; no "
+                                        "synthesis was run")}
     return {"nodes": rows, "totals": totals,
             "binary_mac_fraction_in_hw": totals["binary_mac_fraction_in_hw"],
             "nodes_total": len(rows), "nodes_hw": n_hw}

@@ -43,6 +43,8 @@ def test_tiny_model_converts_executes_and_is_reported(tmp_path, tiny_mlp_binary)
         assert report["verification"][stage]["passed"], stage
     for stage in ("finn", "streamlined", "hw"):  # both neurons' spikes (every step) compared at every stage
         assert len(report["verification"][stage]["neurons"]) == 2, stage
+    assert t["estimates"]["slowest_layer_cycles"] > 0  # FINN's own cycle estimates, one per hardware layer
+    assert all(r["cycles"] > 0 for r in report["nodes"] if r["op_type"] == "MVAU")
     folding = json.loads((out / "folding_config.json").read_text())
     assert all(folding[n.name]["PE"] == 1 and folding[n.name]["SIMD"] == 1 for n in mvau)
     from bestcompress.exporters import verify_file
