@@ -25,6 +25,13 @@ align with the teacher's), so both see the same blocks. No names are assumed; ev
 6. *Heads* (`output_logits`, `final_heads`): the logits are the output entry computed from the last stage; its
    heads are the modules with weights nearest to it (no other weighted module in between). Two of the same
    shape mean the model already has two heads (as the public BESTformer code does).
+7. *Coupled streams* (`coupled_streams`): a model whose blocks already pass two streams to each other, found by
+   either sign: (a) a residual add(s, F) whose sub-block F reads not s but a later stream r = s' + ... built from
+   s or its sibling (RevViT: Y_2 = X_2 + G(Y_1), Y_1 = X_1 + F(X_2)); (b) a linear combination of three
+   activations z_a ≺ z_b ≺ f (each depending on the one before, z_b itself a sum: a stream), as in BESTformer's
+   x2 = A(x1) + (x0 + x1)/2. A plain chain z + F(z) shows neither, nor does an inner residual of one sub-block.
+
+The module is ~490 lines because the coupled-stream signs (7) read the same graph facts as the chains and heads.
 """
 from __future__ import annotations
 
@@ -397,3 +404,87 @@ def two_heads(gm: fx.GraphModule, logits: fx.Node) -> list[str]:
         if shape is not None and len(set(names)) >= 2:
             return sorted(set(names))
     return []
+
+
+# ------------------------------------------------------------------------------------------------- coupled streams
+
+_SUB_FUNCS = {operator.sub, operator.isub, torch.sub}
+_SCALE_FUNCS = {operator.mul, operator.truediv, torch.mul, torch.div, torch.true_divide}
+
+
+def _combination_inputs(n: fx.Node, dep: set[fx.Node]) -> list[fx.Node] | None:
+    """The activation inputs of `n` when it is a sum, difference or scaling (by a non-activation) of them."""
+    if n.kwargs or len(n.args) != 2 or n.op not in ("call_function", "call_method"):
+        return None
+    name = n.target if n.op == "call_method" else None
+    acts = [a for a in n.args if isinstance(a, fx.Node) and a in dep]
+    if is_add(n) or n.target in _SUB_FUNCS or name in ("sub", "__sub__"):
+        return acts
+    scale = n.target in _SCALE_FUNCS or name in ("mul", "div", "__mul__", "__truediv__")
+    return acts if scale and len(acts) == 1 and (n.target in (operator.mul, torch.mul, "mul", "__mul__")
+                                                 or n.args[0] is acts[0]) else None  # x / c, not c / x
+
+
+def _terms(n: fx.Node, dep: set[fx.Node]) -> list[fx.Node]:
+    """The activation terms of the linear combination `n`, flattened through the sums and scalings that only it
+    uses (a stream used elsewhere too is one term)."""
+    terms, stack = [], [n]
+    while stack:
+        m = stack.pop()
+        inner = _combination_inputs(m, dep) if m is n or len(m.users) == 1 else None
+        if inner is None:
+            terms.append(m)
+        else:
+            stack.extend(inner)
+    return list(dict.fromkeys(terms))
+
+
+def _where(idx: GraphIndex, src: fx.Node, dst: fx.Node) -> str:
+    """The module prefix of the sub-block between two nodes ('' when it calls no module)."""
+    return _common_prefix([n.target for n in idx.region(src, dst) if n.op == "call_module"])
+
+
+def _siblings(q: fx.Node, s: fx.Node) -> bool:
+    """Two outputs of one split (RevViT's `X_1, X_2 = chunk(x, 2)`)."""
+    return all(n.op == "call_function" and n.target is operator.getitem for n in (q, s)) and q.args[0] is s.args[0]
+
+
+def _skips_past(idx: GraphIndex, n: fx.Node) -> str | None:
+    """Sign (a): the residual add `n` = s + F(r) whose sub-block F reads a stream r = q + ... with q = s, a sum
+    or s's sibling, and not s."""
+    r = idx.residual(n)
+    if r is None:
+        return None
+    s, f = r
+    region = idx.region(s, f)
+    for m in sorted(region, key=idx.pos.__getitem__):
+        if m is f or not is_add(m) or not _where(idx, m, f):
+            continue
+        outside = [a for a in add_operands(m) if isinstance(a, fx.Node) and a in idx.dep and a not in region]
+        if any(q is s or is_add(q) or _siblings(q, s) for q in outside):
+            return f"'{_where(idx, m, f)}' reads the stream '{m.name}' but its residual adds '{s.name}'"
+    return None
+
+
+def _three_streams(idx: GraphIndex, n: fx.Node) -> str | None:
+    """Sign (b): the sum `n` combines z_a ≺ z_b ≺ f, z_b itself a sum."""
+    if not is_add(n):
+        return None
+    terms = sorted(_terms(n, idx.dep), key=idx.pos.__getitem__)
+    for i, a in enumerate(terms):
+        for j, b in enumerate(terms[i + 1:], i + 1):
+            if _combination_inputs(b, idx.dep) is None or not idx.depends_on(b, a):
+                continue
+            for c in terms[j + 1:]:
+                if idx.depends_on(c, b):
+                    return (f"'{n.name}' adds the streams '{a.name}' and '{b.name}' to the output of "
+                            f"'{_where(idx, b, c) or c.name}'")
+    return None
+
+
+def coupled_streams(gm: fx.GraphModule) -> list[str]:
+    """Signs that `gm`'s blocks already pass coupled streams to each other (module docstring, 7), one sentence
+    fragment per add, in graph order; [] for a plain residual trunk."""
+    idx = GraphIndex(gm)
+    signs = (_three_streams(idx, n) or _skips_past(idx, n) for n in gm.graph.nodes)
+    return [s for s in signs if s]

@@ -280,3 +280,87 @@ class SlotTokens(nn.Module):
         for blk in self.block:
             x = blk(x)
         return self.head(x[:, :, 1:].mean(2).mean(0))
+
+
+# ------------------------------------------------------------------ models that already carry coupled streams
+# Written here in the style of public code (issue 9 item 2): a single head, but the blocks already pass two
+# streams to each other, so the couplings pass must recognise them and leave the model alone.
+
+class RevBlock(nn.Module):
+    """RevViT's reversible block (F attention, G MLP) on the stream pair (X_1, X_2):
+    Y_1 = X_1 + F(X_2), Y_2 = X_2 + G(Y_1); X_1 = (Y_1 − F(X_2)) is recovered from the outputs alone."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.F, self.G = SpikingSelfAttention(d), MLP(d)
+
+    def forward(self, X_1, X_2):
+        f_X_2 = self.F(X_2)
+        Y_1 = X_1 + f_X_2
+        g_Y_1 = self.G(Y_1)
+        Y_2 = X_2 + g_Y_1
+        return Y_1, Y_2
+
+
+class RevViT(nn.Module):
+    """[B, N, C] -> logits; RevViT style: the tokens doubled into two streams (`cat([x, x])`, `chunk`), passed as
+    pairs through reversible blocks, fused by their mean (two-stream fusion 'avg') before one head."""
+
+    def __init__(self, c=3, d=8, depth=2, classes=4, T=2):
+        super().__init__()
+        self.T = T
+        self.embed, self.embed_lif = nn.Linear(c, d), _lif()
+        self.rev_blocks = nn.ModuleList([RevBlock(d) for _ in range(depth)])
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        x = self.embed_lif(self.embed(_time_first(x, self.T)))
+        x = torch.cat([x, x], dim=-1)
+        X_1, X_2 = torch.chunk(x, 2, dim=-1)
+        for blk in self.rev_blocks:
+            X_1, X_2 = blk(X_1, X_2)
+        x = (X_1 + X_2) / 2
+        return self.head(x.mean(2).mean(0))
+
+
+class TwoStreamBlock(nn.Module):
+    """The public BESTformer block on the stream pair (x0, x1): x2 = A(x1) + (x0 + x1)/2, x3 = M(x2) + (x1 + x2)/2
+    (x0 None in the first block: a plain residual); returns the next pair (x2, x3)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.attn, self.mlp = SpikingSelfAttention(d), MLP(d)
+
+    def forward(self, x0, x1):
+        x2 = self.attn(x1) + (x1 if x0 is None else (x0 + x1) / 2)
+        x3 = self.mlp(x2) + (x1 + x2) / 2
+        return x2, x3
+
+
+class TwoStreamOneHead(nn.Module):
+    """[B, N, C] -> logits; BESTformer-style coupled streams passed as pairs between blocks, one head on the last
+    (MLP) stream."""
+
+    def __init__(self, c=3, d=8, depth=2, classes=4, T=2):
+        super().__init__()
+        self.T = T
+        self.embed, self.embed_lif = nn.Linear(c, d), _lif()
+        self.block = nn.ModuleList([TwoStreamBlock(d) for _ in range(depth)])
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        x0, x1 = None, self.embed_lif(self.embed(_time_first(x, self.T)))
+        for blk in self.block:
+            x0, x1 = blk(x0, x1)
+        return self.head(x1.mean(2).mean(0))
+
+
+def loud(model, gain=4.0, shift=1.0):
+    """Scale every Linear of a freshly built model above (weight × gain, bias + shift) so that its neurons fire on
+    `example()` (a fresh one is silent: every sub-block would output 0 and equal-output checks would be vacuous)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(gain)
+                m.bias.add_(shift)
+    return model

@@ -19,8 +19,11 @@ per step (trunk.py: `Trunk.steps`). Each coupling is one module inserted once an
 b_k shared by all steps, like the block's own weights), and head2 is one module called wherever the head is; the
 per-step copies of the tail read the per-step streams.
 
-Left unchanged, with a note: a model that already holds couplings, and a model that already has two heads
-(two equal-shape classifier layers that together compute its logits, as the public BESTformer code has).
+Left unchanged, with a note: a model that already holds couplings, a model that already has two heads
+(two equal-shape classifier layers that together compute its logits, as the public BESTformer code has), and a
+model with one head whose blocks already pass coupled streams to each other (RevViT's Y_1 = X_1 + F(X_2),
+Y_2 = X_2 + G(Y_1); BESTformer's x2 = A(x1) + (x0 + x1)/2 with the streams passed as pairs; trunk.py:
+`coupled_streams` names what it found): coupling them again would rewire streams that are already coupled.
 Outputs other than one tensor are kept as they are: in `(logits, None)`, `(logits, aux)` or `{'logits': ...}`
 only the logits entry (the one computed from the last stage) becomes the DualHeadOutput.
 """
@@ -37,8 +40,8 @@ from ..errors import ModelError, RecipeError
 from ..nn.reversible import FORMS, DualHeadOutput, ReversibleCoupling
 from ..trace import graph_modules
 from ..trunk import (  # noqa: F401  (find_trunk, find_stages: part of this module's API since the first version)
-    GraphIndex, SubBlock, Trunk, add_operands, common_prefix, find_stages, find_trunk, is_add, output_entries,
-    output_logits, two_heads,
+    GraphIndex, SubBlock, Trunk, add_operands, common_prefix, coupled_streams, find_stages, find_trunk, is_add,
+    output_entries, output_logits, two_heads,
 )
 from .base import Pass, PassContext, PassError, register_pass
 from .shapes import free_module_name
@@ -188,6 +191,13 @@ class InsertReversibleCouplings(Pass):
                               f"({', '.join(repr(h) for h in heads)}) that compute its logits together; left "
                               "unchanged (its own streams and heads are trained as they are).")
                 return gm
+        found = coupled_streams(gm)
+        if found:
+            more = f" and {len(found) - 2} more" if len(found) > 2 else ""
+            self.ctx.note(f"InsertReversibleCouplings: '{type(gm).__name__}' already has coupled streams: "
+                          f"{'; '.join(found[:2])}{more}; left unchanged (its own streams are trained as they are, "
+                          "with its one head).")
+            return gm
         stages = find_stages(gm)
         chosen = _selected(stages, self.stages)
         last = stages[-1]
@@ -301,7 +311,7 @@ class InsertReversibleCouplings(Pass):
             raise PassError("InsertReversibleCouplings: the model is not a single traced graph.")
         inserted = _inserted_nodes(model)
         if not inserted:
-            if any("already has two heads" in n for n in self.ctx.notes):
+            if any("already has two heads" in n or "already has coupled streams" in n for n in self.ctx.notes):
                 return
             raise PassError("InsertReversibleCouplings: no reversible coupling in the graph.")
         for s in sorted({m.stage for _, m in inserted if isinstance(m, ReversibleCoupling)}):
