@@ -151,7 +151,7 @@ class StepInterpreter(fx.Interpreter):
         self.log.calls[target] = k + 1
         key = target if k == 0 else f"{target}#{k}"
         x = args[0] if args else None
-        if type(module).forward in (LIF.forward,) or _is_step_lif(module):
+        if _is_step_lif(module):
             if isinstance(x, Steps) and len(args) == 1 and not kwargs and getattr(module, "step_mode", "m") == "m":
                 return self._lif(module, x, key)
         if is_binary_layer(module) and isinstance(x, Steps) and len(args) == 1:
