@@ -2,11 +2,13 @@
 
 Tool: a plain setuptools Extension over the CPython API (no NumPy headers, no pybind11): setuptools is already the
 build backend, so the kernels add no build dependency, and `optional=True` keeps `pip install -e .` working
-without a compiler (the engine then runs its NumPy fallback and says so). The kernels are compiled for the
-installing machine (-march=native: vectorised AVX-512 VPOPCNTDQ tiles where the CPU has them, else the hardware
-64-bit popcount, POPCNT on x86 / NEON CNT on ARM) and never contract floating point (-ffp-contract=off), so
-results round exactly as documented. Set BESTCOMPRESS_NO_NATIVE=1 for a portable
-build, BESTCOMPRESS_NO_EXT=1 to skip the extension.
+without a compiler (the engine then runs its NumPy fallback and says so). Sources: _bitkernels.c (the module),
+bk_pack.c (packing, im2col, pooling), bk_gemm.c (popcount products), bk_amx.c (int8 matrix units). The popcount
+variants (AVX-512 VPOPCNTDQ, AVX2 nibble-table VPSHUFB, NEON CNT, scalar) and the AMX route are compiled with
+per-function target attributes and picked at run time by what the CPU reports, so even a portable build runs
+them; -march=native adds the AVX-512 packing loops. Floating point is never contracted (-ffp-contract=off), so
+results round exactly as documented. Set BESTCOMPRESS_NO_NATIVE=1 for a portable build, BESTCOMPRESS_NO_EXT=1
+to skip the extension.
 """
 import os
 

@@ -69,9 +69,10 @@ int bk_pack_spikes(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t Kw, ui
         int64_t total = 0;
         for (ptrdiff_t w = 0; w < Kw; w++) {
             ptrdiff_t k0 = w * 64, k1 = k0 + 64 < K ? k0 + 64 : K;
-            uint64_t word = 0, zero_or_one = 0;
+            uint64_t word = 0;
 #if defined(BC_AVX512)
             if (k1 - k0 == 64) {
+                uint64_t zero_or_one = 0;
                 const __m512 z = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
                 for (int c = 0; c < 4; c++) {
                     __m512 v = _mm512_loadu_ps(xr + k0 + 16 * c);

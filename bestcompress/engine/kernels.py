@@ -9,7 +9,11 @@ The integer sums are exact; the float result is the exact sum rounded once (then
 as float32 PyTorch computes it while the sums stay below 2^24.
 
 The compiled kernels (`_bitkernels`, built at install) are used when they import; otherwise, or inside
-`use_backend("numpy")`, NumPy computes the same integers (slower, for machines without a compiler).
+`use_backend("numpy")`, NumPy computes the same integers (slower, for machines without a compiler). They pick
+their popcount variant at run time (`isa()`; `use_kernels(isa=...)` or BESTCOMPRESS_ENGINE_ISA to force one), and
+on a CPU with int8 matrix units (x86 AMX) a linear layer's input of several bit planes (2-8) is multiplied as
+bytes there, since the popcount cost grows with the planes (`use_kernels(int8='off'|'multi'|'all')` or
+BESTCOMPRESS_ENGINE_INT8; default 'multi': {0, 1} spikes stay on popcounts). Weights stay one bit each in RAM.
 """
 from __future__ import annotations
 

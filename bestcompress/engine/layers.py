@@ -103,6 +103,7 @@ class PackedLinear(_PackedLayer):
                 self.stats["packed"] += 1
                 y, self.last_planes, self.last_kernel = done
                 return y.view(lead + (self.out_features,))
+        self.last_kernel = "popcount"
         packed = kernels.pack_rows(x.reshape(-1, self.in_features), MAX_LAYER_PLANES)
         if packed is None:
             self.stats["float"] += 1

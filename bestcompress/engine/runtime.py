@@ -87,7 +87,8 @@ class Engine:
     def memory(self, batch: int = 1) -> dict:
         """Bytes in RAM: packed binary weights (sign bits in 64-bit words, plus α and bias), the other
         parameters and buffers (full-precision first layer, heads, normalizations), and the activations of one
-        forward at `batch` (the largest input + output + packed operand of any packed layer, measured)."""
+        forward at `batch` (the largest input + output + packed operand of any packed layer, measured; for the
+        int8 route, the input's bytes and one column block of weight bytes, expanded per call)."""
         layers = self.packed_layers()
         packed = sum(m.weight_bytes for m in layers.values())
         sign_bits = sum(m.weight_bits for m in layers.values())
@@ -108,7 +109,10 @@ class Engine:
             planes = max(1, mod.last_planes)
             rows = x.numel() // max(1, cin)
             kw = mod.weight_words.shape[-1 if mod.rows_layout else -2]
-            peak[0] = max(peak[0], x.numel() * 4 + out.numel() * 4 + planes * rows * kw * 8)
+            operand = planes * rows * kw * 8  # bit planes of the input (convolutions: its bit im2col)
+            if mod.last_kernel == "int8":  # bytes for the matrix units, and one column block of weight bytes
+                operand = (rows + 31) // 32 * 32 * kw * 64 + 2 * kw * 1024
+            peak[0] = max(peak[0], x.numel() * 4 + out.numel() * 4 + operand)
 
         handles = [m.register_forward_hook(hook) for m in self.packed_layers().values()]
         try:

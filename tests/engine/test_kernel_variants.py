@@ -127,3 +127,15 @@ def test_a_fraction_next_to_spikes_leaves_the_spike_fast_path():
             out, planes, _ = kernels.linear(x, _cols(w), 16)
         assert planes == 2 and torch.equal(out, F.linear(x, w))
     assert np.isfinite(out.numpy()).all()
+
+
+@pytest.mark.parametrize("int8", ["off", "all"])
+def test_a_transposed_view_is_read_in_place(int8):
+    g = torch.Generator().manual_seed(10)
+    w = _signs(g, 24, 70)
+    tokens_last = _spikes(g, 3, 70, 13) + _spikes(g, 3, 70, 13)  # [B, C, N] memory
+    x = tokens_last.transpose(-1, -2)  # [B, N, C] view: Spikformer's tokens x channels
+    assert not x.is_contiguous()
+    with use_kernels(int8=int8):
+        out, planes, _ = kernels.linear(x, _cols(w), 24)
+    assert planes == 2 and torch.equal(out.view(3, 13, 24), F.linear(x, w))
