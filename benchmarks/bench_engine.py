@@ -132,6 +132,7 @@ def _route_speedups(twin, ours, x, reps: int) -> dict[str, float]:
 
 
 def run(args) -> None:
+    load_before = os.getloadavg()  # the CPU is shared: other jobs' load shifts both timings and their ratio
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -195,7 +196,8 @@ def run(args) -> None:
     result = {
         "arch": args.arch, "recipe": args.recipe, "input_shape": list(shape), "threads": args.threads,
         "backend": E.backend_description(), "machine": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "spike_exact": report.passed, "verify": report.to_dict(),
+        "cpu_count": os.cpu_count(), "load_average_before_after": [load_before[0], os.getloadavg()[0]],
+        "spike_exact": report.passed, "verify": report.to_dict(),
         "layer_speedup_median": statistics.median(speedups), "layer_speedup_min": speedups[0],
         "layer_speedup_max": speedups[-1],
         "layer_speedup_median_spike_inputs": statistics.median(r["speedup_spike_input"] for r in rows),
@@ -216,7 +218,9 @@ def run(args) -> None:
     (RESULTS / "engine.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# 1-bit engine vs fp32 PyTorch", "",
              f"{args.arch} ({args.recipe}), input {list(shape)}, {args.threads} thread(s), {E.backend_description()}; "
-             f"spike-exact: {report.passed}. Interleaved, median process CPU time.", "",
+             f"spike-exact: {report.passed}. Interleaved, median process CPU time; load average "
+             f"{result['load_average_before_after'][0]:.1f} before, {result['load_average_before_after'][1]:.1f} after "
+             f"on {os.cpu_count()} CPUs.", "",
              "| measure | fp32 PyTorch | engine | speed-up | target |", "|---|---|---|---|---|",
              f"| binary layers (median of {len(rows)}) | | | {result['layer_speedup_median']:.2f}× "
              f"(min {speedups[0]:.2f}×, max {speedups[-1]:.2f}×) | ≥ 8× |",
