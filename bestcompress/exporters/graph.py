@@ -320,7 +320,8 @@ class GraphRunner:
             missing = [t for t in list(node.input) + list(node.output) if t and t not in self.value_info]
             if missing:
                 raise ValueError(f"tensor '{missing[0]}' of node '{node.name}' has no known type and shape")
-            graph = helper.make_graph([node], "single_node", [self.value_info[i] for i in node.input if i],
+            graph = helper.make_graph([node], "single_node",  # a tensor read twice (Concat(x, x)) is one input
+                                      [self.value_info[i] for i in dict.fromkeys(node.input) if i],
                                       [self.value_info[o] for o in node.output])
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opsets.get("", 13))])
             model.ir_version = self.proto.ir_version
