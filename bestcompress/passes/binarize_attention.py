@@ -148,10 +148,18 @@ class BinarizeAttention(Pass):
             return T, (shape[-3] if len(shape) >= 4 else 1), False
         if len(shape) == 5:
             return shape[0], shape[2], False
+        batch = self._example_batch()
+        if len(shape) == 4 and T is not None and batch is not None and shape[0] == T and shape[1] == batch:
+            return T, 1, False  # time-first, one head: [T, B, a, b] (not T·B merged with B heads)
         if T is None:
             raise ModelError("the attention map merges time and batch; the model's time steps (T) are unknown.")
         heads = shape[-3] if len(shape) >= 4 else 1
         return T, heads, True
+
+    def _example_batch(self) -> int | None:
+        x = self.ctx.example_input
+        x = x[0] if isinstance(x, (tuple, list)) and x else x
+        return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else None
 
     def _rewrite(self, gm: fx.GraphModule, chain: AttentionChain) -> None:
         graph = gm.graph

@@ -232,3 +232,20 @@ def test_snntorch_time_loop_traces_whole_and_stays_a_function_of_its_input():
         y = gm(x)
         assert torch.equal(gm(x), y)  # no state survives a forward
     assert len(maps) == 2 * model.num_steps and all(set(m.unique().tolist()) <= {0.0, 1.0} for m in maps)
+
+
+def test_a_single_head_time_first_map_is_not_read_as_batch_heads():
+    """A [T, B, N, N] map (one head, time first, not merged) gets λ of one head, so the binary model runs at any
+    batch size (reading it as [T·B, heads, N, N] made λ's heads = the example's batch size)."""
+    from tests.topology_models import LogitsAndNone, example
+    from bestcompress.convert import binarize
+    from bestcompress.nn.attention import AttentionScale
+    torch.manual_seed(0)
+    model = LogitsAndNone().eval()
+    student = binarize(model, "bestformer", example_input=example(3)).model.eval()
+    scales = [m for m in student.modules() if isinstance(m, AttentionScale)]
+    assert scales and all(tuple(m.lam.shape) == (model.T, 1, 1, 1, 1) for m in scales)
+    with torch.no_grad():
+        for batch in (1, 5, 7):
+            logits, aux = student(example(batch))
+            assert logits.shape == (batch, 4) and aux is None
