@@ -4,18 +4,19 @@ Tasks (generated offline with the `mnist1d` package, standardized with the train
 under --work): `mnist1d` (the package's default generator: 4,000 training / 1,000 test sequences of length 40) and
 `mnist1d_hard` (the same generator with more noise and shear, see HARD). Model: `spikformer_seq` (MODEL).
 
-Per task, a full-precision teacher is trained from scratch (`fp`: its test top-1 at the epoch picked on the
-validation split). Every binary student is binarized from the teacher's weights (1-bit weights, binary attention
+Per task, a full-precision teacher is trained from scratch (`fp`: its test top-1). Every binary student is binarized from the teacher's weights (1-bit weights, binary attention
 maps) and fine-tuned with `bestcompress.training.trainer.distill` under the same schedule (STUDENT), differing only
 in the method keys of VARIANTS. Each run holds out `train.val_fraction` of its training set as the validation split
 (never the test set); the epoch with the best validation top-1 is kept and its *test* top-1 is reported.
-`calibrated_0ep` is the default recipe's binary model after BatchNorm recalibration on 8 training batches, before
-any training (0 epochs).
+`calibrated_0ep` is the default recipe's binary model after calibration (BatchNorm statistics and attention-map
+scales, training/calibration.py) on 8 training batches, before any training (0 epochs). The teacher is trained
+on every training sequence and keeps its last epoch (cosine schedule to min_lr).
 
 Prints mean ± std over the seeds and writes benchmarks/results/ablation_cie.json as
 {"<task>": {"<epochs>": {"<variant>": {"top1": [...], "mean": m, "std": s}}}} (plus a "_meta" entry) and
 ablation_cie.md. Runs go to a pool of worker processes (one torch thread each).
 
+    python benchmarks/ablation_cie.py --plan wave2b --student-train-size 2000 --reuse-teachers
     python benchmarks/ablation_cie.py --plan reduced --student-train-size 2000 --budget-min 84 --reuse-teachers
     python benchmarks/ablation_cie.py --plan full --tasks mnist1d,mnist1d_hard --seeds 3 --epochs 12,30
     python benchmarks/ablation_cie.py --plan full --tasks mnist1d --seeds 1 --epochs 1 --variants plain,default \\
@@ -52,7 +53,8 @@ _NO_CAL = {"train.calibrate_batches": 0}
 VARIANTS = {
     "plain": ("binary, plain fine-tuning (no calibration, no couplings, cross-entropy)",
               {**_NO_COUPLINGS, **_NO_CAL, "distill.losses": []}),
-    "calibrated": ("+ BatchNorm calibration", {**_NO_COUPLINGS, **_CAL, "distill.losses": []}),
+    "calibrated": ("+ calibration (BatchNorm statistics, then the attention maps' scales λ)",
+                   {**_NO_COUPLINGS, **_CAL, "distill.losses": []}),
     "paper_cie": ("the paper's CIE: paper-form couplings + hard KD, no calibration (recipe bestformer_paper)",
                   {**_NO_CAL, "reversible.enabled": True, "reversible.form": "paper", "distill.losses": ["hard"],
                    "distill.alpha": 0.5, "distill.temperature": 1.0}),
@@ -73,6 +75,15 @@ VARIANTS = {
     "couplings_soft": ("+ calibration + preserving couplings + soft KD (τ 2, α 0.5) on head2",
                        {**_CAL, "reversible.enabled": True, "reversible.form": "preserving",
                         "distill.losses": ["soft"], "distill.alpha": 0.5, "distill.temperature": 2.0}),
+    "calibrated_soft": ("+ calibration + soft KD (τ 2, α 0.5), no couplings",
+                        {**_NO_COUPLINGS, **_CAL, "distill.losses": ["soft"], "distill.alpha": 0.5,
+                         "distill.temperature": 2.0}),
+    "calibrated_couplings": ("+ calibration + preserving couplings, cross-entropy on both heads",
+                             {**_CAL, "reversible.enabled": True, "reversible.form": "preserving",
+                              "distill.losses": []}),
+    "cie": ("+ calibration + preserving couplings + soft KD (τ 2, α 0.5) on both heads (distill.heads both)",
+            {**_CAL, "reversible.enabled": True, "reversible.form": "preserving", "distill.losses": ["soft"],
+             "distill.alpha": 0.5, "distill.temperature": 2.0, "distill.heads": "both"}),
     "default": ("the default `bestformer` recipe as shipped", None),
 }
 # the first default candidate (bestformer.yaml while the first part of the reduced plan ran), kept for the record
@@ -81,7 +92,16 @@ DEFAULT_V1 = ("first default candidate: calibration + preserving couplings + sof
                "distill.losses": ["soft", "feature"], "distill.alpha": 0.5, "distill.temperature": 2.0,
                "distill.feature_weight": 1.0})
 ALWAYS = ("fp", "plain", "calibrated_0ep", "default")
-# the reduced plan: (task, epochs, variants, seeds), in order of priority
+# the plan of the second wave-2 session (teachers keep their last epoch; calibration includes the attention scales):
+# plain vs cie (= the shipped default) on both tasks, 3 seeds, 12 and 30 epochs; one calibration-only run
+WAVE2B = [
+    ("mnist1d", 12, ["cie", "plain"], 3),
+    ("mnist1d_hard", 12, ["plain", "cie"], 3),
+    ("mnist1d", 30, ["plain", "cie"], 3),
+    ("mnist1d_hard", 30, ["plain", "cie"], 3),
+    ("mnist1d", 12, ["calibrated", "calibrated_soft", "calibrated_couplings"], 1),
+]
+# the reduced plan of the first session: (task, epochs, variants, seeds), in order of priority
 REDUCED = [
     ("mnist1d", 12, ["plain", "default"], 3),
     ("mnist1d", 12, ["calibrated", "couplings_preserving", "soft", "feature", "attention", "paper_cie"], 1),
@@ -220,9 +240,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def build_plan(args) -> list[tuple[str, int, str, int]]:
     """[(task, epochs, variant, seed)] of student runs, in order of priority."""
-    if args.plan in ("reduced", "followup"):
+    if args.plan in ("reduced", "followup", "wave2b"):
         jobs = []
-        for task, epochs, variants, seeds in (REDUCED if args.plan == "reduced" else FOLLOWUP):
+        for task, epochs, variants, seeds in {"reduced": REDUCED, "followup": FOLLOWUP, "wave2b": WAVE2B}[args.plan]:
             jobs += [(task, epochs, v, s) for s in range(seeds) for v in variants]
         return jobs
     variants = [v for v in args.variants.split(",") if v not in ("fp", "calibrated_0ep")]
@@ -292,8 +312,8 @@ def _markdown(table: dict, meta: dict) -> str:
                 if not v["top1"]:
                     lines.append(f"| {key} | not run | | |")
                     continue
-                what = {"fp": "full-precision teacher", "calibrated_0ep": "binary model of the first default "
-                        "candidate, BatchNorm recalibrated, 0 epochs", "default_v1": DEFAULT_V1[0]}.get(key) \
+                what = {"fp": "full-precision teacher", "calibrated_0ep": "the default recipe's binary "
+                        "model calibrated (BatchNorm statistics, attention-map scales), 0 epochs", "default_v1": DEFAULT_V1[0]}.get(key) \
                     or VARIANTS[key][0]
                 if key == "default" and meta.get("default_is"):
                     what = f"the shipped `bestformer` recipe (= {meta['default_is'].split(chr(39))[1]})"
@@ -313,7 +333,7 @@ def main(argv=None) -> int:
     p.add_argument("--default-is", default=None, metavar="VARIANT",
                    help="the shipped bestformer recipe equals this variant's configuration: list its runs as "
                         "`default` and earlier `default` runs as `default_v1` (DEFAULT_V1)")
-    p.add_argument("--plan", choices=("reduced", "followup", "full"), default="reduced",
+    p.add_argument("--plan", choices=("wave2b", "reduced", "followup", "full"), default="wave2b",
                    help="reduced: the REDUCED list (fits ~50 min on 2 cores); full: tasks × epochs × variants × seeds")
     p.add_argument("--tasks", type=lambda s: s.split(","), default=["mnist1d", "mnist1d_hard"])
     p.add_argument("--seeds", type=int, default=3)
@@ -388,6 +408,8 @@ def main(argv=None) -> int:
                                   f"({DEFAULT_V1[1]})")
         if previous_meta:
             meta["earlier_invocations"] = previous_meta.get("earlier_invocations", []) + [previous_meta.get("command")]
+            if "first_session" in previous_meta:  # the first session's runs (another teacher), kept for the record
+                meta["first_session"] = previous_meta["first_session"]
         doc = {**table, "_meta": meta, "_runs": runs}
         tmp = args.out / f".{args.name}.json.tmp"
         tmp.write_text(json.dumps(doc, indent=1))
