@@ -143,7 +143,8 @@ class InsertReversibleCouplings(Pass):
 
     A DualHeadOutput returns (head, head2) in training mode and, in eval mode, their mean (or one head:
     `eval_heads`). Each coupling with a_k != 0 is invertible (`reconstruct_streams`), but, as in the public
-    BESTformer code, training uses plain autograd: activation memory is NOT reduced.
+    BESTformer code, plain autograd is the default; the recipe switch `train.memory: reversible`
+    (training/reversible.py) uses the inverse to rebuild streams in backward instead of storing them.
 
     Args:
         ctx: the pass context; options left None are read from its recipe's `reversible` section.
