@@ -67,17 +67,13 @@ def calibrate(model: nn.Module, data, *, batches: int = 8, batch_size: int = 64,
     if device is None:
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
-    reset = neuron_reset_fn(model)
-
-    def feed():
-        return calibration_batches(data, batches, batch_size, seed, device)
-
-    seen = recalibrate_batchnorm(model, feed(), reset=reset)
+    same = dict(batches=batches, batch_size=batch_size, seed=seed, device=device)
+    seen = refresh_batchnorm(model, data, **same)
     if not seen:
         return Calibrated(0, 0, 0)
-    scales = calibrate_attention_scales(model, feed(), reset=reset)
+    scales = calibrate_attention_scales(model, calibration_batches(data, **same), reset=neuron_reset_fn(model))
     if scales:
-        recalibrate_batchnorm(model, feed(), reset=reset)
+        refresh_batchnorm(model, data, **same)
     return Calibrated(seen, len(batchnorms(model)), scales)
 
 
