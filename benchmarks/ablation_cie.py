@@ -101,6 +101,17 @@ WAVE2B = [
     ("mnist1d_hard", 30, ["plain", "cie"], 3),
     ("mnist1d", 12, ["calibrated", "calibrated_soft", "calibrated_couplings"], 1),
 ]
+# the plan of the third wave-2 session, run with --merge on top of WAVE2B: the 30-epoch cells' third seed, calibration
+# alone on every 12-epoch cell, then one seed of each component on both tasks (what each adds beyond calibration)
+WAVE2C = [
+    ("mnist1d", 30, ["plain", "cie"], 3),
+    ("mnist1d_hard", 30, ["plain", "cie"], 3),
+    ("mnist1d", 12, ["calibrated"], 3),
+    ("mnist1d_hard", 12, ["calibrated"], 3),
+    ("mnist1d_hard", 12, ["calibrated_soft", "calibrated_couplings"], 1),
+    ("mnist1d", 12, ["couplings_paper", "hard", "feature", "attention", "paper_cie"], 1),
+    ("mnist1d_hard", 12, ["couplings_paper", "hard", "feature", "attention", "paper_cie"], 1),
+]
 # the reduced plan of the first session: (task, epochs, variants, seeds), in order of priority
 REDUCED = [
     ("mnist1d", 12, ["plain", "default"], 3),
@@ -240,9 +251,10 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def build_plan(args) -> list[tuple[str, int, str, int]]:
     """[(task, epochs, variant, seed)] of student runs, in order of priority."""
-    if args.plan in ("reduced", "followup", "wave2b"):
+    if args.plan in ("reduced", "followup", "wave2b", "wave2c"):
         jobs = []
-        for task, epochs, variants, seeds in {"reduced": REDUCED, "followup": FOLLOWUP, "wave2b": WAVE2B}[args.plan]:
+        plans = {"reduced": REDUCED, "followup": FOLLOWUP, "wave2b": WAVE2B, "wave2c": WAVE2C}
+        for task, epochs, variants, seeds in plans[args.plan]:
             jobs += [(task, epochs, v, s) for s in range(seeds) for v in variants]
         return jobs
     variants = [v for v in args.variants.split(",") if v not in ("fp", "calibrated_0ep")]
@@ -333,7 +345,7 @@ def main(argv=None) -> int:
     p.add_argument("--default-is", default=None, metavar="VARIANT",
                    help="the shipped bestformer recipe equals this variant's configuration: list its runs as "
                         "`default` and earlier `default` runs as `default_v1` (DEFAULT_V1)")
-    p.add_argument("--plan", choices=("wave2b", "reduced", "followup", "full"), default="wave2b",
+    p.add_argument("--plan", choices=("wave2c", "wave2b", "reduced", "followup", "full"), default="wave2b",
                    help="reduced: the REDUCED list (fits ~50 min on 2 cores); full: tasks × epochs × variants × seeds")
     p.add_argument("--tasks", type=lambda s: s.split(","), default=["mnist1d", "mnist1d_hard"])
     p.add_argument("--seeds", type=int, default=3)
