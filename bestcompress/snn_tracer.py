@@ -32,7 +32,8 @@ def _optional_classes(spec: list[tuple[str, str]]) -> tuple[type, ...]:
 
 _NEURON_SPECS = [
     ("bestcompress.nn.leaky", "Leaky"),  # the snntorch-form neuron CanonicalizeNeurons puts in
-    ("bestcompress.nn.norse_lif", "BoxLIFCell"),  # and the norse-form one
+    ("bestcompress.nn.norse_lif", "BoxLIFCell"),  # and the norse-form ones
+    ("bestcompress.nn.norse_lif", "CurrentLIFCell"),  # (CurrentLIF is a subclass)
     ("spikingjelly.activation_based.base", "MemoryModule"),
     ("spikingjelly.clock_driven.base", "MemoryModule"),
     ("spikingjelly.clock_driven.neuron", "BaseNode"),

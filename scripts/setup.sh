@@ -10,6 +10,9 @@ $PIP install -e ".[test,neurons,finn]"
 # needs here: install both without dependencies, then the few they import.
 $PIP install --no-deps spikingjelly==2.0.0 mnist1d==0.0.2.post1
 $PIP install loguru tqdm matplotlib scipy packaging requests
+# norse 1.1.0 (an sdist, pure Python) declares torchvision, which breaks beside CPU torch: --no-deps, then what its
+# import needs (nir reads files with h5py; norse 1.1.0 uses nirtorch 1.x's extract_nir_graph).
+$PIP install --no-deps norse==1.1.0 nir==1.0.4 nirtorch==1.0 h5py==3.16.0
 # FINN+ pins brevitas 0.13.0 / onnx 1.21 / an old setuptools, which would drag in another torch: --no-deps.
 $PIP install --no-deps finn-plus==1.6.1
 $PIP install "scipy>=1.17,<1.18" pydantic bitstring psutil termcolor

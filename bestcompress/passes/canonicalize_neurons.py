@@ -16,9 +16,10 @@ Covered:
   hidden state (init_hidden=True: kept in the neuron; `utils.reset(self)` or `reset_mem()` inside a forward is
   replayed by the traced graph, and bestcompress.nn.state.reset_state clears it between batches).
 - norse LIFBoxCell -> bestcompress.nn.norse_lif.BoxLIFCell (norse's equations, strict threshold, SuperSpike
-  surrogate, `z, state = cell(x, state)`).
-Kept, with a note: every other snntorch, norse (LIFCell integrates a synaptic current) and sinabs neuron, and any setting without a canonical form
-(other surrogates, state quantization, ...).
+  surrogate, `z, state = cell(x, state)`); norse LIFCell -> CurrentLIFCell and norse LIF -> CurrentLIF (the
+  synaptic current kept as a second state variable; LIF runs over the leading time axis).
+Kept, with a note: every other snntorch, norse (recurrent, adaptive, ...) and sinabs neuron, and any setting
+without a canonical form (other surrogates, norse's adjoint method, state quantization, ...).
 """
 from __future__ import annotations
 
@@ -31,12 +32,12 @@ from torch import nn
 
 from ..nn.leaky import Leaky
 from ..nn.lif import IF, LIF, ParametricLIF
-from ..nn.norse_lif import BoxLIFCell
+from ..nn.norse_lif import BoxLIFCell, CurrentLIFCell
 from ..trace import is_neuron
 from .base import Pass, PassContext, PassError, register_pass
 from .neuron_check import verify_swap
 
-CANONICAL_NEURONS = (LIF, Leaky, BoxLIFCell)
+CANONICAL_NEURONS = (LIF, Leaky, BoxLIFCell, CurrentLIFCell)
 
 
 class Unsupported(Exception):
@@ -136,11 +137,16 @@ def _to_plif(m: nn.Module, legacy_multi: bool | None = None) -> nn.Module:
     return _keep_single_step_state(new, m)
 
 
-def _to_box_lif(m: nn.Module) -> nn.Module:
-    p = m.p
+def _norse_method(p) -> str:
     method = getattr(p, "method", "super")
     if method not in ("super", "heaviside"):
         raise Unsupported(f"its threshold method {method!r} has no canonical form (super and heaviside do)")
+    return method
+
+
+def _to_box_lif(m: nn.Module) -> nn.Module:
+    p = m.p
+    method = _norse_method(p)
     reset_fn = getattr(getattr(p, "reset_method", None), "__name__", "reset_value")
     reset = {"reset_value": "value", "reset_subtract": "subtract"}.get(reset_fn)
     if reset is None:
@@ -148,6 +154,17 @@ def _to_box_lif(m: nn.Module) -> nn.Module:
     return BoxLIFCell(tau_mem_inv=_float(p.tau_mem_inv, "tau_mem_inv"), v_leak=_float(p.v_leak, "v_leak"),
                       v_th=_float(p.v_th, "v_th"), v_reset=_float(p.v_reset, "v_reset"), dt=_float(m.dt, "dt"),
                       reset=reset, surrogate=method)
+
+
+def _to_current_lif(m: nn.Module) -> nn.Module:
+    from ..nn.norse_lif import CurrentLIF
+    p = m.p
+    if getattr(m, "record_states", False):
+        raise Unsupported("record_states=True (the canonical neuron returns the last state only)")
+    cls = CurrentLIF if type(m).__name__ == "LIF" else CurrentLIFCell
+    return cls(tau_syn_inv=_float(p.tau_syn_inv, "tau_syn_inv"), tau_mem_inv=_float(p.tau_mem_inv, "tau_mem_inv"),
+               v_leak=_float(p.v_leak, "v_leak"), v_th=_float(p.v_th, "v_th"), v_reset=_float(p.v_reset, "v_reset"),
+               dt=_float(m.dt, "dt"), surrogate=_norse_method(p))
 
 
 def _to_leaky(m: nn.Module) -> nn.Module:
@@ -217,6 +234,15 @@ def _is_norse_box_cell(m: nn.Module) -> bool:
             and all(hasattr(p, f) for f in ("tau_mem_inv", "v_leak", "v_th", "v_reset")))
 
 
+def _is_norse_lif(cls_name: str) -> Callable[[nn.Module], bool]:
+    # norse.torch.LIFCell / norse.torch.LIF (by name: norse is optional); parameters in a LIFParameters tuple
+    def matches(m: nn.Module) -> bool:
+        p = getattr(m, "p", None)
+        return (type(m).__name__ == cls_name and type(m).__module__.startswith("norse.") and hasattr(m, "dt")
+                and all(hasattr(p, f) for f in ("tau_syn_inv", "tau_mem_inv", "v_leak", "v_th", "v_reset")))
+    return matches
+
+
 _SJ_NEEDS = ("v_threshold", "v_reset", "surrogate_function", "detach_reset")
 
 NEURON_RULES: list[NeuronRule] = [
@@ -237,6 +263,8 @@ NEURON_RULES: list[NeuronRule] = [
     NeuronRule("spikingjelly (legacy) IFNode", _is_legacy("IFNode", _SJ_NEEDS), lambda m: _to_if(m, False)),
     NeuronRule("snntorch Leaky", _is_snntorch_leaky, _to_leaky),
     NeuronRule("norse LIFBoxCell", _is_norse_box_cell, _to_box_lif),
+    NeuronRule("norse LIFCell", _is_norse_lif("LIFCell"), _to_current_lif),
+    NeuronRule("norse LIF", _is_norse_lif("LIF"), _to_current_lif),
 ]
 
 
@@ -263,8 +291,8 @@ def _foreign_neuron(module: nn.Module) -> bool:
 def _no_rule_reason(module: nn.Module) -> str:
     name = type(module).__name__
     if type(module).__module__.startswith("norse."):
-        return (f"norse {name} has no canonical form: norse's LIF integrates a synaptic current (a second state "
-                "variable, tau_syn) that bestcompress LIF does not have")
+        return (f"norse {name} has no canonical form in bestcompress (LIFBoxCell, LIFCell and LIF have; "
+                "recurrent, adaptive and other norse neurons do not)")
     return f"{name} has no canonical form in bestcompress"
 
 

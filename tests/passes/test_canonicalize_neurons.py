@@ -227,15 +227,15 @@ def test_verify_swap_leaves_both_neurons_untouched_and_deepcopy_survives_autogra
 
 
 def test_norse_neurons_are_named_in_a_note():
-    class LIFCell(nn.Module):  # stands in for norse.torch.LIFCell (norse is not installed here)
-        __module__ = "norse.torch.module.lif"
+    class LSNNCell(nn.Module):  # a norse neuron without a canonical form (no parameter tuple bestcompress reads)
+        __module__ = "norse.torch.module.lsnn"
 
         def forward(self, x, state=None):
             return x, state
 
-    model = nn.Sequential(nn.Linear(4, 4), LIFCell())
+    model = nn.Sequential(nn.Linear(4, 4), LSNNCell())
     out, p, notes = _apply(model)
-    assert isinstance(out[1], LIFCell) and "synaptic current" in p.kept["1"]
+    assert isinstance(out[1], LSNNCell) and "no canonical form" in p.kept["1"]
     assert any("kept '1'" in n and "norse" in n for n in notes)
 
 
