@@ -28,7 +28,7 @@
 
 #include "bk.h"
 
-#define NSLOTS 6
+#define NSLOTS 8
 static __thread struct { void *p; size_t n; } scratch[NSLOTS];
 
 void *bk_scratch(int slot, size_t bytes) {
@@ -217,7 +217,28 @@ static PyObject *bc_linear(PyObject *self, PyObject *args) {
                 P = 1; lsb = 0; packed = 1;
             }
         }
-        if (!packed) {
+        if (!packed && !fail) {
+            /* at most 8 planes: quantized to bytes and cut into planes (one read of x); else analyze + pack */
+            int e = (int)(mx >> 23), hi = e - 127, ors = -1;
+            uint8_t *q8 = NULL;
+            if (!(mx >> 31) && e != 0 && e != 0xff && hi >= -80 && hi <= 23) {
+                q8 = bk_scratch(6, (size_t)(rows * Kw * 64));
+                if (q8) ors = bk_quantize8(x, rows, K, Kw * 64, hi, q8);
+            }
+            if (ors >= 0) {
+                int low = ors ? __builtin_ctz((unsigned)ors) : 0;
+                P = ors ? 8 - low : 1;
+                lsb = ors ? hi - 7 + low : 0;
+                if (P > maxp) P = -1;
+                if (P > 0) {
+                    words = bk_scratch(0, (size_t)(P * rows * Kw) * sizeof(uint64_t));
+                    if (!words || !amask || !rowsum) fail = 1;
+                    else bk_pack_bytes(q8, rows, Kw, low, P, words, rowsum, amask);
+                    packed = !fail;
+                }
+            }
+        }
+        if (!packed && !fail && P >= 0) {
             P = bk_analyze(x, rows * K, &lsb);
             if (P > maxp) P = -1;
             if (P > 0) {
@@ -260,7 +281,9 @@ static PyObject *bc_conv(PyObject *self, PyObject *args) {
     if (P > 0) {
         c.P = P;
         c.Cw = (C + 63) / 64;
-        const ptrdiff_t pix = c.N * c.H * c.W, hw = c.Ho * c.Wo, npad = (hw + 7) / 8 * 8;
+        /* one spare vector of columns: a power-of-two row stride (32 x 32 maps: 8 KB) would map every k row of a
+         * tile to the same L1 set */
+        const ptrdiff_t pix = c.N * c.H * c.W, hw = c.Ho * c.Wo, npad = (hw + 7) / 8 * 8 + 8;
         const ptrdiff_t kwords = c.kh * c.kw * c.Cw;
         uint64_t *pixels = bk_scratch(0, (size_t)(P * pix * c.Cw) * sizeof(uint64_t));
         int64_t *pixsum = bk_scratch(1, (size_t)pix * sizeof(int64_t));

@@ -57,6 +57,12 @@ int bk_pack_spikes(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t Kw, ui
                    uint32_t *amask);
 void bk_pack(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t Kw, int P, int lsb, uint64_t *out,
              int64_t *rowsum, uint32_t *amask);
+/* q8 = x * 2^(7 - hi) as bytes [rows][kpad] (zero past K): the OR of all q8, -1 when some q8 is not an integer
+ * (the input needs more than 8 planes), -2 when the build has no AVX-512 (use bk_analyze + bk_pack) */
+int bk_quantize8(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t kpad, int hi, uint8_t *q);
+/* planes [P][rows][Kw] of bits low .. low + P - 1 of q8 rows (kpad = 64 Kw), rowsum = sum of q8 >> low, amask */
+void bk_pack_bytes(const uint8_t *q, ptrdiff_t rows, ptrdiff_t Kw, int low, int P, uint64_t *out, int64_t *rowsum,
+                   uint32_t *amask);
 void bk_pack_nchw(const float *x, ptrdiff_t N, ptrdiff_t C, ptrdiff_t HW, ptrdiff_t Cw, int P, int lsb,
                   uint64_t *out, int64_t *rowsum);
 void bk_im2col(const uint64_t *in, const int64_t *pix, const bk_conv *c, uint64_t *out, int64_t *rowsum);
@@ -69,6 +75,6 @@ void bk_transpose(const uint64_t *in, ptrdiff_t B, ptrdiff_t rows, ptrdiff_t Kw,
 void bk_maxpool(const float *x, ptrdiff_t planes, ptrdiff_t H, ptrdiff_t W, const int *k, const int *s,
                 const int *pad, ptrdiff_t Ho, ptrdiff_t Wo, float *out, float *tmp);
 
-/* thread-local scratch memory, grown on demand (slot 0..3), 64-byte aligned; NULL when out of memory */
+/* thread-local scratch memory, grown on demand (slot 0..7), 64-byte aligned; NULL when out of memory */
 void *bk_scratch(int slot, size_t bytes);
 #endif

@@ -136,8 +136,16 @@ static void run_scalar(const gemm_args *g, ptrdiff_t batch) {
                 }                                                                                              \
             }                                                                                                  \
         }                                                                                                      \
-        for (int r = 0; r < MB; r++)                                                                           \
-            for (int v = 0; v < NV; v++) epilogue512(g, bt, m0 + r, n0 + 8 * v, acc[r][v]);                    \
+        if (NV % 2 == 0 && narrow32(g)) {                                                                      \
+            for (int h = 0; h < NV / 2 && n0 + 16 * h < g->N; h++) {                                           \
+                ep16 e;                                                                                        \
+                ep16_columns(g, bt, n0 + 16 * h, &e);                                                          \
+                for (int r = 0; r < MB; r++) ep16_row(g, bt, m0 + r, n0 + 16 * h, &e, acc[r][2 * h], acc[r][2 * h + 1]); \
+            }                                                                                                  \
+        } else {                                                                                               \
+            for (int r = 0; r < MB; r++)                                                                       \
+                for (int v = 0; v < NV; v++) epilogue512(g, bt, m0 + r, n0 + 8 * v, acc[r][v]);                \
+        }                                                                                                      \
     }
 
 /* 8 outputs of row m from columns n..n+7: bk_finish's operations, in the same order, on 8 lanes */
@@ -159,6 +167,59 @@ T512 static inline void epilogue512(const gemm_args *g, ptrdiff_t bt, ptrdiff_t 
                           CH(g->bp[3]));
 #undef CH
     _mm256_mask_storeu_ps(g->out + bt * g->obs + m * g->ors + n, mk, f);
+}
+
+/* The same epilogue on 16 columns at once when every sum fits in int32 (narrow32): the two 8-lane int64
+ * accumulators narrowed to one int32 vector, then bk_finish's float operations in its order on 16 lanes. The
+ * per-column parameters (or, trans, the column sums) are loaded once per tile and reused for its rows. */
+typedef struct {
+    __m512 al, bi, p[4];
+    __m512i rs;
+    __mmask16 mk;
+} ep16;
+
+static inline int narrow32(const gemm_args *g) {
+    /* |2 * acc - rowsum| <= 3 * 64 * Kw * (2^Pa - 1) * (2^Pb - 1) < 2^31 */
+    return g->Pa + g->Pb <= 40 && (double)g->Kw * 192.0 * (double)(1ull << (g->Pa + g->Pb)) < 2147483648.0;
+}
+
+T512 static inline void ep16_columns(const gemm_args *g, ptrdiff_t bt, ptrdiff_t n, ep16 *e) {
+    e->mk = g->N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (g->N - n)) - 1u);
+    e->rs = _mm512_setzero_si512();
+    e->al = e->bi = e->p[0] = e->p[1] = e->p[2] = e->p[3] = _mm512_setzero_ps();
+    if (g->trans) {
+        if (g->colsum) {
+            const int64_t *cs = g->colsum + bt * g->Npad + n;
+            __m256i lo = _mm512_cvtepi64_epi32(_mm512_maskz_loadu_epi64((__mmask8)e->mk, cs));
+            __m256i hi = _mm512_cvtepi64_epi32(_mm512_maskz_loadu_epi64((__mmask8)(e->mk >> 8), cs + 8));
+            e->rs = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        }
+        return;
+    }
+    if (g->alpha) e->al = _mm512_maskz_loadu_ps(e->mk, g->alpha + n);
+    if (g->bias) e->bi = _mm512_maskz_loadu_ps(e->mk, g->bias + n);
+    for (int t = 0; t < 4; t++)
+        if (g->bp[t] && g->bn) e->p[t] = _mm512_maskz_loadu_ps(e->mk, g->bp[t] + n);
+}
+
+T512 static inline void ep16_row(const gemm_args *g, ptrdiff_t bt, ptrdiff_t m, ptrdiff_t n, const ep16 *e,
+                                 __m512i lo, __m512i hi) {
+    __m512i a = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)), _mm512_cvtepi64_epi32(hi), 1);
+    if (g->mode == 0) {
+        __m512i rs = g->trans ? e->rs : _mm512_set1_epi32(g->rowsum ? (int)g->rowsum[bt * g->M + m] : 0);
+        a = _mm512_sub_epi32(_mm512_add_epi32(a, a), rs);
+    }
+    __m512 f = _mm512_cvtepi32_ps(a);
+    if (g->scale != 1.0f) f = _mm512_mul_ps(f, _mm512_set1_ps(g->scale));
+#define CH16(v, p) (g->trans ? _mm512_set1_ps((p)[m]) : (v))
+    if (g->alpha) f = _mm512_mul_ps(f, CH16(e->al, g->alpha));
+    if (g->bias) f = _mm512_add_ps(f, CH16(e->bi, g->bias));
+    if (g->bn == 1) f = _mm512_fmadd_ps(f, CH16(e->p[0], g->bp[0]), CH16(e->p[1], g->bp[1]));
+    else if (g->bn == 2)
+        f = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(f, CH16(e->p[0], g->bp[0])), CH16(e->p[1], g->bp[1])),
+                                        CH16(e->p[2], g->bp[2])), CH16(e->p[3], g->bp[3]));
+#undef CH16
+    _mm512_mask_storeu_ps(g->out + bt * g->obs + m * g->ors + n, e->mk, f);
 }
 
 TILE512(4, 4)

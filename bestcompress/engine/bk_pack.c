@@ -233,6 +233,68 @@ void bk_pack(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t Kw, int P, i
     }
 }
 
+/* ----------------------------------------------------------------------------------- byte-quantized packing */
+
+/* The one-pass route for inputs of at most 8 planes (the residual stream of spike sums): q8 = x * 2^(7 - hi) as
+ * bytes (hi: the top plane, from bk_max_bits; x < 2^(hi + 1), so q8 < 256 when it is an integer), checked and
+ * converted in one read of x; the planes are then cut from the bytes (VPTESTMB: 64 bits per instruction), so
+ * analyze + pack's two passes over the floats become one over the floats and one over a quarter of the bytes. */
+#if defined(BC_AVX512)
+int bk_quantize8(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t kpad, int hi, uint8_t *q) {
+    const __m512 sc = _mm512_set1_ps(ldexpf(1.0f, 7 - hi)); /* a power of two: x * sc is exact */
+    __m512i ors = _mm512_setzero_si512();
+    __mmask16 bad = 0;
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const float *xr = x + r * K;
+        uint8_t *qr = q + r * kpad;
+        for (ptrdiff_t k = 0; k < kpad; k += 16) {
+            ptrdiff_t left = K - k;
+            __mmask16 mk = left >= 16 ? (__mmask16)0xffff : (left > 0 ? (__mmask16)((1u << left) - 1u) : 0);
+            __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xr + k), sc);
+            __m512i v = _mm512_cvttps_epi32(p);
+            bad |= _mm512_cmp_ps_mask(_mm512_cvtepi32_ps(v), p, _CMP_NEQ_UQ);
+            ors = _mm512_or_si512(ors, v);
+            _mm_storeu_si128((__m128i *)(qr + k), _mm512_cvtepi32_epi8(v));
+        }
+    }
+    if (bad) return -1;
+    return _mm512_reduce_or_epi32(ors);
+}
+
+void bk_pack_bytes(const uint8_t *q, ptrdiff_t rows, ptrdiff_t Kw, int low, int P, uint64_t *out, int64_t *rowsum,
+                   uint32_t *amask) {
+    const ptrdiff_t plane = rows * Kw;
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const uint8_t *qr = q + r * Kw * 64;
+        __m512i tot = _mm512_setzero_si512();
+        uint64_t any[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (ptrdiff_t w = 0; w < Kw; w++) {
+            __m512i v = _mm512_loadu_si512((const void *)(qr + 64 * w));
+            tot = _mm512_add_epi64(tot, _mm512_sad_epu8(v, _mm512_setzero_si512()));
+            for (int p = 0; p < P; p++) {
+                uint64_t m = _mm512_test_epi8_mask(v, _mm512_set1_epi8((char)(1u << (low + p))));
+                out[p * plane + r * Kw + w] = m;
+                any[p] |= m;
+            }
+        }
+        uint32_t used = 0;
+        for (int p = 0; p < P; p++) used |= (uint32_t)(any[p] != 0) << p;
+        rowsum[r] = _mm512_reduce_add_epi64(tot) >> low; /* every q8 is a multiple of 2^low */
+        amask[r] = used;
+    }
+}
+#else
+int bk_quantize8(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t kpad, int hi, uint8_t *q) {
+    (void)x; (void)rows; (void)K; (void)kpad; (void)hi; (void)q;
+    return -2;
+}
+
+void bk_pack_bytes(const uint8_t *q, ptrdiff_t rows, ptrdiff_t Kw, int low, int P, uint64_t *out, int64_t *rowsum,
+                   uint32_t *amask) {
+    (void)q; (void)rows; (void)Kw; (void)low; (void)P; (void)out; (void)rowsum; (void)amask;
+}
+#endif
+
 /* ----------------------------------------------------------------------------------------------- im2col */
 
 void bk_im2col(const uint64_t *in, const int64_t *pix, const bk_conv *c, uint64_t *out, int64_t *rowsum) {
