@@ -276,23 +276,32 @@ static PyObject *bc_conv(PyObject *self, PyObject *args) {
     const float *x = PTR(const float *, xa);
     int P, lsb, fail = 0;
     Py_BEGIN_ALLOW_THREADS
-    P = bk_analyze(x, c.N * C * c.H * c.W, &lsb);
+    c.Cw = (C + 63) / 64;
+    const ptrdiff_t npix = c.N * c.H * c.W;
+    uint64_t *pixels = NULL;
+    int64_t *pixsum = bk_scratch(1, (size_t)npix * sizeof(int64_t));
+    int spikes = 0;
+    /* {0, 1} spikes (the largest value is 1): packed and checked in one pass; anything else: analyze, then pack */
+    if (bk_max_bits(x, c.N * C * c.H * c.W) == 0x3f800000u) {
+        pixels = bk_scratch(0, (size_t)(npix * c.Cw) * sizeof(uint64_t));
+        spikes = pixels && pixsum && bk_pack_nchw_spikes(x, c.N, C, c.H * c.W, c.Cw, pixels, pixsum);
+    }
+    if (spikes) { P = 1; lsb = 0; }
+    else P = bk_analyze(x, c.N * C * c.H * c.W, &lsb);
     if (P > maxp) P = -1;
     if (P > 0) {
         c.P = P;
-        c.Cw = (C + 63) / 64;
         /* one spare vector of columns: a power-of-two row stride (32 x 32 maps: 8 KB) would map every k row of a
          * tile to the same L1 set */
         const ptrdiff_t pix = c.N * c.H * c.W, hw = c.Ho * c.Wo, npad = (hw + 7) / 8 * 8 + 8;
         const ptrdiff_t kwords = c.kh * c.kw * c.Cw;
-        uint64_t *pixels = bk_scratch(0, (size_t)(P * pix * c.Cw) * sizeof(uint64_t));
-        int64_t *pixsum = bk_scratch(1, (size_t)pix * sizeof(int64_t));
+        if (!spikes) pixels = bk_scratch(0, (size_t)(P * pix * c.Cw) * sizeof(uint64_t));
         uint64_t *cols = bk_scratch(4, (size_t)(P * c.N * kwords * npad) * sizeof(uint64_t));
         int64_t *colsum = bk_scratch(5, (size_t)(c.N * npad) * sizeof(int64_t));
         if (!pixels || !pixsum || !cols || !colsum) {
             fail = 1;
         } else {
-            bk_pack_nchw(x, c.N, C, c.H * c.W, c.Cw, P, lsb, pixels, pixsum);
+            if (!spikes) bk_pack_nchw(x, c.N, C, c.H * c.W, c.Cw, P, lsb, pixels, pixsum);
             bk_im2col_cols(pixels, pixsum, &c, npad, cols, colsum);
             g.a = PTR(const uint64_t *, wa);
             g.b = cols;

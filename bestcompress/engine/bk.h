@@ -65,6 +65,9 @@ void bk_pack_bytes(const uint8_t *q, ptrdiff_t rows, ptrdiff_t Kw, int low, int 
                    uint32_t *amask);
 void bk_pack_nchw(const float *x, ptrdiff_t N, ptrdiff_t C, ptrdiff_t HW, ptrdiff_t Cw, int P, int lsb,
                   uint64_t *out, int64_t *rowsum);
+/* {0, 1} spikes of NCHW x packed along C with the value check in the same pass; 0 when some value is neither */
+int bk_pack_nchw_spikes(const float *x, ptrdiff_t N, ptrdiff_t C, ptrdiff_t HW, ptrdiff_t Cw, uint64_t *out,
+                        int64_t *rowsum);
 void bk_im2col(const uint64_t *in, const int64_t *pix, const bk_conv *c, uint64_t *out, int64_t *rowsum);
 void bk_im2col_cols(const uint64_t *in, const int64_t *pix, const bk_conv *c, ptrdiff_t Npad, uint64_t *out,
                     int64_t *colsum);

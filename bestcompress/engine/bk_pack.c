@@ -373,6 +373,49 @@ void bk_pack_nchw(const float *x, ptrdiff_t N, ptrdiff_t C, ptrdiff_t HW, ptrdif
         }
 }
 
+/* {0, 1} spikes of an NCHW tensor packed along C ([N*HW, Cw] words, per-pixel sums) in one pass that also checks
+ * the values: 1 when done, 0 (and nothing to use) when some value is neither 0 nor 1. Sixteen pixels at a time:
+ * each channel's 16 values give a 16-bit mask that sets bit c of the 16 pixel words held in two registers. */
+int bk_pack_nchw_spikes(const float *x, ptrdiff_t N, ptrdiff_t C, ptrdiff_t HW, ptrdiff_t Cw, uint64_t *out,
+                        int64_t *rowsum) {
+#if defined(BC_AVX512)
+    const __m512 z = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+    uint64_t words[16];
+    for (ptrdiff_t n = 0; n < N; n++)
+        for (ptrdiff_t p0 = 0; p0 < HW; p0 += 16) {
+            const ptrdiff_t np = HW - p0 < 16 ? HW - p0 : 16;
+            const __mmask16 mk = np == 16 ? (__mmask16)0xffff : (__mmask16)((1u << np) - 1u);
+            __m512i rs_lo = _mm512_setzero_si512(), rs_hi = _mm512_setzero_si512();
+            for (ptrdiff_t cw = 0; cw < Cw; cw++) {
+                __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+                const ptrdiff_t c1 = 64 * cw + 64 < C ? 64 * cw + 64 : C;
+                __mmask16 odd = 0;
+                for (ptrdiff_t c = 64 * cw; c < c1; c++) {
+                    __m512 v = _mm512_maskz_loadu_ps(mk, x + (n * C + c) * HW + p0);
+                    __mmask16 m = _mm512_cmp_ps_mask(v, z, _CMP_NEQ_UQ);
+                    odd |= m & _mm512_cmp_ps_mask(v, one, _CMP_NEQ_UQ);
+                    const __m512i bit = _mm512_set1_epi64((long long)(1ull << (c & 63)));
+                    lo = _mm512_mask_or_epi64(lo, (__mmask8)m, lo, bit);
+                    hi = _mm512_mask_or_epi64(hi, (__mmask8)(m >> 8), hi, bit);
+                }
+                if (odd) return 0;
+                rs_lo = _mm512_add_epi64(rs_lo, _mm512_popcnt_epi64(lo));
+                rs_hi = _mm512_add_epi64(rs_hi, _mm512_popcnt_epi64(hi));
+                _mm512_storeu_si512((void *)words, lo);
+                _mm512_storeu_si512((void *)(words + 8), hi);
+                uint64_t *dst = out + (n * HW + p0) * Cw + cw;
+                for (ptrdiff_t j = 0; j < np; j++) dst[j * Cw] = words[j];
+            }
+            _mm512_mask_storeu_epi64(rowsum + n * HW + p0, (__mmask8)mk, rs_lo);
+            _mm512_mask_storeu_epi64(rowsum + n * HW + p0 + 8, (__mmask8)(mk >> 8), rs_hi);
+        }
+    return 1;
+#else
+    (void)x; (void)N; (void)C; (void)HW; (void)Cw; (void)out; (void)rowsum;
+    return 0;
+#endif
+}
+
 /* bit im2col straight into the column layout [P, N, Kw, Npad] (Npad >= Ho*Wo, Kw = kh*kw*Cw) with per-patch sums
  * colsum [N, Npad]: the B operand of out[n] = W · patches[n]ᵀ, whose rows are NCHW output channels. */
 void bk_im2col_cols(const uint64_t *in, const int64_t *pix, const bk_conv *c, ptrdiff_t Npad, uint64_t *out,
@@ -382,25 +425,35 @@ void bk_im2col_cols(const uint64_t *in, const int64_t *pix, const bk_conv *c, pt
     const ptrdiff_t Kw = kh * kw * Cw;
     memset(out, 0, (size_t)(P * N * Kw * Npad) * sizeof(uint64_t));
     memset(colsum, 0, (size_t)(N * Npad) * sizeof(int64_t));
+    /* output columns x whose input column x * sw - pw + j * dw lies inside the image: x0 <= x < x1 */
     for (ptrdiff_t p = 0; p < P; p++)
         for (ptrdiff_t n = 0; n < N; n++) {
             const uint64_t *ip = in + (p * N + n) * H * W * Cw;
             uint64_t *op = out + (p * N + n) * Kw * Npad;
             for (ptrdiff_t i = 0; i < kh; i++)
-                for (ptrdiff_t j = 0; j < kw; j++)
+                for (ptrdiff_t j = 0; j < kw; j++) {
+                    const ptrdiff_t off = j * dw - pw;
+                    ptrdiff_t x0 = off >= 0 ? 0 : (-off + sw - 1) / sw, x1 = W - 1 - off < 0 ? 0 : (W - 1 - off) / sw + 1;
+                    if (x1 > Wo) x1 = Wo;
+                    if (x1 <= x0) continue;
                     for (ptrdiff_t y = 0; y < Ho; y++) {
                         ptrdiff_t yy = y * sh - ph + i * dh;
                         if (yy < 0 || yy >= H) continue;
-                        for (ptrdiff_t x = 0; x < Wo; x++) {
-                            ptrdiff_t xx = x * sw - pw + j * dw;
-                            if (xx < 0 || xx >= W) continue;
-                            ptrdiff_t q = yy * W + xx, col = y * Wo + x;
-                            const uint64_t *src = ip + q * Cw;
-                            uint64_t *dst = op + ((i * kw + j) * Cw) * Npad + col;
-                            for (ptrdiff_t c = 0; c < Cw; c++) dst[c * Npad] = src[c];
-                            if (p == 0) colsum[n * Npad + col] += pix[n * H * W + q];
+                        const ptrdiff_t q0 = yy * W + x0 * sw + off; /* the input pixel of output column x0 */
+                        for (ptrdiff_t ch = 0; ch < Cw; ch++) {  /* one contiguous run of output columns per word */
+                            uint64_t *dst = op + ((i * kw + j) * Cw + ch) * Npad + y * Wo + x0;
+                            const uint64_t *src = ip + q0 * Cw + ch;
+                            if (sw == 1 && Cw == 1) memcpy(dst, src, (size_t)(x1 - x0) * sizeof(uint64_t));
+                            else
+                                for (ptrdiff_t x = 0; x < x1 - x0; x++) dst[x] = src[x * sw * Cw];
+                        }
+                        if (p == 0) {
+                            const int64_t *prow = pix + n * H * W + q0;
+                            int64_t *cs = colsum + n * Npad + y * Wo + x0;
+                            for (ptrdiff_t x = 0; x < x1 - x0; x++) cs[x] += prow[x * sw];
                         }
                     }
+                }
         }
 }
 

@@ -139,3 +139,33 @@ def test_a_transposed_view_is_read_in_place(int8):
     with use_kernels(int8=int8):
         out, planes, _ = kernels.linear(x, _cols(w), 24)
     assert planes == 2 and torch.equal(out.view(3, 13, 24), F.linear(x, w))
+
+
+@pytest.mark.parametrize("planes,lsb", [(2, 0), (8, -3), (8, 4), (9, 0), (12, -6)])
+def test_inputs_of_up_to_and_beyond_eight_planes_pack_exactly(planes, lsb):
+    """Up to 8 planes take the one-pass byte route, more take analyze + pack: the same planes, lsb and floats."""
+    g = torch.Generator().manual_seed(11)
+    w = _signs(g, 40, 200)
+    q = torch.randint(0, 2 ** planes, (37, 200), generator=g)
+    q[0, 0], q[1, 1] = 2 ** (planes - 1), 1  # the top plane and the lowest plane are both set
+    x = torch.ldexp(q.to(torch.float32), torch.tensor(lsb))
+    packed = kernels.pack_rows(x)
+    assert (packed.planes, packed.lsb) == (planes, lsb)
+    with use_kernels(int8="off"):
+        out, got_planes, _ = kernels.linear(x, _cols(w), 40, max_planes=12)
+        assert got_planes == planes and torch.equal(out, F.linear(x, w))
+        assert kernels.linear(x, _cols(w), 40, max_planes=planes - 1) is None  # too many planes: refused
+        x[5, 7] = 0.1 * 2.0 ** lsb  # not a dyadic number of a few planes
+        assert kernels.linear(x, _cols(w), 40, max_planes=12) is None
+
+
+def test_a_fraction_among_spikes_leaves_the_convolution_spike_path():
+    g = torch.Generator().manual_seed(12)
+    x = _spikes(g, 2, 70, 9, 7)
+    x[1, 66, 4, 5] = 0.5  # largest value still 1.0
+    w = _signs(g, 12, 70, 3, 3)
+    rows = torch.zeros(12, 3, 3, 128)
+    rows[..., :70] = (w > 0).to(torch.float32).permute(0, 2, 3, 1)
+    weight_rows = kernels.pack_rows(rows.reshape(12, -1)).words
+    got, planes = kernels.conv_nchw(x, weight_rows, 12, (3, 3), (1, 1), (1, 1), (1, 1))
+    assert planes == 2 and torch.equal(got, F.conv2d(x, w, padding=1))
