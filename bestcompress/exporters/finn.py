@@ -76,6 +76,8 @@ def _streamline(Streamline, model, notes: list[str]):
     from qonnx.transformation.infer_data_layouts import InferDataLayouts
     from qonnx.transformation.lower_convs_to_matmul import LowerConvsToMatMul
 
+    from .finn_fast import streamline_steps
+
     lower = [LowerConvsToMatMul(), MakeMaxPoolNHWC(), absorb.AbsorbTransposeIntoMultiThreshold(), MakeMaxPoolNHWC(),
              absorb.AbsorbConsecutiveTransposes()]
     batched = _batched_convs(model)
@@ -83,23 +85,25 @@ def _streamline(Streamline, model, notes: list[str]):
         notes.append(f"streamline: {batched} Conv node(s) run on a T·B-merged batch; FINN's conv lowering (Im2Col) "
                      "needs batch 1, so convolutions stay ONNX Conv")
         lower = []
-    return ([absorb.AbsorbScalarBiasIntoMultiThreshold(), Streamline()] + lower
-            + [ConvertBipolarMatMulToXnorPopcount(), Streamline(), InferDataLayouts(), RemoveUnusedTensors()])
+    # FINN's Streamline, step by step (finn_fast.py: the same transforms, bookkeeping only after a change)
+    return ([absorb.AbsorbScalarBiasIntoMultiThreshold()] + streamline_steps() + lower
+            + [ConvertBipolarMatMulToXnorPopcount()] + streamline_steps() + [InferDataLayouts(), RemoveUnusedTensors()])
 
 
 def _to_hw():
     from finn.transformation.fpgadataflow.convert_to_hw import (
-        binary_matrix_vector_activation as bmva, concat, conv_inp_gen, duplicate_streams,
-        elementwise_binary_operation as ew, global_acc_pool, pool, pool_from_reduce,
-        quantized_matrix_vector_activation as qmva, requant, split, thresholding, vector_vector_activation as vva,
-        where,
+        binary_matrix_vector_activation as bmva, concat, conv_inp_gen, duplicate_streams, global_acc_pool, pool,
+        pool_from_reduce, quantized_matrix_vector_activation as qmva, requant, split, thresholding,
+        vector_vector_activation as vva, where,
     )
     from qonnx.transformation.general import GiveUniqueNodeNames
+
+    from .finn_fast import ElementwiseInOnePass
     return [bmva.InferBinaryMatrixVectorActivation(), qmva.InferQuantizedMatrixVectorActivation(),
             vva.InferVectorVectorActivation(), requant.InferRequantLayer(bitwidth_threshold=9),
             thresholding.InferThresholdingLayer(), pool.InferPool(), pool_from_reduce.InferPoolFromReduce(),
             conv_inp_gen.InferConvInpGen(), concat.InferConcatLayer(), split.InferSplitLayer(),
-            ew.InferElementwiseBinaryOperation(), where.InferWhereLayer(),
+            ElementwiseInOnePass(), where.InferWhereLayer(),
             global_acc_pool.InferGlobalAccPoolLayer(), duplicate_streams.InferDuplicateStreamsLayer(),
             GiveUniqueNodeNames()]
 
@@ -108,16 +112,21 @@ TIMES: dict[str, float] = {}  # seconds per transform of the last run (the bench
 
 
 def _run_stage(model, transforms, notes: list[str], stage: str, say=None):
+    """Apply each transform (a qonnx Transformation, to its fixpoint, or one of our passes with apply(model) ->
+    model), recording its seconds in TIMES and saying one line per transform."""
+    from qonnx.transformation.base import Transformation
+
     for t in transforms:
         t0 = time.perf_counter()
+        name = getattr(t, "label", type(t).__name__)
         try:
-            model = model.transform(t)
+            model = model.transform(t) if isinstance(t, Transformation) else t.apply(model)
         except Exception as e:  # FINN raises bare exceptions on graphs it cannot handle: record and go on
-            notes.append(f"{stage}: {type(t).__name__} skipped ({type(e).__name__}: {short_reason(e)})")
+            notes.append(f"{stage}: {name} skipped ({type(e).__name__}: {short_reason(e)})")
         took = time.perf_counter() - t0
-        TIMES[f"{stage}/{type(t).__name__}"] = TIMES.get(f"{stage}/{type(t).__name__}", 0.0) + took
-        if say is not None and took > 5:
-            say(f"FINN+: {stage}: {type(t).__name__} took {took:.0f} s")
+        TIMES[f"{stage}/{name}"] = TIMES.get(f"{stage}/{name}", 0.0) + took
+        if say is not None:
+            say(f"FINN+: {stage}: {name} {took:.1f} s ({len(model.graph.node)} nodes)")
     return model
 
 

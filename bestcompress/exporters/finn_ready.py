@@ -113,6 +113,7 @@ def finn_ready_graph(model: nn.Module, example_input: torch.Tensor):
     from qonnx.transformation.infer_datatypes import InferDataTypes
     from qonnx.transformation.infer_shapes import InferShapes
 
+    from .finn_graph import FactorConvWeights
     from .finn_unroll import UnrolledModel
 
     T = model_time_steps(model)
@@ -137,7 +138,10 @@ def finn_ready_graph(model: nn.Module, example_input: torch.Tensor):
     m = ModelWrapper(proto).transform(InferShapes())
     if _fold_shapes(m):
         m = m.transform(InferShapes())
-    for t in (FoldConstants(), RemoveUnusedTensors(), GiveUniqueNodeNames(), InferShapes()):
+    for t in (FoldConstants(), RemoveUnusedTensors()):
+        m = m.transform(t)
+    m = FactorConvWeights().apply(m)  # 1-bit convolutions with a folded BatchNorm: ±1 weights again
+    for t in (GiveUniqueNodeNames(), InferShapes()):
         m = m.transform(t)
     for name in bipolar_initializers(m.model):
         m.set_tensor_datatype(name, DataType["BIPOLAR"])

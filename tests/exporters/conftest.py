@@ -35,6 +35,30 @@ class TinySpikingMLP(nn.Module):
         return self.head(s.mean(0))
 
 
+class TinySpikingConv(nn.Module):
+    """The SPS tokenizer's shape in small: conv0 (kept fp) -> BN -> LIF -> conv1 (binary) -> BN -> LIF -> MaxPool
+    -> conv2 (binary) -> BN -> LIF -> mean over pixels and T -> head; T = 2, 3x8x8 input."""
+
+    def __init__(self, T: int = 2) -> None:
+        super().__init__()
+        self.T = T
+        self.conv0, self.bn0, self.lif0 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), LIF()
+        self.conv1, self.bn1, self.lif1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), LIF()
+        self.pool = nn.MaxPool2d(2)
+        self.conv2, self.bn2, self.lif2 = nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), LIF()
+        self.head = nn.Linear(16, 4)
+        self.bc_input_shape = (3, 8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.unsqueeze(0).repeat(self.T, 1, 1, 1, 1)
+        T, B = x.shape[:2]
+        s = self.lif0(self.bn0(self.conv0(x.flatten(0, 1))).reshape(T, B, 8, 8, 8))
+        s = self.lif1(self.bn1(self.conv1(s.flatten(0, 1))).reshape(T, B, 8, 8, 8))
+        s = self.pool(s.flatten(0, 1))
+        s = self.lif2(self.bn2(self.conv2(s)).reshape(T, B, 16, 4, 4))
+        return self.head(s.flatten(3).mean(3).mean(0))
+
+
 def tiny_binary(name: str, **overrides):
     """binarize(zoo tiny model) with the BESTformer recipe (reversible couplings on unless overridden), with
     BatchNorms calibrated so that the neurons fire."""
@@ -62,4 +86,11 @@ def binary_models():
 def tiny_mlp_binary():
     torch.manual_seed(0)
     binary = binarize(TinySpikingMLP().eval(), "bestformer", overrides={"reversible.enabled": False}).model
+    return make_it_fire(binary, binary.bc_input_shape, batches=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_conv_binary():
+    torch.manual_seed(0)
+    binary = binarize(TinySpikingConv().eval(), "bestformer", overrides={"reversible.enabled": False}).model
     return make_it_fire(binary, binary.bc_input_shape, batches=2)

@@ -57,3 +57,23 @@ def test_without_finn_a_clear_error(tmp_path, tiny_mlp_binary, monkeypatch):
     with pytest.raises(ExportError, match="pip install --no-deps finn-plus==1.6.1"):
         export_model(tiny_mlp_binary, "finn", tmp_path / "finn")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not HAVE_FINN, reason="FINN+ (the [finn] extra) is not installed")
+def test_binary_convolutions_before_and_after_maxpool_become_mvaus(tmp_path, tiny_conv_binary):
+    """The exporter folds each BatchNorm into its 1-bit convolution (weights ±m_c); the FINN-ready graph splits
+    the scale off again, so both binary convolutions (the second reads MaxPool's output) are BINARY × BIPOLAR
+    MVAUs, once per time step, and the graph still executes equal to PyTorch at every stage."""
+    lines: list[str] = []
+    result = export_model(tiny_conv_binary, "finn", tmp_path / "finn", samples=2, progress=lines.append)
+    assert result.verification.passed
+    report = json.loads((tmp_path / "finn" / "report.json").read_text())
+    hw = onnx.load(str(tmp_path / "finn" / "model_hw.onnx"))
+    mvau = [n for n in hw.graph.node if n.op_type == "MVAU"]
+    assert len(mvau) == 2 * tiny_conv_binary.T and report["binary_mac_fraction_in_hw"] == 1.0
+    assert all(dict((a.name, a.s) for a in n.attribute)["inputDataType"] == b"BINARY" for n in mvau)
+    assert report["totals"]["by_layer"].get("Pool", 0) == tiny_conv_binary.T  # the MaxPool is a hardware layer
+    for stage in ("finn", "streamlined", "hw"):
+        assert report["verification"][stage]["passed"], stage
+    steps = [line for line in lines if line.startswith("FINN+: ") and line.endswith(" nodes)")]
+    assert any("Streamline[0] ConvertSubToAdd" in line for line in steps) and len(steps) > 40  # one per transform
