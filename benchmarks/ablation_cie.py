@@ -47,7 +47,7 @@ STUDENT = {"train.lr": 2e-3, "train.min_lr": 1e-5, "train.warmup_epochs": 0, "tr
            "train.weight_decay": 0.0, "train.grad_clip": 1.0, "distill.label_smoothing": 0.1,
            "train.val_fraction": 0.1}
 _NO_COUPLINGS = {"reversible.enabled": False}
-_CAL = {"train.calibrate_batches": 8}
+_CAL = {"train.calibrate_batches": 8, "train.fit_heads": False}
 _NO_CAL = {"train.calibrate_batches": 0}
 # variant: (description, recipe overrides on top of bestformer; None = the bestformer recipe as shipped)
 VARIANTS = {
@@ -84,6 +84,9 @@ VARIANTS = {
     "cie": ("+ calibration + preserving couplings + soft KD (τ 2, α 0.5) on both heads (distill.heads both)",
             {**_CAL, "reversible.enabled": True, "reversible.form": "preserving", "distill.losses": ["soft"],
              "distill.alpha": 0.5, "distill.temperature": 2.0, "distill.heads": "both"}),
+    "cie_fit": ("cie + the heads fitted to the FP heads by least squares at calibration (train.fit_heads)",
+                {**_CAL, "reversible.enabled": True, "reversible.form": "preserving", "distill.losses": ["soft"],
+                 "distill.alpha": 0.5, "distill.temperature": 2.0, "distill.heads": "both", "train.fit_heads": True}),
     "default": ("the default `bestformer` recipe as shipped", None),
 }
 # the first default candidate (bestformer.yaml while the first part of the reduced plan ran), kept for the record
@@ -101,16 +104,27 @@ WAVE2B = [
     ("mnist1d_hard", 30, ["plain", "cie"], 3),
     ("mnist1d", 12, ["calibrated", "calibrated_soft", "calibrated_couplings"], 1),
 ]
-# the plan of the third wave-2 session, run with --merge on top of WAVE2B: the 30-epoch cells' third seed, calibration
-# alone on every 12-epoch cell, then one seed of each component on both tasks (what each adds beyond calibration)
+# the plan of the third wave-2 session, a fresh run on another CPU (teachers retrained: CPU training is not bitwise
+# reproducible across machines, so the WAVE2B runs, kept in ablation_cie_wave2b.json, had other teachers): plain vs
+# the default on every cell with 3 seeds, calibration alone with 3 seeds at 12 epochs, then one seed of each component
 WAVE2C = [
+    ("mnist1d", 12, ["plain", "cie"], 3),
+    ("mnist1d_hard", 12, ["plain", "cie"], 3),
     ("mnist1d", 30, ["plain", "cie"], 3),
     ("mnist1d_hard", 30, ["plain", "cie"], 3),
     ("mnist1d", 12, ["calibrated"], 3),
     ("mnist1d_hard", 12, ["calibrated"], 3),
-    ("mnist1d_hard", 12, ["calibrated_soft", "calibrated_couplings"], 1),
-    ("mnist1d", 12, ["couplings_paper", "hard", "feature", "attention", "paper_cie"], 1),
-    ("mnist1d_hard", 12, ["couplings_paper", "hard", "feature", "attention", "paper_cie"], 1),
+    ("mnist1d", 12, ["calibrated_soft", "calibrated_couplings", "couplings_paper", "hard", "feature", "attention",
+                     "paper_cie"], 1),
+    ("mnist1d_hard", 12, ["calibrated_soft", "calibrated_couplings", "couplings_paper", "hard", "feature",
+                          "attention", "paper_cie"], 1),
+]
+# the head fit (train.fit_heads) against the same default without it, run as --name ablation_cie_fit beside WAVE2C
+FIT = [
+    ("mnist1d", 12, ["cie_fit"], 3),
+    ("mnist1d_hard", 12, ["cie_fit"], 3),
+    ("mnist1d", 30, ["cie_fit"], 3),
+    ("mnist1d_hard", 30, ["cie_fit"], 3),
 ]
 # the reduced plan of the first session: (task, epochs, variants, seeds), in order of priority
 REDUCED = [
@@ -209,11 +223,17 @@ def run_calibrated_0ep(task: str, seed: int, data_path: str, teacher_path: str) 
     teacher = load(teacher_path).model
     torch.manual_seed(seed)
     student = binarize(teacher, "bestformer").model
+    from bestcompress.recipe import load_recipe
     before = evaluate(student, data_path)["top1"]
     calibrate(student, data_path, batches=8, batch_size=64, seed=seed)
     after = evaluate(student, data_path)
-    return {"task": task, "seed": seed, "variant": "calibrated_0ep", "epochs": 0, "top1": after["top1"],
-            "uncalibrated_top1": before, **{k: v for k, v in after.items() if k.startswith("top1_")}}
+    fit = calibrate(student, data_path, batches=8, batch_size=64, seed=seed, teacher=teacher)  # + the head fit
+    fitted = evaluate(student, data_path)["top1"] if fit.heads else None
+    default_fits = load_recipe("bestformer").train.fit_heads
+    return {"task": task, "seed": seed, "variant": "calibrated_0ep", "epochs": 0,
+            "top1": fitted if default_fits and fitted is not None else after["top1"],
+            "uncalibrated_top1": before, "without_head_fit_top1": after["top1"], "with_head_fit_top1": fitted,
+            **{k: v for k, v in after.items() if k.startswith("top1_")}}
 
 
 def run_student(task: str, seed: int, variant: str, epochs: int, data_path: str, teacher_path: str,
@@ -251,9 +271,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def build_plan(args) -> list[tuple[str, int, str, int]]:
     """[(task, epochs, variant, seed)] of student runs, in order of priority."""
-    if args.plan in ("reduced", "followup", "wave2b", "wave2c"):
+    if args.plan in ("reduced", "followup", "wave2b", "wave2c", "fit"):
         jobs = []
-        plans = {"reduced": REDUCED, "followup": FOLLOWUP, "wave2b": WAVE2B, "wave2c": WAVE2C}
+        plans = {"reduced": REDUCED, "followup": FOLLOWUP, "wave2b": WAVE2B, "wave2c": WAVE2C, "fit": FIT}
         for task, epochs, variants, seeds in plans[args.plan]:
             jobs += [(task, epochs, v, s) for s in range(seeds) for v in variants]
         return jobs
@@ -345,7 +365,7 @@ def main(argv=None) -> int:
     p.add_argument("--default-is", default=None, metavar="VARIANT",
                    help="the shipped bestformer recipe equals this variant's configuration: list its runs as "
                         "`default` and earlier `default` runs as `default_v1` (DEFAULT_V1)")
-    p.add_argument("--plan", choices=("wave2c", "wave2b", "reduced", "followup", "full"), default="wave2b",
+    p.add_argument("--plan", choices=("fit", "wave2c", "wave2b", "reduced", "followup", "full"), default="wave2b",
                    help="reduced: the REDUCED list (fits ~50 min on 2 cores); full: tasks × epochs × variants × seeds")
     p.add_argument("--tasks", type=lambda s: s.split(","), default=["mnist1d", "mnist1d_hard"])
     p.add_argument("--seeds", type=int, default=3)

@@ -74,6 +74,7 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.1  # part of the training set held out to pick the best epoch (0: keep the last)
     calibrate_batches: int = 8  # distill re-estimates BatchNorm statistics on this many batches first (0: off)
+    fit_heads: bool = False  # calibration also fits the FP heads to the FP model's heads (least squares)
     memory: Literal["plain", "checkpoint", "reversible"] = "plain"  # backprop memory (training/memory.py)
 
 

@@ -177,7 +177,8 @@ def binarize(checkpoint, arch, model_factory, model_kwargs, input_shape, trust_c
         raise
     if calibrate_data is not None:
         from ..training.calibration import calibrate
-        done = calibrate(result.model, calibration, batches=calibrate_batches, batch_size=64)
+        done = calibrate(result.model, calibration, batches=calibrate_batches, batch_size=64,
+                         teacher=source if resolved.train.fit_heads else None)
         result.notes.append(f"calibrate: re-estimated {done.note(f'training samples of {calibrate_data!r}')}")
     summary = summarize(result.model, input_shape=shape)
     save_binary(result.model, source, output)

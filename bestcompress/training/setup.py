@@ -80,14 +80,14 @@ def _describe(model: nn.Module) -> str:
 
 
 def _calibrate(run: Run, state_loaded: bool) -> None:
-    """Calibration (BatchNorm statistics, attention-map scales) at the start of distill (recipe
-    train.calibrate_batches; not on resume)."""
+    """Calibration (BatchNorm statistics, attention-map scales, with train.fit_heads the heads) at the start of
+    distill (recipe train.calibrate_batches; not on resume)."""
     n = run.recipe.train.calibrate_batches
     if run.kind != "distill" or n <= 0 or state_loaded:
         return
     from .calibration import calibrate
     done = calibrate(run.model, run.data, batches=n, batch_size=run.per_rank_batch, seed=run.seed,
-                     device=run.device)
+                     device=run.device, teacher=run.teacher if run.recipe.train.fit_heads else None)
     if done.batchnorms or done.attention_scales:
         run.say(f"recalibrated {done.note()}")
 
