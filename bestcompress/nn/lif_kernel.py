@@ -5,14 +5,20 @@ backward allocates a zero tensor of the whole input: T² work). `fused_lif` comp
 saves only the membrane H (one tensor the size of the input), and computes the input gradient in one backward pass
 with the same surrogate. Two backends, equal in spikes (bit for bit) and gradients (to float rounding):
 
-- 'cpp': a C++ kernel (bestcompress/nn/csrc/lif.cpp) compiled on first use with torch.utils.cpp_extension
-  (g++ and ninja; cached per machine under TORCH_EXTENSIONS_DIR), multi-threaded with torch's thread pool;
+- 'cpp': a C++ kernel (bestcompress/nn/csrc/lif.cpp, kernels in lif_body.h) compiled on first use with
+  torch.utils.cpp_extension (g++ and ninja; cached per machine under TORCH_EXTENSIONS_DIR), multi-threaded with
+  torch's thread pool. The kernels are compiled once per instruction set (baseline, AVX2, AVX-512) and picked at
+  run time by what the CPU reports, so a cached build never runs instructions a machine lacks;
 - 'torch': the same algorithm in torch ops under no_grad (used when the C++ kernel cannot be built; `lif_backend()`
   says which one runs and why).
 
 What backward needs is H alone: the surrogate is a function of H − V_th and a hard reset's spike is H >= V_th, so
 no spike tensor is saved here; the spikes it returns are marked (nn/memory.py) so that the layers consuming them
-save them as bits.
+save them as bits. Where the time goes is memory, so the C++ path moves as little as it can: without a graph
+(inference) H is not written at all; the gradient of a sum (one value broadcast) is read as that value; backward
+writes the input gradient over H when autograd will not keep the graph (H is dead after it); and S/H buffers come
+from a small pool of freed blocks (csrc/lif.cpp; BESTCOMPRESS_LIF_POOL_MB, default 256) instead of fresh pages,
+whose first-touch faults cost more than the kernels.
 
 `BESTCOMPRESS_LIF=reference|torch|cpp|auto` (default auto) selects the backend; 'reference' keeps the plain loop.
 The fused path serves LIF, IF and the attention-map neuron with their own charge/fire/reset (`LIF.kernel_params`
@@ -22,6 +28,7 @@ knows nothing of the neuron classes (a leaf below nn/lif.py).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import threading
@@ -31,15 +38,18 @@ import torch
 
 from ..errors import short_reason
 
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "lif.cpp"
+_CSRC = Path(__file__).resolve().parent / "csrc"
+_SOURCE, _BODY = _CSRC / "lif.cpp", _CSRC / "lif_body.h"
 _lock = threading.Lock()
 _state: dict = {}
 
 
 def _build():
     from torch.utils.cpp_extension import load
-    return load(name="bestcompress_lif", sources=[str(_SOURCE)],
-                extra_cflags=["-O3", "-ffp-contract=off", "-fno-trapping-math"], verbose=False)
+    # torch rebuilds when a source or a flag changes, not an included header: the header's hash is a flag
+    body = hashlib.sha256(_BODY.read_bytes()).hexdigest()[:16]
+    return load(name="bestcompress_lif", sources=[str(_SOURCE)], verbose=False,
+                extra_cflags=["-O3", "-ffp-contract=off", "-fno-trapping-math", f"-DBESTCOMPRESS_LIF_BODY={body}"])
 
 
 def _cpp():
@@ -71,7 +81,7 @@ def lif_backend() -> tuple[str, str]:
     if want == "torch":
         return "torch", "BESTCOMPRESS_LIF=torch"
     if _cpp() is not None:
-        return "cpp", _state["why"]
+        return "cpp", f"{_state['why']} ({_cpp().isa()})"
     if want == "cpp":
         raise RuntimeError(f"BESTCOMPRESS_LIF=cpp but the {_state['why']}")
     return "torch", _state["why"]
@@ -124,11 +134,20 @@ def _torch_backward(grad_s, h_all, tau, v_th, v_reset, hard, decay_input, detach
     return gx
 
 
+def _graph_kept() -> bool:
+    """True when the running backward keeps the graph (retain_graph / create_graph): then the saved H must
+    survive it. Asked of autograd's engine; if this torch cannot tell, the graph counts as kept."""
+    try:
+        return bool(torch._C._autograd._get_current_graph_task_keep_graph())
+    except (AttributeError, RuntimeError):
+        return True
+
+
 class _FusedLIF(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, backend: str, params: tuple):
         if backend == "cpp":
-            s, h = _cpp().lif_forward(x, *params)
+            s, h = _cpp().lif_forward(x, *params, True)
         else:
             with torch.no_grad():
                 s, h = _torch_forward(x, *params)
@@ -139,8 +158,8 @@ class _FusedLIF(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_s):
         (h,) = ctx.saved_tensors
-        if ctx.backend == "cpp":
-            gx = _cpp().lif_backward(grad_s, h, *ctx.params)
+        if ctx.backend == "cpp":  # H is dead after this backward unless the graph is kept: the gradient goes over it
+            gx = _cpp().lif_backward(grad_s, h, *ctx.params, not _graph_kept())
         else:
             with torch.no_grad():
                 gx = _torch_backward(grad_s.contiguous(), h, *ctx.params)
@@ -165,4 +184,10 @@ def fused_lif(x: torch.Tensor, params: tuple) -> torch.Tensor | None:
     backend, _ = lif_backend()
     if backend == "reference" or not can_fuse(x):
         return None
-    return _FusedLIF.apply(x.contiguous(), backend, params)
+    x = x.contiguous()
+    if not (torch.is_grad_enabled() and x.requires_grad):  # inference: no graph, and H is not even written
+        if backend == "cpp":
+            return _cpp().lif_forward(x, *params, False)[0]
+        with torch.no_grad():
+            return _torch_forward(x, *params)[0]
+    return _FusedLIF.apply(x, backend, params)

@@ -1,13 +1,21 @@
 // Fused multi-step LIF for the CPU: forward and backward over all T time steps in one pass each.
 //
-// Each step repeats the exact operation order of bestcompress.nn.lif.LIF (charge, fire, reset), so spikes are
-// bit-identical to the pure-torch neuron (built with -ffp-contract=off: no fused multiply-adds).
-// Layout: x, h, grad tensors are contiguous [T, N]; the membrane of the N neurons lives in a small buffer.
+// The kernels are in lif_body.h (one copy per instruction set, picked at run time); this file dispatches and
+// binds them. Layout: x, h, grad tensors are contiguous [T, N]; the membranes of a block of N lives in a small
+// buffer. Memory traffic is the cost: forward reads x and writes S (and H when training), backward reads H and
+// writes the gradient over it, and the gradient of a sum (one broadcast value) is never materialised.
 #include <torch/extension.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <list>
+#include <mutex>
 #include <algorithm>
+#include <string>
 #include <vector>
 
 namespace {
@@ -19,179 +27,210 @@ struct Params {
   bool hard, decay_input, detach_reset, atan, integrate;  // integrate: IF, H = V + X
 };
 
-Params unpack(double tau, double v_th, double v_reset, bool hard, bool decay_input, bool detach_reset,
-              double alpha, bool atan, bool integrate) {
-  return Params{tau, v_th, v_reset, alpha, hard, decay_input, detach_reset, atan, integrate};
+// One copy of the kernels per instruction set (lif_body.h), chosen at run time: portable builds still use AVX2 /
+// AVX-512 where the CPU has them, and a cached build never runs instructions another machine lacks.
+namespace base {
+#include "lif_body.h"
+}
+#if defined(__x86_64__) && defined(__GNUC__)
+#define BC_X86 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "lif_body.h"
+}
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,prefer-vector-width=512")
+namespace avx512 {
+#include "lif_body.h"
+}
+#pragma GCC pop_options
+#endif
+
+const char* const kIsaNames[] = {"baseline", "avx2", "avx512"};
+
+int best_isa() {
+#ifdef BC_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+    return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+#endif
+  return 0;
 }
 
-// The flags are template parameters so that each inner loop is branch-free and the compiler vectorises it.
-template <typename T, bool HARD, bool DECAY, bool INTEGRATE>
-void forward_kernel(const T* __restrict__ x, T* __restrict__ s, T* __restrict__ h, int64_t steps, int64_t n,
-                    const Params& p) {
-  const T tau = T(p.tau), v_th = T(p.v_th), v_reset = T(p.v_reset);
-  const T base = HARD ? v_reset : T(0);
-  // Blocks of neurons small enough that their membranes stay in L1 while all T steps run over them.
-  at::parallel_for(0, n, kBlock, [&](int64_t begin, int64_t end) {
-    T v[kBlock];
-    for (int64_t lo = begin; lo < end; lo += kBlock) {
-      const int64_t len = std::min<int64_t>(kBlock, end - lo);
-      for (int64_t i = 0; i < len; ++i) v[i] = HARD ? v_reset : T(0);
-      for (int64_t t = 0; t < steps; ++t) {
-        const T* __restrict__ xt = x + t * n + lo;
-        T* __restrict__ st = s + t * n + lo;
-        T* __restrict__ ht = h + t * n + lo;
-#pragma GCC ivdep
-        for (int64_t i = 0; i < len; ++i) {
-          const T vi = v[i];
-          T hh;
-          if (INTEGRATE) hh = vi + xt[i];
-          else if (DECAY) hh = vi + (xt[i] - (vi - base)) / tau;
-          else hh = (vi - (vi - base) / tau) + xt[i];
-          const T spike = static_cast<T>((hh - v_th) >= T(0));
-          ht[i] = hh;
-          st[i] = spike;
-          v[i] = HARD ? hh * (T(1) - spike) + v_reset * spike : hh - v_th * spike;
-        }
+int g_isa = best_isa();
+
+std::vector<std::string> isas() {  // what this CPU can run, best last
+  std::vector<std::string> out;
+  for (int i = 0; i <= best_isa(); ++i) out.emplace_back(kIsaNames[i]);
+  return out;
+}
+
+std::string set_isa(const std::string& name) {  // for tests and benchmarks; returns the previous one
+  const std::string old = kIsaNames[g_isa];
+  for (int i = 0; i <= best_isa(); ++i)
+    if (name == kIsaNames[i]) {
+      g_isa = i;
+      return old;
+    }
+  TORCH_CHECK(false, "instruction set ", name, " is not available on this CPU");
+}
+
+// Buffers of S and H come from a small pool of freed blocks (exact byte size, most recently freed first, at most
+// BESTCOMPRESS_LIF_POOL_MB, default 256 MiB, least recently freed dropped first). A fresh multi-megabyte block
+// from malloc is fresh pages: their first touch faults and the kernel zeroes them, which took longer than the
+// kernels themselves. Blocks under 1 MiB come from torch's allocator.
+struct Pool final : c10::Allocator {
+  static constexpr size_t kHeader = 64, kMin = size_t(1) << 20;
+  std::mutex mutex;
+  std::list<std::pair<size_t, char*>> free;  // (bytes, base), most recent first
+  size_t held = 0;
+  size_t limit = [] {
+    const char* mb = std::getenv("BESTCOMPRESS_LIF_POOL_MB");
+    return (mb && *mb ? size_t(std::strtoull(mb, nullptr, 10)) : size_t(256)) << 20;
+  }();
+
+  static void release(void* base) {
+    Pool& pool = instance();
+    const size_t bytes = *static_cast<size_t*>(base);
+    std::vector<char*> drop;
+    {
+      std::lock_guard<std::mutex> lock(pool.mutex);
+      pool.free.emplace_front(bytes, static_cast<char*>(base));
+      pool.held += bytes;
+      while (pool.held > pool.limit) {
+        drop.push_back(pool.free.back().second);
+        pool.held -= pool.free.back().first;
+        pool.free.pop_back();
       }
     }
-  });
-}
-
-// exp for the surrogate gradient, written so that the compiler vectorises it: round-to-nearest by the 1.5·2^m
-// trick, a Taylor polynomial on |r| <= ln2/2 (relative error ~1e-7 in float, ~1e-16 in double), 2^k from bits.
-template <typename T> struct ExpBits;
-template <> struct ExpBits<float> {
-  using I = int32_t;
-  static constexpr int mantissa = 23, bias = 127, degree = 7;
-  static constexpr float magic = 12582912.0f;
-};
-template <> struct ExpBits<double> {
-  using I = int64_t;
-  static constexpr int mantissa = 52, bias = 1023, degree = 13;
-  static constexpr double magic = 6755399441055744.0;
-};
-
-template <typename T>
-inline T vexp(T x) {
-  using B = ExpBits<T>;
-  x = x < T(-80) ? T(-80) : x;
-  x = x > T(80) ? T(80) : x;
-  const T kf = (x * T(1.4426950408889634) + B::magic) - B::magic;
-  const T r = (x - kf * T(0.693145751953125)) - kf * T(1.4286068203094172e-06);
-  T p = T(1);
-  for (int d = B::degree; d >= 1; --d) p = T(1) + p * r / T(d);
-  const typename B::I bits = (static_cast<typename B::I>(kf) + B::bias) << B::mantissa;
-  T scale;
-  __builtin_memcpy(&scale, &bits, sizeof(T));
-  return p * scale;
-}
-
-template <typename T, bool ATAN>
-inline T surrogate(T u, T alpha) {  // dS/dH at H - V_th = u
-  if (ATAN) {
-    const T k = T(M_PI / 2.0) * alpha * u;
-    return (alpha / T(2)) / (T(1) + k * k);
+    for (char* b : drop) std::free(b);
   }
-  const T sig = T(1) / (T(1) + vexp(-(alpha * u)));
-  return alpha * sig * (T(1) - sig);
-}
 
-template <typename T, bool HARD, bool DETACH, bool ATAN>
-void backward_kernel(const T* __restrict__ gs, const T* __restrict__ h, T* __restrict__ gx, int64_t steps,
-                     int64_t n, const Params& p) {
-  const T dv = p.integrate ? T(1) : T(1) - T(1) / T(p.tau);  // dH_t / dV_{t-1}
-  const T dx = (p.integrate || !p.decay_input) ? T(1) : T(1) / T(p.tau);  // dH_t / dX_t
-  const T v_th = T(p.v_th), v_reset = T(p.v_reset), alpha = T(p.alpha);
-  at::parallel_for(0, n, kBlock, [&](int64_t begin, int64_t end) {
-    T gv[kBlock];  // dL/dV_t, flowing back from step t+1
-    for (int64_t lo = begin; lo < end; lo += kBlock) {
-      const int64_t len = std::min<int64_t>(kBlock, end - lo);
-      for (int64_t i = 0; i < len; ++i) gv[i] = T(0);
-      for (int64_t t = steps - 1; t >= 0; --t) {
-        const int64_t off = t * n + lo;
-        const T* __restrict__ gst = gs + off;
-        const T* __restrict__ ht = h + off;
-        T* __restrict__ gxt = gx + off;
-#pragma GCC ivdep
-        for (int64_t i = 0; i < len; ++i) {
-          const T hh = ht[i];
-          const T u = hh - v_th;
-          const T spike = static_cast<T>(u >= T(0));
-          const T g_v = gv[i];
-          T g_spike = gst[i];  // everything that reaches the spike S_t
-          T g_h;
-          if (HARD) {
-            if (!DETACH) g_spike += g_v * (v_reset - hh);
-            g_h = g_v * (T(1) - spike);
-          } else {
-            if (!DETACH) g_spike -= g_v * v_th;
-            g_h = g_v;
-          }
-          g_h += g_spike * surrogate<T, ATAN>(u, alpha);
-          gxt[i] = g_h * dx;
-          gv[i] = g_h * dv;
+  c10::DataPtr allocate(size_t n) override {
+    if (n < kMin) return c10::GetCPUAllocator()->allocate(n);
+    const size_t bytes = kHeader + (n + 63) / 64 * 64;
+    char* base = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      for (auto it = free.begin(); it != free.end(); ++it)
+        if (it->first == bytes) {
+          base = it->second;
+          held -= bytes;
+          free.erase(it);
+          break;
         }
-      }
     }
-  });
+    if (!base) {
+      base = static_cast<char*>(std::aligned_alloc(64, bytes));
+      TORCH_CHECK(base, "lif: out of memory allocating ", bytes, " bytes");
+      *reinterpret_cast<size_t*>(base) = bytes;
+    }
+    return {base + kHeader, base, &Pool::release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
+
+  static Pool& instance() {  // never destroyed: tensors may be freed after static destructors ran
+    static Pool* pool = new Pool();
+    return *pool;
+  }
+};
+
+torch::Tensor pooled_like(const torch::Tensor& x) {
+  return torch::Tensor(at::detail::empty_generic(x.sizes(), &Pool::instance(),
+                                                 c10::DispatchKeySet(c10::DispatchKey::CPU), x.scalar_type(),
+                                                 at::MemoryFormat::Contiguous));
+}
+
+std::vector<int64_t> pool_state() {  // (bytes held, limit)
+  Pool& pool = Pool::instance();
+  std::lock_guard<std::mutex> lock(pool.mutex);
+  return {int64_t(pool.held), int64_t(pool.limit)};
+}
+
+int64_t set_pool_limit(int64_t bytes) {  // returns the previous limit; blocks over the new one are freed
+  Pool& pool = Pool::instance();
+  std::vector<char*> drop;
+  size_t old;
+  {
+    std::lock_guard<std::mutex> lock(pool.mutex);
+    old = pool.limit;
+    pool.limit = size_t(bytes < 0 ? 0 : bytes);
+    while (pool.held > pool.limit) {
+      drop.push_back(pool.free.back().second);
+      pool.held -= pool.free.back().first;
+      pool.free.pop_back();
+    }
+  }
+  for (char* b : drop) std::free(b);
+  return int64_t(old);
 }
 
 template <typename T>
-void forward_dispatch(const T* x, T* s, T* h, int64_t steps, int64_t n, const Params& p) {
-  if (p.integrate) {
-    if (p.hard) forward_kernel<T, true, false, true>(x, s, h, steps, n, p);
-    else forward_kernel<T, false, false, true>(x, s, h, steps, n, p);
-  } else if (p.decay_input) {
-    if (p.hard) forward_kernel<T, true, true, false>(x, s, h, steps, n, p);
-    else forward_kernel<T, false, true, false>(x, s, h, steps, n, p);
-  } else {
-    if (p.hard) forward_kernel<T, true, false, false>(x, s, h, steps, n, p);
-    else forward_kernel<T, false, false, false>(x, s, h, steps, n, p);
-  }
+void forward_any(const T* x, T* s, T* h, int64_t steps, int64_t n, int64_t b, int64_t e, const Params& p) {
+#ifdef BC_X86
+  if (g_isa == 2) return avx512::forward<T>(x, s, h, steps, n, b, e, p);
+  if (g_isa == 1) return avx2::forward<T>(x, s, h, steps, n, b, e, p);
+#endif
+  base::forward<T>(x, s, h, steps, n, b, e, p);
 }
 
-template <typename T, bool ATAN>
-void backward_dispatch(const T* gs, const T* h, T* gx, int64_t steps, int64_t n, const Params& p) {
-  if (p.hard) {
-    if (p.detach_reset) backward_kernel<T, true, true, ATAN>(gs, h, gx, steps, n, p);
-    else backward_kernel<T, true, false, ATAN>(gs, h, gx, steps, n, p);
-  } else {
-    if (p.detach_reset) backward_kernel<T, false, true, ATAN>(gs, h, gx, steps, n, p);
-    else backward_kernel<T, false, false, ATAN>(gs, h, gx, steps, n, p);
-  }
+template <typename T>
+void backward_any(const T* gs, T g0, const T* h, T* gx, int64_t steps, int64_t n, int64_t b, int64_t e,
+                  const Params& p) {
+#ifdef BC_X86
+  if (g_isa == 2) return avx512::backward<T>(gs, g0, h, gx, steps, n, b, e, p);
+  if (g_isa == 1) return avx2::backward<T>(gs, g0, h, gx, steps, n, b, e, p);
+#endif
+  base::backward<T>(gs, g0, h, gx, steps, n, b, e, p);
 }
 
+// (spikes, H): H, what backward needs, only when save_h (training); an undefined tensor (None) otherwise.
 std::vector<torch::Tensor> lif_forward(torch::Tensor x, double tau, double v_th, double v_reset, bool hard,
                                        bool decay_input, bool detach_reset, double alpha, bool atan,
-                                       bool integrate) {
+                                       bool integrate, bool save_h) {
   TORCH_CHECK(x.device().is_cpu(), "lif_forward: CPU tensors only");
   auto xc = x.contiguous();
   const int64_t steps = xc.size(0);
   const int64_t n = steps ? xc.numel() / steps : 0;
-  auto s = torch::empty_like(xc);
-  auto h = torch::empty_like(xc);
-  const Params p = unpack(tau, v_th, v_reset, hard, decay_input, detach_reset, alpha, atan, integrate);
+  auto s = pooled_like(xc);
+  torch::Tensor h = save_h ? pooled_like(xc) : torch::Tensor();
+  const Params p{tau, v_th, v_reset, alpha, hard, decay_input, detach_reset, atan, integrate};
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "lif_forward", [&] {
-    forward_dispatch<scalar_t>(xc.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), steps, n,
-                               p);
+    const scalar_t* px = xc.data_ptr<scalar_t>();
+    scalar_t* ps = s.data_ptr<scalar_t>();
+    scalar_t* ph = save_h ? h.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, n, kBlock, [&](int64_t b, int64_t e) { forward_any<scalar_t>(px, ps, ph, steps, n, b, e, p); });
   });
   return {s, h};
 }
 
+// Gradient of the input. A gradient that is one value broadcast everywhere (that of a sum) is read as that value,
+// not materialised. in_place: the gradient is written over h (the caller knows the graph is not kept).
 torch::Tensor lif_backward(torch::Tensor grad_s, torch::Tensor h, double tau, double v_th, double v_reset,
                            bool hard, bool decay_input, bool detach_reset, double alpha, bool atan,
-                           bool integrate) {
-  auto gs = grad_s.contiguous();
-  auto hc = h.contiguous();
-  const int64_t steps = hc.size(0);
-  const int64_t n = steps ? hc.numel() / steps : 0;
-  auto gx = torch::empty_like(hc);
-  const Params p = unpack(tau, v_th, v_reset, hard, decay_input, detach_reset, alpha, atan, integrate);
-  AT_DISPATCH_FLOATING_TYPES(hc.scalar_type(), "lif_backward", [&] {
-    if (p.atan) backward_dispatch<scalar_t, true>(gs.data_ptr<scalar_t>(), hc.data_ptr<scalar_t>(),
-                                                  gx.data_ptr<scalar_t>(), steps, n, p);
-    else backward_dispatch<scalar_t, false>(gs.data_ptr<scalar_t>(), hc.data_ptr<scalar_t>(),
-                                            gx.data_ptr<scalar_t>(), steps, n, p);
+                           bool integrate, bool in_place) {
+  TORCH_CHECK(h.is_contiguous(), "lif_backward: the saved membrane must be contiguous");
+  TORCH_CHECK(grad_s.sizes() == h.sizes(), "lif_backward: gradient and membrane shapes differ");
+  const int64_t steps = h.size(0);
+  const int64_t n = steps ? h.numel() / steps : 0;
+  auto gs = grad_s.to(h.scalar_type());
+  bool scalar = gs.numel() > 0;
+  for (int64_t d = 0; d < gs.dim(); ++d) scalar = scalar && (gs.stride(d) == 0 || gs.size(d) == 1);
+  if (!scalar) gs = gs.contiguous();
+  auto gx = in_place ? h : pooled_like(h);
+  const Params p{tau, v_th, v_reset, alpha, hard, decay_input, detach_reset, atan, integrate};
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "lif_backward", [&] {
+    const scalar_t g0 = scalar ? *gs.data_ptr<scalar_t>() : scalar_t(0);
+    const scalar_t* pg = scalar ? nullptr : gs.data_ptr<scalar_t>();
+    const scalar_t* ph = h.data_ptr<scalar_t>();
+    scalar_t* px = gx.data_ptr<scalar_t>();
+    at::parallel_for(0, n, kBlock,
+                     [&](int64_t b, int64_t e) { backward_any<scalar_t>(pg, g0, ph, px, steps, n, b, e, p); });
   });
   return gx;
 }
@@ -201,4 +240,9 @@ torch::Tensor lif_backward(torch::Tensor grad_s, torch::Tensor h, double tau, do
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lif_forward", &lif_forward, "fused multi-step LIF forward: (spikes, membrane before reset)");
   m.def("lif_backward", &lif_backward, "fused multi-step LIF backward: gradient of the input");
+  m.def("pool_state", &pool_state, "(bytes of freed buffers kept for reuse, limit)");
+  m.def("set_pool_limit", &set_pool_limit, "bytes of freed buffers kept at most (returns the previous limit)");
+  m.def("isas", &isas, "instruction sets this CPU runs the kernels with");
+  m.def("set_isa", &set_isa, "run the kernels with this instruction set (returns the previous one)");
+  m.def("isa", [] { return std::string(kIsaNames[g_isa]); }, "instruction set the kernels run with");
 }
