@@ -3,7 +3,7 @@
 Every ratio is ours ÷ theirs (lower is better; memory: plain ÷ ours, higher is better), measured interleaved
 (A B A B ...) in process CPU time with one torch thread, so that other load on a shared machine hits both alike.
 
-    python benchmarks/bench_speed.py [--repeats 5] [--official DIR] [--quick]
+    python benchmarks/bench_speed.py [--repeats 5] [--official DIR [--official-shim]] [--quick]
 
 Rows:
 - lif_vs_spikingjelly: LIF forward+backward, bestcompress (fused kernel) vs spikingjelly 2.0 LIFNode(step_mode='m',
@@ -12,7 +12,12 @@ Rows:
 - student_vs_fp: one training step of the binary student vs the full-precision model of the same architecture
   (spikformer_cifar, dims 128, depth 2, 4 heads, T=4, batch 64; --quick: batch 16);
 - infer_binary_vs_fp_b1: eval forward of Spikformer-4-384 T=4 at batch 1, binary vs full precision;
-- step_vs_official: needs the public BESTformer code (--official DIR); skipped otherwise;
+- step_vs_official: one SGD step of our binary student vs the public BESTformer code's model of the same config
+  (`--official DIR`: a checkout of github.com/CaoHLin/BESTFormer, not vendored; benchmarks/official_bestformer.py
+  imports DIR/cifar/model.py and builds BESTFormer(...) -> vit_snn, dims 128, depth 2, 4 heads, T=4, batch 64;
+  two heads trained on the sum of their losses, neurons reset every step). That code needs timm and spikingjelly's
+  old clock_driven package (with the CUDA-only cupy backend): when missing the row is skipped with a message,
+  unless `--official-shim` stands in for them (recorded under details.official.stand_ins);
 - memory_plain_over_best: bytes autograd saves in one training step of the binary student of Spikingformer-8-384
   (depth 8, T=4, batch 16; couplings in the paper's ½, ½ form), plain autograd ÷ the best train.memory mode,
   counted with saved_tensors_hooks (each storage once; `--only memory` re-measures this row alone and keeps the
@@ -27,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import time
 from pathlib import Path
 
@@ -35,16 +41,22 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results" / "speed.json"
 
 
-def interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Process CPU seconds per call of each function, measured A B A B ... after one warm-up call each."""
+def interleaved(fns: dict, repeats: int, faults: dict | None = None) -> dict[str, float]:
+    """Process CPU seconds per call of each function, measured A B A B ... after one warm-up call each; `faults`
+    (a dict) receives each one's minor page faults per call (fresh pages the kernel maps and zeroes)."""
     for f in fns.values():
         f()
     total = dict.fromkeys(fns, 0.0)
+    flt = dict.fromkeys(fns, 0)
     for _ in range(repeats):
         for name, f in fns.items():
+            r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.process_time()
             f()
             total[name] += time.process_time() - t0
+            flt[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
+    if faults is not None:
+        faults.update({k: v / repeats for k, v in flt.items()})
     return {k: v / repeats for k, v in total.items()}
 
 
@@ -76,9 +88,11 @@ def bench_lif(repeats: int) -> list[dict]:
             finally:
                 os.environ["BESTCOMPRESS_LIF"] = "auto"
 
+        faults = {}
         t = interleaved({"ours": _lif_step(ours, x), "spikingjelly": _lif_step(sj, x, sj.reset),
-                         "plain": plain}, repeats)
-        rows.append({"shape": list(shape), "backend": lif_backend()[0], "seconds": t,
+                         "plain": plain}, repeats, faults)
+        rows.append({"shape": list(shape), "backend": lif_backend()[0], "why": lif_backend()[1], "seconds": t,
+                     "page_faults_per_call": faults,
                      "lif_vs_spikingjelly": t["ours"] / t["spikingjelly"],
                      "lif_fused_vs_plain": t["ours"] / t["plain"]})
     return rows
@@ -112,6 +126,49 @@ def bench_student_vs_fp(repeats: int, batch: int) -> dict:
 
     t = interleaved({"binary": step(student), "fp": step(fp)}, repeats)
     return {"batch": batch, "seconds": t, "student_vs_fp": t["binary"] / t["fp"]}
+
+
+def _train_step(model, x, y, before=None):
+    """One SGD step; a model with two heads (both BESTformer codes) is trained on the sum of their losses."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def run():
+        model.train()
+        if before is not None:
+            before(model)
+        out = model(x)
+        outs = out if isinstance(out, tuple) else (out,)
+        loss = sum(torch.nn.functional.cross_entropy(o, y) for o in outs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return run
+
+
+def bench_official(folder: Path, shim: bool, repeats: int, batch: int) -> dict:
+    """One training step of our binary student vs the public BESTformer code, same configuration (dims 128,
+    depth 2, 4 heads, T=4, CIFAR 32 px, 10 classes): {'skipped': reason} when that code cannot run here."""
+    import official_bestformer
+    from bestcompress.convert import binarize
+    build, info = official_bestformer.load(folder, shim)
+    if build is None:
+        return {"skipped": info}
+    try:
+        official = build()
+        x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(1))
+        theirs = _train_step(official, x, y, official_bestformer.reset)
+        theirs()  # one step first: fails here, not inside the timing, if the code cannot run on this machine
+    except Exception as e:  # noqa: BLE001 - the public code's own requirements (CUDA, cupy, ...)
+        return {"skipped": f"the public model does not run here ({type(e).__name__}: {str(e)[:200]})"}
+    fp = _spikformer(embed_dims=128, depths=2, num_heads=4, T=4)
+    student = binarize(fp.eval(), "bestformer").model
+    t = interleaved({"binary": _train_step(student, x, y), "official": theirs}, repeats)
+    params = {"binary": sum(p.numel() for p in student.parameters()),
+              "official": sum(p.numel() for p in official.parameters())}
+    return dict(info, batch=batch, seconds=t, parameters=params, step_vs_official=t["binary"] / t["official"],
+                ours="bestcompress binarize(spikformer_cifar(embed_dims=128, depths=2, num_heads=4, T=4), "
+                     "'bestformer'), both heads' losses summed")
 
 
 def bench_inference(repeats: int) -> dict:
@@ -247,6 +304,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--official", type=Path, default=None, help="folder with the public BESTformer code")
+    p.add_argument("--official-shim", action="store_true",
+                   help="stand in for what the public code imports and is not installed (timm helpers, "
+                        "spikingjelly.clock_driven's MultiStepLIFNode; see official_bestformer.py)")
     p.add_argument("--quick", action="store_true", help="smaller student batch and fewer repeats")
     p.add_argument("--only", choices=("memory",), default=None, help="re-measure one row, keep the others")
     p.add_argument("--memory-small", action="store_true", help="memory row at depth 4, batch 4")
@@ -259,11 +319,13 @@ def main() -> None:
     student = bench_student_vs_fp(max(1, repeats // 2), 16 if args.quick else 64)
     infer = bench_inference(repeats)
     mem = bench_memory(args.memory_small)
-    official = None
     if args.official is None:
-        print("step_vs_official: skipped (pass --official DIR with the public BESTformer code to measure it)")
+        off = {"skipped": "pass --official DIR with the public BESTformer code to measure it"}
     else:
-        print("step_vs_official: not measured by this version of the script (the public code is not wired in yet)")
+        off = bench_official(args.official, args.official_shim, max(1, repeats // 2), 16 if args.quick else 64)
+    if "skipped" in off:
+        print(f"step_vs_official: skipped ({off['skipped']})")
+    official = off.get("step_vs_official")
     result = {
         "lif_vs_spikingjelly": max(r["lif_vs_spikingjelly"] for r in lif),
         "lif_fused_vs_plain": max(r["lif_fused_vs_plain"] for r in lif),
@@ -271,7 +333,7 @@ def main() -> None:
         "student_vs_fp": student["student_vs_fp"],
         "memory_plain_over_best": mem["memory_plain_over_best"],
         "infer_binary_vs_fp_b1": infer["infer_binary_vs_fp_b1"],
-        "details": {"lif": lif, "student": student, "inference": infer, "memory": mem},
+        "details": {"lif": lif, "student": student, "inference": infer, "memory": mem, "official": off},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "threads": 1, "load_average_1m": os.getloadavg()[0]},
         "notes": ["memory_plain_over_best: saved-tensor bytes, plain autograd / the best train.memory mode's peak",
@@ -285,7 +347,10 @@ def main() -> None:
         print(f"{key:<28}{('%.3f' % v) if v is not None else 'n/a':>10}   {goal}")
     for r in lif:
         print(f"  LIF {r['shape']}: ours/spikingjelly {r['lif_vs_spikingjelly']:.3f}, fused/plain "
-              f"{r['lif_fused_vs_plain']:.3f} ({r['backend']} backend)")
+              f"{r['lif_fused_vs_plain']:.3f} ({r['backend']} backend: {r['why']})")
+    if "step_vs_official" in off:
+        print(f"  official: {off['file']} {off['builds']}, batch {off['batch']}, seconds {off['seconds']}; "
+              f"stand-ins: {', '.join(off['stand_ins']) or 'none'}")
     _print_memory(mem)
     _write(result)
 
