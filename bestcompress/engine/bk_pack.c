@@ -98,6 +98,33 @@ int bk_pack_spikes(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t Kw, ui
     return 1;
 }
 
+#if defined(BC_AVX512)
+/* a 16 x 16 block of floats transposed in registers: 32-bit and 64-bit interleaves, then two 128-bit lane
+ * shuffles (64 shuffles for 256 values; the bits are moved, never computed on) */
+static inline void transpose16(const float *src, ptrdiff_t sstride, float *dst, ptrdiff_t dstride) {
+    __m512 r[16], a[16], b[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src + i * sstride);
+    for (int j = 0; j < 8; j++) {
+        a[2 * j] = _mm512_unpacklo_ps(r[2 * j], r[2 * j + 1]);
+        a[2 * j + 1] = _mm512_unpackhi_ps(r[2 * j], r[2 * j + 1]);
+    }
+    for (int j = 0; j < 4; j++) { /* b[4j + e], lane l: column 4l + e of rows 4j .. 4j + 3 */
+        b[4 * j] = _mm512_shuffle_ps(a[4 * j], a[4 * j + 2], 0x44);
+        b[4 * j + 1] = _mm512_shuffle_ps(a[4 * j], a[4 * j + 2], 0xEE);
+        b[4 * j + 2] = _mm512_shuffle_ps(a[4 * j + 1], a[4 * j + 3], 0x44);
+        b[4 * j + 3] = _mm512_shuffle_ps(a[4 * j + 1], a[4 * j + 3], 0xEE);
+    }
+    for (int e = 0; e < 4; e++) {
+        __m512 c0 = _mm512_shuffle_f32x4(b[e], b[4 + e], 0x88), c1 = _mm512_shuffle_f32x4(b[e], b[4 + e], 0xDD);
+        __m512 c2 = _mm512_shuffle_f32x4(b[8 + e], b[12 + e], 0x88), c3 = _mm512_shuffle_f32x4(b[8 + e], b[12 + e], 0xDD);
+        _mm512_storeu_ps(dst + e * dstride, _mm512_shuffle_f32x4(c0, c2, 0x88));
+        _mm512_storeu_ps(dst + (4 + e) * dstride, _mm512_shuffle_f32x4(c1, c3, 0x88));
+        _mm512_storeu_ps(dst + (8 + e) * dstride, _mm512_shuffle_f32x4(c0, c2, 0xDD));
+        _mm512_storeu_ps(dst + (12 + e) * dstride, _mm512_shuffle_f32x4(c1, c3, 0xDD));
+    }
+}
+#endif
+
 void bk_gather_rows(const float *x, ptrdiff_t outer, ptrdiff_t K, ptrdiff_t inner, float *dst) {
     for (ptrdiff_t o = 0; o < outer; o++) {
         const float *xo = x + o * K * inner;
@@ -105,6 +132,12 @@ void bk_gather_rows(const float *x, ptrdiff_t outer, ptrdiff_t K, ptrdiff_t inne
         for (ptrdiff_t i0 = 0; i0 < inner; i0 += 16)     /* 16 x 16 blocks: both sides stay in cache */
             for (ptrdiff_t k0 = 0; k0 < K; k0 += 16) {
                 ptrdiff_t i1 = i0 + 16 < inner ? i0 + 16 : inner, k1 = k0 + 16 < K ? k0 + 16 : K;
+#if defined(BC_AVX512)
+                if (i1 - i0 == 16 && k1 - k0 == 16) {
+                    transpose16(xo + k0 * inner + i0, inner, d + i0 * K + k0, K);
+                    continue;
+                }
+#endif
                 for (ptrdiff_t i = i0; i < i1; i++)
                     for (ptrdiff_t k = k0; k < k1; k++) d[i * K + k] = xo[k * inner + i];
             }

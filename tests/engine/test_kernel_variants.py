@@ -169,3 +169,13 @@ def test_a_fraction_among_spikes_leaves_the_convolution_spike_path():
     weight_rows = kernels.pack_rows(rows.reshape(12, -1)).words
     got, planes = kernels.conv_nchw(x, weight_rows, 12, (3, 3), (1, 1), (1, 1), (1, 1))
     assert planes == 2 and torch.equal(got, F.conv2d(x, w, padding=1))
+
+
+def test_a_transposed_view_of_whole_and_partial_16_by_16_blocks_is_gathered_exactly():
+    g = torch.Generator().manual_seed(13)
+    w = _signs(g, 20, 40)
+    tokens_last = _spikes(g, 2, 40, 37) + 0.5 * _spikes(g, 2, 40, 37)  # K = 40, 37 tokens: full and edge blocks
+    x = tokens_last.transpose(-1, -2)
+    with use_kernels(int8="off"):
+        out, planes, _ = kernels.linear(x, _cols(w), 20)
+    assert planes == 2 and torch.equal(out.view(2, 37, 20), F.linear(x, w))
