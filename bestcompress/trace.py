@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from .mode_branches import both_modes
 from .snn_tracer import _CALL, _SHAPE, _VALUE, SNNTracer, _StateGuard, is_neuron, neuron_classes
 
 __all__ = ["SNNTracer", "TraceReport", "annotate_time_steps", "graph_modules", "is_neuron", "neuron_classes",
@@ -32,6 +33,7 @@ class TraceReport:
     specialised: list[str] = field(default_factory=list)  # shape branches taken as the example input takes them
     state_constants: list[str] = field(default_factory=list)  # neuron state read at trace time, now constant
     front_ends: list[str] = field(default_factory=list)  # where torch.export was used or tried (export_frontend)
+    mode_branches: list[str] = field(default_factory=list)  # forwards branching on self.training (mode_branches)
 
     def lines(self) -> list[str]:
         out = []
@@ -51,6 +53,7 @@ class TraceReport:
         for what in self.specialised:
             out.append(f"specialised on the example input's shapes: {what}")
         out.extend(self.front_ends)
+        out.extend(self.mode_branches)
         if self.state_constants:
             names = ", ".join(self.state_constants[:6]) + (", ..." if len(self.state_constants) > 6 else "")
             out.append(f"neuron state read by the forward ({len(self.state_constants)}: {names}) is the fresh state "
@@ -232,6 +235,8 @@ def trace_model(model: nn.Module, report: TraceReport | None = None, prefix: str
     for _ in range(len(list(model.modules())) + 1):
         gm, tracer, err = _trace_once(model, leaves, concrete, example_args)
         if gm is not None:
+            gm = both_modes(model, gm, lambda m, n: n in leaves or tracer.is_leaf_module(m, n),
+                            lambda: _trace_once(model, leaves, concrete, example_args), report.mode_branches, prefix)
             if concrete:
                 _rename_placeholders(gm, model)
                 for k, v in concrete.items():

@@ -43,6 +43,7 @@ import torch
 from torch import fx, nn
 
 from .errors import ModelError
+from .mode_branches import switch_of
 from .trace import annotate_time_steps
 
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
@@ -342,10 +343,15 @@ def _longest(found: list[Trunk], gm: fx.GraphModule) -> Trunk:
 # ------------------------------------------------------------------------------------------------- outputs, heads
 
 def output_entries(gm: fx.GraphModule) -> list[fx.Node]:
-    """The fx Nodes in the graph's output (a tensor, or the entries of a tuple/list/dict; Nones skipped)."""
+    """The fx Nodes in the graph's output (a tensor, or the entries of a tuple/list/dict; Nones skipped; both
+    branches of a ModeSwitch, bestcompress/mode_branches.py)."""
     out = next(n for n in gm.graph.nodes if n.op == "output")
     entries: list[fx.Node] = []
-    fx.node.map_arg(out.args[0], lambda n: entries.append(n) or n)
+
+    def add(n: fx.Node) -> fx.Node:  # through a ModeSwitch: the training outputs, then the eval outputs
+        fx.node.map_arg(n.args, add) if switch_of(gm, n) is not None else entries.append(n)
+        return n
+    fx.node.map_arg(out.args[0], add)
     return entries
 
 

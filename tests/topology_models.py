@@ -5,6 +5,7 @@ must handle (not copies of public code): time-first [T, B, N, D] tensors, Linear
   stage 2 Q·Kᵀ attention; optional auxiliary logits from stage 1 (returned after the main logits).
 - TwoHeaded: the public BESTformer habit: `head` on the last attention stream, `head2` on the last MLP stream,
   their mean in eval.
+- TrainingAux: Hierarchical with auxiliary logits in training only.
 - LogitsAndNone: Spike-driven Transformer v1's habit of returning `(logits, None)`.
 """
 import torch
@@ -109,6 +110,20 @@ class Hierarchical(nn.Module):
         logits = self.head(x.mean(2).mean(0))
         if self.aux:
             return logits, self.aux_head(early.mean(2).mean(0))
+        return logits
+
+
+class TrainingAux(Hierarchical):
+    """Hierarchical with its stage-1 auxiliary logits returned in training only (`if self.training: return
+    logits, aux`), as knowledge-distillation and deep-supervision code does."""
+
+    def __init__(self, **kw):
+        super().__init__(aux=True, **kw)
+
+    def forward(self, x):
+        logits, aux = super().forward(x)
+        if self.training:
+            return logits, aux
         return logits
 
 

@@ -37,6 +37,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import ModelError, RecipeError
+from ..mode_branches import switch_of
 from ..nn.reversible import FORMS, DualHeadOutput, ReversibleCoupling
 from ..trace import graph_modules
 from ..trunk import (  # noqa: F401  (find_trunk, find_stages: part of this module's API since the first version)
@@ -85,12 +86,24 @@ def coupling_nodes(gm: fx.GraphModule, stage: int | None = None, step: int | Non
 
 
 def stage_name(trunk: Trunk) -> str:
-    """The module prefix a stage's blocks share ('block', 'stage2'), or '' when they share none."""
+    """The module prefix a stage's blocks share ('block', 'stage2'); for blocks in several containers that share
+    none (Meta-SpikeFormer's ConvBlock2_1, ConvBlock2_2) the containers joined by '+' ('ConvBlock2_1+ConvBlock2_2');
+    '' when a block calls no module."""
     keys = [sb.block_key or sb.where for sb in trunk.blocks]
     parts = [k.split(".") for k in keys if k]
     if not parts or len(parts) != len(keys):
         return ""
-    return common_prefix([parts[0][:-1]] + parts[1:])
+    name = common_prefix([parts[0][:-1]] + parts[1:])
+    if name:
+        return name
+    containers = [".".join(p[:-1] if p[-1].isdigit() and len(p) > 1 else p) for p in parts]
+    return "+".join(dict.fromkeys(containers))
+
+
+def _names(label: str, want: str) -> bool:
+    """Whether `want` names the stage labelled `label`: the label, a module prefix inside it, or one of its
+    '+'-joined containers."""
+    return bool(label) and any(part == want or part.startswith(want + ".") for part in [label] + label.split("+"))
 
 
 def _selected(stages: list[Trunk], names: tuple[str, ...]) -> list[int]:
@@ -99,8 +112,7 @@ def _selected(stages: list[Trunk], names: tuple[str, ...]) -> list[int]:
     labels = [stage_name(t) for t in stages]
     chosen = []
     for want in names:
-        hits = [i for i, lab in enumerate(labels) if want == str(i) or (lab and (lab == want
-                                                                                  or lab.startswith(want + ".")))]
+        hits = [i for i, lab in enumerate(labels) if want == str(i) or _names(lab, want)]
         if not hits:
             known = ", ".join(f"{i} ('{lab}')" if lab else str(i) for i, lab in enumerate(labels))
             raise RecipeError(f"reversible.stages: no trunk stage is called '{want}' (stages: {known}).")
@@ -300,9 +312,13 @@ class InsertReversibleCouplings(Pass):
                 n.replace_input_with(z_last, z_attn)
         dual_name = free_module_name(gm, "dual_head")
         gm.add_submodule(dual_name, DualHeadOutput(self.eval_heads))
+        switch = out_node.args[0] if isinstance(out_node.args[0], fx.Node) and switch_of(gm, out_node.args[0]) else None
         with graph.inserting_before(out_node):
             dual = graph.call_module(dual_name, (logits, env[logits]))
-        out_node.args = (fx.node.map_arg(out_node.args[0], lambda n: dual if n is logits else n),)
+        if switch is not None:  # a ModeSwitch reads the logits in its branches: it moves after the DualHeadOutput
+            out_node.prepend(switch)
+        user = switch or out_node
+        user.args = fx.node.map_arg(user.args, lambda n: dual if n is logits else n)
         pairs = ", ".join(f"'{a}' -> '{b}'" for a, b in copies.items())
         return (f"the head reads the last attention stream and its copy ({pairs}) the last MLP stream; "
                 f"eval uses {self.eval_heads}")

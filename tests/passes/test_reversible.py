@@ -441,3 +441,37 @@ def test_outputs_computed_twice_from_the_last_block_are_ambiguous():
     gm, _ = trace_model(TwoFromLast().eval())
     with pytest.raises(ModelError, match="returns 2 outputs computed from its last block"):
         InsertReversibleCouplings().apply(gm)
+
+
+class _TwoContainers(nn.Module):
+    """One stage whose blocks sit in two containers that share no prefix (Meta-SpikeFormer's ConvBlock2_1 and
+    ConvBlock2_2, each a Sequential of one block)."""
+
+    def __init__(self, c=3, d=8, classes=4, T=2):
+        super().__init__()
+        from topology_models import Block, _lif, _time_first
+        self.T, self._time_first = T, _time_first
+        self.embed, self.embed_lif = nn.Linear(c, d), _lif()
+        self.ConvBlock2_1, self.ConvBlock2_2 = nn.Sequential(Block(d)), nn.Sequential(Block(d))
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        x = self.embed_lif(self.embed(self._time_first(x, self.T)))
+        return self.head(self.ConvBlock2_2(self.ConvBlock2_1(x)).mean(2).mean(0))
+
+
+def test_a_stage_across_containers_is_named_by_them_and_selectable_by_either():
+    from bestcompress.passes.reversible import stage_name
+    torch.manual_seed(0)
+    model = _TwoContainers().eval()
+    x = example()
+    gm, _ = trace_model(model, example_input=x)
+    stages = find_stages(gm)
+    assert [stage_name(t) for t in stages] == ["ConvBlock2_1+ConvBlock2_2"]
+    for want in ("ConvBlock2_1+ConvBlock2_2", "ConvBlock2_2"):
+        r = binarize(model, "identity", example_input=x,
+                     overrides={"reversible.enabled": True, "reversible.stages": [want]})
+        assert sum(isinstance(m, ReversibleCoupling) for m in r.model.modules()) == 3, want
+    with pytest.raises(RecipeError, match=r"stages: 0 \('ConvBlock2_1\+ConvBlock2_2'\)"):
+        binarize(model, "identity", example_input=x,
+                 overrides={"reversible.enabled": True, "reversible.stages": ["ConvBlock3"]})

@@ -131,6 +131,19 @@ def test_bestformer_leaves_the_two_headed_kd_model_alone():
     result = binarize_and_check_macs(model, "bestformer", example(model))
     assert not any(isinstance(m, ReversibleCoupling) for m in result.model.modules())
     assert any("already has two heads ('head', 'head_kd')" in n for n in result.notes)
+    # traced in both branches: (head, head_kd) in training, trained as a pair by distill; their mean in eval
+    assert any("its training outputs are two heads" in n for n in result.notes) and result.model.bc_two_heads
+    x = example(model)
+    student, seen = result.model, {}
+    with torch.no_grad():
+        head, head_kd = student.train()(x)
+        assert head.shape == head_kd.shape == (2, model.num_classes)
+        hooks = [student.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: seen.__setitem__(n, out))
+                 for n in ("head", "head_kd")]
+        y = student.eval()(x)
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(y, (seen["head"] + seen["head_kd"]) / 2)
 
 
 @pytest.mark.parametrize("kwargs", [dict(embed_dims=36), dict(num_heads=16), dict(img_size=40),
