@@ -1,5 +1,6 @@
 """Our passes on the FINN-ready graph: 1-bit convolutions with a folded BatchNorm get ±1 weights back, and the
-cheaper drivers of FINN's Streamline and elementwise conversion give FINN's own result."""
+cheaper drivers of FINN's Streamline, identity removal and elementwise conversion give FINN's own graph (the
+same nodes and outputs; independent nodes may come in another order)."""
 from __future__ import annotations
 
 import importlib.util
@@ -57,6 +58,29 @@ def test_conv_with_folded_scale_is_split_into_signs_scale_and_bias():
     assert [n.op_type for n in q.apply(fp).graph.node] == ["Conv"] and q.factored == []
 
 
+def _same_graph(a, b) -> None:
+    """The same nodes (op type, attributes, constant operands, output datatype) up to the order of independent
+    nodes and the names that order gives, and the same outputs on random inputs."""
+    from collections import Counter
+
+    from qonnx.core.onnx_exec import execute_onnx
+
+    def signature(m):
+        out = Counter()
+        for n in m.graph.node:
+            consts = tuple(m.get_initializer(i).tobytes() for i in n.input if m.get_initializer(i) is not None)
+            attrs = tuple(sorted((x.name, x.SerializeToString()) for x in n.attribute))
+            out[(n.op_type, attrs, consts, m.get_tensor_datatype(n.output[0]).name)] += 1
+        return out
+    assert signature(a) == signature(b)
+    rng = np.random.default_rng(0)
+    name = a.graph.input[0].name
+    for _ in range(2):
+        x = rng.random(a.get_tensor_shape(name)).astype(np.float32)
+        np.testing.assert_array_equal(execute_onnx(a, {name: x})[a.graph.output[0].name],
+                                      execute_onnx(b, {name: x})[b.graph.output[0].name])
+
+
 def _ready(model, shape):
     from bestcompress.exporters.finn_ready import finn_ready_graph
     torch.manual_seed(3)
@@ -82,7 +106,7 @@ def test_streamline_steps_are_finns_streamline(tiny_conv_binary):
         lines: list[str] = []
         ours = _run_stage(ready, streamline_steps(), [], "streamline", lines.append)
     assert len(lines) == len(STREAMLINE) and all(" s (" in line for line in lines)  # one line per step
-    assert ours.model.SerializeToString(deterministic=True) == theirs.model.SerializeToString(deterministic=True)
+    _same_graph(ours, theirs)
     assert len(theirs.graph.node) < len(ready.graph.node)  # it did streamline something
 
 
@@ -103,4 +127,40 @@ def test_elementwise_in_one_pass_makes_finns_nodes(tiny_conv_binary):
         p = ElementwiseInOnePass()
         ours = p.apply(streamlined.transform(GiveUniqueNodeNames())).transform(GiveUniqueNodeNames())
     assert p.converted > 5 and any(n.op_type.startswith("Elementwise") for n in theirs.graph.node)
-    assert ours.model.SerializeToString(deterministic=True) == theirs.model.SerializeToString(deterministic=True)
+    _same_graph(ours, theirs)
+
+
+@needs_finn
+def test_identity_ops_in_one_pass_equal_qonnxs():
+    from onnx import TensorProto, helper
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.transformation.infer_shapes import InferShapes
+    from qonnx.transformation.remove import RemoveIdentityOps
+
+    from bestcompress.exporters.finn_fast import IdentityOpsInOnePass
+    from bestcompress.exporters.finn_ready import Quiet
+
+    # x -> Mul(1) -> Add(0) -> Relu -> Sub(0.5) -> Div(1) -> Identity -> Mul(1.00001, within atol) -> Add(0.3) -> y,
+    # the Relu's output also read by a second branch (a fork) that adds it back at the end
+    chain = [("Mul", 1.0), ("Add", 0.0), ("Relu", None), ("Sub", 0.5), ("Div", 1.0), ("Identity", None),
+             ("Mul", 1.000001), ("Add", 0.3)]
+    nodes, consts, prev = [], {}, "x"
+    for i, (op, c) in enumerate(chain):
+        ins = [prev] + ([f"c{i}"] if c is not None else [])
+        if c is not None:
+            consts[f"c{i}"] = np.full((1, 6), c, dtype=np.float32)
+        nodes.append(helper.make_node(op, ins, [f"t{i}"], name=f"n{i}"))
+        prev = f"t{i}"
+    nodes.append(helper.make_node("Add", [prev, "t2"], ["y"], name="join"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])])
+    model = ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    for k, v in consts.items():
+        model.set_initializer(k, v)
+    model = model.transform(InferShapes())
+    with Quiet():
+        theirs = model.transform(RemoveIdentityOps())
+        p = IdentityOpsInOnePass()
+        ours = p.apply(model.transform(InferShapes()))
+    assert p.removed == 5 and [n.op_type for n in ours.graph.node] == ["Relu", "Sub", "Add", "Add"]
+    _same_graph(ours, theirs)
