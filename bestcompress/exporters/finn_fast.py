@@ -157,9 +157,12 @@ class IdentityOpsInOnePass:
         self.removed = 0
 
     def apply(self, model):
+        import copy
+
         from qonnx.transformation.infer_shapes import InferShapes
         from qonnx.transformation.remove import remove_node_and_rewire
 
+        model = copy.deepcopy(model)  # the caller's graph stays as it was (a qonnx transform works on a copy too)
         for node in list(model.graph.node):
             if _is_identity(model, node, self.atol) and not model.is_join_node(node):
                 remove_node_and_rewire(model, node)
