@@ -44,7 +44,8 @@ int bk_amx_linear(const gemm_args *g, const uint8_t *q, ptrdiff_t kpad);
 int bk_amx_quantize(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t kpad, int hi, uint8_t *q,
                     int64_t *rowsum);
 
-/* packing (bk_pack.c) */
+/* packing (bk_pack.c; the one-pass packers bk_gather_rows, bk_quantize8, bk_pack_bytes, bk_pack_nchw_spikes:
+ * bk_fastpack.c) */
 typedef struct {
     ptrdiff_t P, N, H, W, Cw, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
 } bk_conv;
