@@ -94,7 +94,7 @@ def test_bad_inputs_are_one_sentence(trained, tmp_path):
 
 def test_binarize_calibrate(trained, tmp_path):
     r = invoke("binarize", trained / "fp.pt", "--calibrate", "digits", "--calibrate-batches", "2",
-               "-o", tmp_path / "cal.pt")
+               "--set", "train.fit_heads=false", "-o", tmp_path / "cal.pt")
     assert r.exit_code == 0, r.output
     assert "BatchNorm statistics of" in r.output and "128 training samples of 'digits'" in r.output
     plain, _, _ = load_binary(trained / "bin.pt")
@@ -107,6 +107,14 @@ def test_binarize_calibrate(trained, tmp_path):
     for k in a:
         if "running_" not in k and "num_batches" not in k and not k.endswith(".lam"):
             assert torch.equal(a[k], b[k]), k
+    r = invoke("binarize", trained / "fp.pt", "--calibrate", "digits", "--calibrate-batches", "2",
+               "--set", "train.fit_heads=true", "-o", tmp_path / "fit.pt")
+    assert r.exit_code == 0, r.output
+    assert "heads fitted to the full-precision model's" in r.output
+    fitted, _, _ = load_binary(tmp_path / "fit.pt")
+    c = fitted.state_dict()
+    changed = {k for k in a if "running_" not in k and "num_batches" not in k and not torch.equal(b[k], c[k])}
+    assert changed and all(k.rsplit(".", 2)[-2].startswith("head") for k in changed), changed  # only the heads
     assert_user_error(invoke("binarize", trained / "fp.pt", "--calibrate", tmp_path / "none", "-o",
                              tmp_path / "x.pt"), "neither a built-in data set")
     assert not (tmp_path / "x.pt").exists()
