@@ -8,8 +8,9 @@ Per task, a full-precision teacher is trained from scratch (`fp`: its test top-1
 maps) and fine-tuned with `bestcompress.training.trainer.distill` under the same schedule (STUDENT), differing only
 in the method keys of VARIANTS. Each run holds out `train.val_fraction` of its training set as the validation split
 (never the test set); the epoch with the best validation top-1 is kept and its *test* top-1 is reported.
-`calibrated_0ep` is the default recipe's binary model after calibration (BatchNorm statistics and attention-map
-scales, training/calibration.py) on 8 training batches, before any training (0 epochs). The teacher is trained
+`calibrated_0ep` is the default recipe's binary model after calibration on 8 training batches as `binarize
+--calibrate` does it (BatchNorm statistics, attention-map scales, then the heads fitted to the teacher's heads;
+training/calibration.py), before any training (0 epochs); `without_head_fit_top1` records it without the head fit. The teacher is trained
 on every training sequence and keeps its last epoch (cosine schedule to min_lr).
 
 Prints mean ± std over the seeds and writes benchmarks/results/ablation_cie.json as
@@ -223,15 +224,13 @@ def run_calibrated_0ep(task: str, seed: int, data_path: str, teacher_path: str) 
     teacher = load(teacher_path).model
     torch.manual_seed(seed)
     student = binarize(teacher, "bestformer").model
-    from bestcompress.recipe import load_recipe
     before = evaluate(student, data_path)["top1"]
     calibrate(student, data_path, batches=8, batch_size=64, seed=seed)
     after = evaluate(student, data_path)
     fit = calibrate(student, data_path, batches=8, batch_size=64, seed=seed, teacher=teacher)  # + the head fit
     fitted = evaluate(student, data_path)["top1"] if fit.heads else None
-    default_fits = load_recipe("bestformer").train.fit_heads
-    return {"task": task, "seed": seed, "variant": "calibrated_0ep", "epochs": 0,
-            "top1": fitted if default_fits and fitted is not None else after["top1"],
+    return {"task": task, "seed": seed, "variant": "calibrated_0ep", "epochs": 0,  # top1: as binarize --calibrate
+            "top1": fitted if fitted is not None else after["top1"],
             "uncalibrated_top1": before, "without_head_fit_top1": after["top1"], "with_head_fit_top1": fitted,
             **{k: v for k, v in after.items() if k.startswith("top1_")}}
 

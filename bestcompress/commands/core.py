@@ -137,12 +137,15 @@ def _check_shape_fits(error: Exception, text: str | None, shape) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
 @click.option("-o", "--output", type=PATH, help="Output file [default: <checkpoint stem>_binary.pt].")
 @click.option("--calibrate", "calibrate_data", metavar="NAME|PATH",
-              help="Re-estimate BatchNorm statistics of the binary model on training samples of this data set.")
+              help="Calibrate the binary model on training samples of this data set: BatchNorm statistics, "
+                   "attention-map scales, heads fitted to the full-precision model's.")
 @click.option("--calibrate-batches", type=click.IntRange(min=1), default=8, show_default=True,
               help="Batches of 64 samples for --calibrate.")
+@click.option("--fit-heads/--no-fit-heads", default=True, show_default=True,
+              help="With --calibrate: fit the full-precision heads to the source model's by least squares.")
 @threads_option
 def binarize(checkpoint, arch, model_factory, model_kwargs, input_shape, trust_checkpoint, recipe, overrides,
-             output, calibrate_data, calibrate_batches):
+             output, calibrate_data, calibrate_batches, fit_heads):
     """Make a full-precision checkpoint binary (BESTformer) and save it."""
     from ..building import factory_file
     from ..checkpoint import check_finite, save_binary
@@ -178,7 +181,7 @@ def binarize(checkpoint, arch, model_factory, model_kwargs, input_shape, trust_c
     if calibrate_data is not None:
         from ..training.calibration import calibrate
         done = calibrate(result.model, calibration, batches=calibrate_batches, batch_size=64,
-                         teacher=source if resolved.train.fit_heads else None)
+                         teacher=source if fit_heads else None)
         result.notes.append(f"calibrate: re-estimated {done.note(f'training samples of {calibrate_data!r}')}")
     summary = summarize(result.model, input_shape=shape)
     save_binary(result.model, source, output)

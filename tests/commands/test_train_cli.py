@@ -94,7 +94,7 @@ def test_bad_inputs_are_one_sentence(trained, tmp_path):
 
 def test_binarize_calibrate(trained, tmp_path):
     r = invoke("binarize", trained / "fp.pt", "--calibrate", "digits", "--calibrate-batches", "2",
-               "--set", "train.fit_heads=false", "-o", tmp_path / "cal.pt")
+               "--no-fit-heads", "-o", tmp_path / "cal.pt")
     assert r.exit_code == 0, r.output
     assert "BatchNorm statistics of" in r.output and "128 training samples of 'digits'" in r.output
     plain, _, _ = load_binary(trained / "bin.pt")
@@ -108,7 +108,7 @@ def test_binarize_calibrate(trained, tmp_path):
         if "running_" not in k and "num_batches" not in k and not k.endswith(".lam"):
             assert torch.equal(a[k], b[k]), k
     r = invoke("binarize", trained / "fp.pt", "--calibrate", "digits", "--calibrate-batches", "2",
-               "--set", "train.fit_heads=true", "-o", tmp_path / "fit.pt")
+               "-o", tmp_path / "fit.pt")  # the heads are fitted by default
     assert r.exit_code == 0, r.output
     assert "heads fitted to the full-precision model's" in r.output
     fitted, _, _ = load_binary(tmp_path / "fit.pt")
