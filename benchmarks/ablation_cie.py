@@ -343,9 +343,10 @@ def _markdown(table: dict, meta: dict) -> str:
                 if not v["top1"]:
                     lines.append(f"| {key} | not run | | |")
                     continue
-                what = {"fp": "full-precision teacher", "calibrated_0ep": "the default recipe's binary "
-                        "model calibrated (BatchNorm statistics, attention-map scales), 0 epochs", "default_v1": DEFAULT_V1[0]}.get(key) \
-                    or VARIANTS[key][0]
+                what = {"fp": "full-precision teacher",
+                        "calibrated_0ep": "the default recipe's binary model as `binarize --calibrate` makes it "
+                        "(BatchNorm statistics, attention-map scales, heads fitted to the teacher's), 0 epochs",
+                        "default_v1": DEFAULT_V1[0]}.get(key) or VARIANTS[key][0]
                 if key == "default" and meta.get("default_is"):
                     what = f"the shipped `bestformer` recipe (= {meta['default_is'].split(chr(39))[1]})"
                 per = ", ".join(f"{x:.1f}" for x in v["top1"])
