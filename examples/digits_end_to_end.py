@@ -5,7 +5,8 @@ What it shows, step by step:
            2 blocks, T=4) from scratch on the 1,437 training digits;
 2. binarize it with the `bestformer` recipe: 1-bit weights (all but the first conv and the heads), binary
            spiking attention maps, reversible two-stream couplings with a second head; then re-estimate its
-           BatchNorm statistics on 8 training batches (calibration: the binary model is usable before training);
+           BatchNorm statistics, attention-map scales and the heads fitted to the teacher's on 8 training batches
+           (calibration, as `binarize --calibrate` does it: the binary model is usable before training);
 3. distill  the binary model with CIE (the recipe's distillation losses against the full-precision teacher),
            starting from the teacher's weights; a validation split of the training digits picks the best epoch;
 4. export   the binary model to QONNX, standard ONNX and the packed 1-bit format, each verified against PyTorch
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     # the validation split distill will use (so calibration, like training, never sees a validation digit)
     split = validation_split(data, load_recipe("bestformer").train.val_fraction, args.seed)
     done = calibrate(student, split, batches=CALIBRATE_BATCHES, batch_size=TEACHER["train.batch_size"],
-                     seed=args.seed)
+                     seed=args.seed, teacher=teacher)  # as `binarize --calibrate`: the heads fitted too
     calibrated = evaluate(student, data)
     save_binary(student, teacher, out / "bin.pt")
     print(f"  binary model, 0 epochs, calibrated ({done.note('training digits')}): top-1 "
