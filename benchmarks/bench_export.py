@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import resource
 import sys
 import tempfile
@@ -94,11 +95,17 @@ def _finn_child(spec, out: str, samples, queue) -> None:
     torch.set_num_threads(1)
     try:
         binary = build_tiny(spec) if isinstance(spec, str) else build(*spec)[1]
-        t0 = time.perf_counter()
-        result = export_model(binary, "finn", out, samples=samples)
+        t0, c0 = time.perf_counter(), time.process_time()
+        tag = spec if isinstance(spec, str) else f"{spec[0]}-384 T={spec[1]}"
+        result = export_model(binary, "finn", out, samples=samples,  # one line per FINN transform, on stderr
+                              progress=lambda line: print(f"[{tag} {time.perf_counter() - t0:7.1f} s] {line}",
+                                                          file=sys.stderr, flush=True))
         from bestcompress.exporters import finn as finn_format
-        slowest = sorted(finn_format.TIMES.items(), key=lambda kv: -kv[1])[:5]
-        queue.put({"seconds": round(time.perf_counter() - t0, 1), "max_abs_diff": result.verification.max_abs_diff,
+        slowest = sorted(finn_format.TIMES.items(), key=lambda kv: -kv[1])[:8]
+        queue.put({"seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1),
+                   "load_average": [round(v, 1) for v in os.getloadavg()],
+                   "transforms_total_s": round(sum(finn_format.TIMES.values()), 1),
+                   "max_abs_diff": result.verification.max_abs_diff,
                    "passed": result.verification.passed, "samples": result.verification.samples,
                    "neurons_checked": len(result.verification.neurons),
                    "slowest_transforms_s": {k: round(v, 1) for k, v in slowest}, **result.extra["finn"]})
