@@ -51,7 +51,7 @@ def binarize(model: nn.Module, recipe: str | Recipe | None = "bestformer", examp
     if example_input is None:
         raise ModelError(f"The model's input shape is unknown; {input_shape_hint(model)}, or in Python give "
                          "input_shape= or example_input=.")
-    fake = _fake_copy(example_input)
+    fake = _fake_copy(example_input) if _worth_faking(model, example_input) else None
     if fake is not None:
         # The passes read only shapes and call order from the example input: a FakeTensor gives both without
         # computing anything (seconds instead of minutes on a 224-px model). A pass that needs real values, or
@@ -63,6 +63,19 @@ def binarize(model: nn.Module, recipe: str | Recipe | None = "bestformer", examp
         except Exception:  # the real run below raises the real error, if there is one
             pass
     return _binarize_once(model, recipe, example_input)
+
+
+# A FakeTensor costs a fixed dispatch per op, a real forward per element: below this many parameters × input
+# elements per sample the real example is the faster one (benchmarks/bench_fake_input.py: tiny zoo configurations
+# 4-5x faster with the real input; Spikformer-4-384 at 32 px 1.6x, kept on the fake input, which turns minutes
+# into seconds on 224-px models).
+FAKE_MIN_WORK = 1e10
+
+
+def _worth_faking(model: nn.Module, x) -> bool:
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return True
+    return sum(p.numel() for p in model.parameters()) * x[0].numel() >= FAKE_MIN_WORK
 
 
 def _fake_copy(x: torch.Tensor | None):
