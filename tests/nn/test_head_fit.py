@@ -5,29 +5,14 @@ the teacher's on held-out samples than BatchNorm/λ calibration alone, changes n
 switch reaches distill. (Accuracy gains are measured by benchmarks/ablation_cie.py on MNIST-1D.)"""
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import fx, nn
 
 from bestcompress.convert import binarize
-from bestcompress.data import load_dataset
 from bestcompress.nn.head_fit import fit_heads, output_linears
 from bestcompress.training.calibration import calibrate
 from bestcompress.training.outputs import mean_logits
-from bestcompress.training.trainer import distill, evaluate, train
-from bestcompress.zoo import create_model
-
-SEQ = dict(seq_len=20, embed_dims=32, num_heads=2, depths=1, T=2)
-
-
-@pytest.fixture(scope="module")
-def teacher_and_data():
-    torch.manual_seed(0)
-    model = create_model("spikformer_seq", **SEQ)
-    data = load_dataset("synthetic", model, subset=512)
-    train(model, data, "bestformer", epochs=6, log=lambda *a: None,
-          overrides={"train.batch_size": 32, "train.lr": 5e-3, "train.warmup_epochs": 0, "train.val_fraction": 0.0})
-    return model.eval(), data
+from bestcompress.training.trainer import distill
 
 
 def test_fit_is_the_ridge_solution_on_a_linear_model():
