@@ -44,8 +44,9 @@ def test_hierarchical_stages_in_order_and_the_logits_entry():
 
 
 def test_two_heads_and_none_outputs():
-    gm = _gm(TwoHeaded())
-    (logits,) = output_entries(gm)
+    gm = _gm(TwoHeaded())  # `if self.training`: both branches traced (mode_branches), (head, head2) then the mean
+    *train_pair, logits = output_entries(gm)
+    assert [n.target for n in train_pair] == ["head", "head2"]
     assert two_heads(gm, logits) == ["head", "head2"]
     gm = _gm(LogitsAndNone())
     assert len(output_entries(gm)) == 1  # the None is no node
