@@ -23,26 +23,14 @@ from torch import fx, nn
 
 
 def output_linears(model: nn.Module) -> list[str]:
-    """Full-precision nn.Linear layers nearest the output of a traced model (walking back through weightless ops);
-    [] when the model is not traced or a binary/conv layer comes first on every path."""
+    """Full-precision nn.Linear layers nearest the output of a traced model (walking back through weightless ops:
+    passes.binarize_weights.output_layers); [] when the model is not traced or a binary/conv layer comes first on
+    every path."""
     if not isinstance(model, fx.GraphModule):
         return []
-    found, seen = [], set()
-    stack = [n for n in model.graph.nodes if n.op == "output"]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op == "call_module":
-            mod = model.get_submodule(node.target)
-            if type(mod) is nn.Linear:
-                found.append(node.target)
-                continue
-            if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):  # a binary (or conv) layer: not a head
-                continue
-        stack.extend(node.all_input_nodes)
-    return sorted(set(found))
+    from ..passes.binarize_weights import output_layers
+    nearest = output_layers(model, (nn.Linear, nn.modules.conv._ConvNd))
+    return sorted({n for n in nearest if type(model.get_submodule(n)) is nn.Linear})
 
 
 def _teacher_heads(names: list[str], student: nn.Module, teacher: nn.Module) -> dict[str, nn.Linear]:
@@ -69,8 +57,9 @@ def fit_heads(model: nn.Module, teacher: nn.Module, batches: Iterable[torch.Tens
     pairs = _teacher_heads(names, model, teacher)
     if not pairs:
         return 0
+    teachers = {id(t): t for t in pairs.values()}  # a teacher head serves the student heads fitted to it
     feats: dict[str, list] = {n: [] for n in pairs}
-    targets: dict[int, list] = {id(t): [] for t in pairs.values()}
+    targets: dict[int, list] = {key: [] for key in teachers}
 
     def grab(store, key, what):
         def hook(_mod, args, out):
@@ -79,8 +68,7 @@ def fit_heads(model: nn.Module, teacher: nn.Module, batches: Iterable[torch.Tens
         return hook
 
     handles = [model.get_submodule(n).register_forward_hook(grab(feats, n, "in")) for n in pairs]
-    handles += [t.register_forward_hook(grab(targets, id(t), "out")) for t in {id(t): t for t in pairs.values()}
-                .values()]
+    handles += [t.register_forward_hook(grab(targets, key, "out")) for key, t in teachers.items()]
     model.eval()
     teacher.eval()
     try:
@@ -102,10 +90,9 @@ def fit_heads(model: nn.Module, teacher: nn.Module, batches: Iterable[torch.Tens
         if f.shape[0] != y.shape[0]:  # the head sees other rows than the teacher's: leave it
             continue
         head = model.get_submodule(n)
-        if head.bias is not None:
-            f = torch.cat([f, torch.ones(len(f), 1, dtype=f.dtype)], 1)
         prior = head.weight.detach().double().T
         if head.bias is not None:
+            f = torch.cat([f, torch.ones(len(f), 1, dtype=f.dtype)], 1)
             prior = torch.cat([prior, head.bias.detach().double()[None]], 0)
         gram = f.T @ f
         lam = ridge * torch.diagonal(gram).mean().clamp_min(1e-12)

@@ -80,7 +80,7 @@ def weight_layers_in_call_order(model: nn.Module, example_input: torch.Tensor | 
     return order + [n for n in layers if n not in order]
 
 
-def _output_layers(gm: fx.GraphModule, kinds: tuple) -> list[str]:
+def output_layers(gm: fx.GraphModule, kinds: tuple) -> list[str]:
     """Weight layers nearest the graph output: walk back from the output through non-weight ops."""
     found, seen = [], set()
     stack = [n for n in gm.graph.nodes if n.op == "output"]
@@ -101,7 +101,7 @@ def head_layers(model: nn.Module, order: list[str]) -> list[str]:
     (both heads of a dual-head model); else Linear layers named like a head; else the last layer called."""
     kinds = tuple(BINARY_SWAP_RULES) + tuple(BINARY_SWAP_RULES.values())
     if isinstance(model, fx.GraphModule):
-        found = _output_layers(model, kinds)
+        found = output_layers(model, kinds)
         if found:
             return sorted(found, key=lambda n: order.index(n) if n in order else len(order))
     named = [n for n in order if isinstance(model.get_submodule(n), (nn.Linear,) + tuple(BINARY_SWAP_RULES.values()))
