@@ -7,7 +7,9 @@ under --work): `mnist1d` (the package's default generator: 4,000 training / 1,00
 Per task, a full-precision teacher is trained from scratch (`fp`: its test top-1). Every binary student is binarized from the teacher's weights (1-bit weights, binary attention
 maps) and fine-tuned with `bestcompress.training.trainer.distill` under the same schedule (STUDENT), differing only
 in the method keys of VARIANTS. Each run holds out `train.val_fraction` of its training set as the validation split
-(never the test set); the epoch with the best validation top-1 is kept and its *test* top-1 is reported.
+(never the test set), or with --student-val-size validates on that many other training sequences (never the test
+set, never a student's training sequence); the epoch with the best validation top-1 is kept and its *test* top-1
+is reported.
 `calibrated_0ep` is the default recipe's binary model after calibration on 8 training batches as `binarize
 --calibrate` does it (BatchNorm statistics, attention-map scales, then the heads fitted to the teacher's heads;
 training/calibration.py), before any training (0 epochs); `without_head_fit_top1` records it without the head fit. The teacher is trained
@@ -17,6 +19,8 @@ Prints mean ± std over the seeds and writes benchmarks/results/ablation_cie.jso
 {"<task>": {"<epochs>": {"<variant>": {"top1": [...], "mean": m, "std": s}}}} (plus a "_meta" entry) and
 ablation_cie.md. Runs go to a pool of worker processes (one torch thread each).
 
+    python benchmarks/ablation_cie.py --plan wave2d --default-is cie --student-train-size 2000 \\
+        --student-val-size 1000 --reuse-teachers
     python benchmarks/ablation_cie.py --plan wave2b --student-train-size 2000 --reuse-teachers
     python benchmarks/ablation_cie.py --plan reduced --student-train-size 2000 --budget-min 84 --reuse-teachers
     python benchmarks/ablation_cie.py --plan full --tasks mnist1d,mnist1d_hard --seeds 3 --epochs 12,30
@@ -120,6 +124,19 @@ WAVE2C = [
     ("mnist1d_hard", 12, ["calibrated_soft", "calibrated_couplings", "couplings_paper", "hard", "feature",
                           "attention", "paper_cie"], 1),
 ]
+# the plan of the fourth wave-2 session, a fresh run on another CPU again (Intel Xeon with AMX; teachers retrained),
+# decided before it ran: the students validate on --student-val-size held-out *training* sequences (the 1,000 that
+# follow the students' 2,000; the WAVE2C split of 200 sequences carved from the students' own set gave picks with a
+# standard error of ~3.5 points), so they train on all 2,000. The 30-epoch cells first (the longest runs), then the
+# 12-epoch cells, then the candidates for the default at 12 epochs.
+WAVE2D = [
+    ("mnist1d", 30, ["plain", "cie"], 3),
+    ("mnist1d_hard", 30, ["plain", "cie"], 3),
+    ("mnist1d", 12, ["plain", "cie"], 3),
+    ("mnist1d_hard", 12, ["plain", "cie"], 3),
+    ("mnist1d", 12, ["calibrated_couplings", "couplings_paper", "cie_fit"], 3),
+    ("mnist1d_hard", 12, ["calibrated_couplings", "couplings_paper", "cie_fit"], 3),
+]
 # the head fit (train.fit_heads) against the same default without it, run as --name ablation_cie_fit beside WAVE2C
 FIT = [
     ("mnist1d", 12, ["cie_fit"], 3),
@@ -156,10 +173,15 @@ def _quiet(_line: str) -> None:
     pass
 
 
-def make_task(task: str, work: Path, train_size: int | None) -> str:
-    """Write the task's .npz (train possibly cut to `train_size`, the full test set) and return its path."""
+def make_task(task: str, work: Path, train_size: int | None, val_size: int | None = None) -> str:
+    """Write the task's .npz (train possibly cut to `train_size`, the full test set) and return its path.
+
+    With `val_size`, the file's training set is instead the `val_size` training sequences that follow the first
+    `train_size` (a validation set taken from the training set, disjoint from the students' training sequences and
+    from the test set).
+    """
     import numpy as np
-    path = work / f"{task}_{train_size or 'all'}.npz"
+    path = work / (f"{task}_{train_size or 'all'}.npz" if not val_size else f"{task}_val{val_size}_after{train_size}.npz")
     if path.exists():
         return str(path)
     from mnist1d.data import get_dataset_args, make_dataset
@@ -174,7 +196,12 @@ def make_task(task: str, work: Path, train_size: int | None) -> str:
     mean, std = float(x.mean()), float(x.std())
     x, xt = (x - mean) / std, (xt - mean) / std
     y, yt = np.asarray(d["y"], np.int64), np.asarray(d["y_test"], np.int64)
-    if train_size:
+    if val_size:
+        if not train_size or train_size + val_size > len(x):
+            raise SystemExit(f"--student-val-size {val_size} needs --student-train-size with both fitting in the "
+                             f"{len(x)} training sequences")
+        x, y = x[train_size:train_size + val_size], y[train_size:train_size + val_size]
+    elif train_size:
         x, y = x[:train_size], y[:train_size]
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, x=x[:, None], y=y, x_test=xt[:, None], y_test=yt)
@@ -235,8 +262,19 @@ def run_calibrated_0ep(task: str, seed: int, data_path: str, teacher_path: str) 
             **{k: v for k, v in after.items() if k.startswith("top1_")}}
 
 
+def _with_validation(data_path: str, val_path: str | None, model):
+    """The students' data: the .npz path, or with `val_path` a DataBundle whose validation set is that file's
+    training sequences (so train.val_fraction carves nothing)."""
+    if not val_path:
+        return data_path
+    import dataclasses
+    from bestcompress.data import load_dataset
+    bundle = load_dataset(data_path, model)
+    return dataclasses.replace(bundle, val=load_dataset(val_path, model).train)
+
+
 def run_student(task: str, seed: int, variant: str, epochs: int, data_path: str, teacher_path: str,
-                work: str) -> dict:
+                work: str, val_path: str | None = None) -> dict:
     import torch
     from bestcompress.convert import binarize
     from bestcompress.loading import load
@@ -246,15 +284,17 @@ def run_student(task: str, seed: int, variant: str, epochs: int, data_path: str,
     structural = {k: v for k, v in over.items() if k.startswith(("reversible.", "weights.", "attention."))}
     torch.manual_seed(seed)
     student = binarize(teacher, "bestformer", overrides=structural).model
+    data = _with_validation(data_path, val_path, student)
     t0 = time.time()
-    result = distill(student, teacher, data_path, "bestformer", epochs=epochs, overrides=over, seed=seed, log=_quiet,
+    result = distill(student, teacher, data, "bestformer", epochs=epochs, overrides=over, seed=seed, log=_quiet,
                      progress=False, run_dir=Path(work) / f"{task}_{variant}_{epochs}ep_seed{seed}")
     best = result.best
     out = {"task": task, "seed": seed, "variant": variant, "epochs": epochs, "top1": best["test_top1"],
            "best_epoch": result.best_epoch, "val_top1": best.get("val_top1"), "time_s": time.time() - t0,
            "last_top1": result.final.get("test_top1"),
            "curve_test": [m.get("test_top1") for m in result.metrics],
-           "curve_val": [m.get("val_top1") for m in result.metrics]}
+           "curve_val": [m.get("val_top1") for m in result.metrics],
+           "val_sequences": None if isinstance(data, str) else len(data.val)}
     for k in ("test_top1_head", "test_top1_head2"):
         if k in best:
             out[k] = best[k]
@@ -270,9 +310,10 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def build_plan(args) -> list[tuple[str, int, str, int]]:
     """[(task, epochs, variant, seed)] of student runs, in order of priority."""
-    if args.plan in ("reduced", "followup", "wave2b", "wave2c", "fit"):
+    if args.plan in ("reduced", "followup", "wave2b", "wave2c", "wave2d", "fit"):
         jobs = []
-        plans = {"reduced": REDUCED, "followup": FOLLOWUP, "wave2b": WAVE2B, "wave2c": WAVE2C, "fit": FIT}
+        plans = {"reduced": REDUCED, "followup": FOLLOWUP, "wave2b": WAVE2B, "wave2c": WAVE2C, "wave2d": WAVE2D,
+                 "fit": FIT}
         for task, epochs, variants, seeds in plans[args.plan]:
             jobs += [(task, epochs, v, s) for s in range(seeds) for v in variants]
         return jobs
@@ -365,7 +406,7 @@ def main(argv=None) -> int:
     p.add_argument("--default-is", default=None, metavar="VARIANT",
                    help="the shipped bestformer recipe equals this variant's configuration: list its runs as "
                         "`default` and earlier `default` runs as `default_v1` (DEFAULT_V1)")
-    p.add_argument("--plan", choices=("fit", "wave2c", "wave2b", "reduced", "followup", "full"), default="wave2b",
+    p.add_argument("--plan", choices=("fit", "wave2d", "wave2c", "wave2b", "reduced", "followup", "full"), default="wave2b",
                    help="reduced: the REDUCED list (fits ~50 min on 2 cores); full: tasks × epochs × variants × seeds")
     p.add_argument("--tasks", type=lambda s: s.split(","), default=["mnist1d", "mnist1d_hard"])
     p.add_argument("--seeds", type=int, default=3)
@@ -378,6 +419,10 @@ def main(argv=None) -> int:
                    help="cut every task's training set to this many samples (the test set stays whole)")
     p.add_argument("--student-train-size", type=int, default=None,
                    help="cut the students' training set only (the teacher trains on --train-size)")
+    p.add_argument("--student-val-size", type=int, default=None,
+                   help="validate the students on this many training sequences that follow --student-train-size "
+                        "(held out of every student's training set; the test set is never used) instead of carving "
+                        "train.val_fraction out of their training set")
     p.add_argument("--workers", type=int, default=2, help="parallel processes (one thread each)")
     p.add_argument("--budget-min", type=float, default=None,
                    help="start no run that would end (by the seconds per epoch measured so far) after this many "
@@ -412,6 +457,8 @@ def main(argv=None) -> int:
         jobs = []
     data = {t: make_task(t, args.work, args.train_size) for t in tasks}
     student_data = {t: make_task(t, args.work, args.student_train_size or args.train_size) for t in tasks}
+    student_val = {t: (make_task(t, args.work, args.student_train_size, args.student_val_size)
+                       if args.student_val_size else None) for t in tasks}
     t_start = time.time()
     runs: list[dict] = [r for r in previous if args.summarize_only or r["variant"] not in ("fp", "calibrated_0ep")]
     skipped: list[str] = list(previous_meta.get("skipped", []))
@@ -422,7 +469,8 @@ def main(argv=None) -> int:
             "model": {"arch": "spikformer_seq", **MODEL}, "hard_generator": HARD, "teacher_overrides": TEACHER,
             "student_overrides": STUDENT, "variants": {k: {"what": d, "overrides": o} for k, (d, o) in VARIANTS.items()},
             "teacher_epochs": args.teacher_epochs, "teacher_seeds": args.teacher_seeds,
-            "train_size": args.train_size, "student_train_size": args.student_train_size, "plan": args.plan,
+            "train_size": args.train_size, "student_train_size": args.student_train_size,
+            "student_val_size": args.student_val_size, "plan": args.plan,
             "reduced_plan": REDUCED, "workers": args.workers,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs shared with other jobs, 1 torch thread per worker"}
 
@@ -482,7 +530,7 @@ def main(argv=None) -> int:
                     continue
                 waiting.remove(job)
                 pending.add(pool.submit(run_student, task, seed, variant, epochs, student_data[task], tp,
-                                        str(args.work)))
+                                        str(args.work), student_val[task]))
 
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
