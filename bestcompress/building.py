@@ -42,12 +42,17 @@ def load_factory(spec: str, option: str = "--model") -> Callable[..., nn.Module]
             import_spec = importlib.util.spec_from_file_location(name, file)
             module = importlib.util.module_from_spec(import_spec)
             sys.modules[name] = module  # dataclasses and pickling look classes up here
+            # As for a script: the file's own folder is searched first, so `from sibling import X` works.
+            folder = str(file.resolve().parent)
+            sys.path.insert(0, folder)
             try:
                 import_spec.loader.exec_module(module)
             except Exception as e:
                 del sys.modules[name]
                 raise ModelError(f"Importing model file '{file}' failed ({type(e).__name__}: "
                                  f"{short_reason(e)}).") from None
+            finally:
+                sys.path.remove(folder)
     else:
         try:
             module = importlib.import_module(target)

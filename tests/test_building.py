@@ -74,3 +74,32 @@ def test_a_packed_artifact_from_user_code_needs_that_code_named(tmp_path, factor
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         assert loaded.kind == "packed" and torch.equal(loaded.model(x), binary(x))
+
+
+def test_a_model_file_imports_its_sibling_modules_as_a_script_would(tmp_path):
+    # Public code (BESTformer's cifar/model.py) does `from quantized_utils import IRConv2d` next to itself.
+    import sys
+
+    from bestcompress.building import build_from_factory
+    from bestcompress.errors import ModelError
+
+    (tmp_path / "bin_layers_sibling.py").write_text(
+        "import torch.nn.functional as F\nfrom torch import nn\n\n"
+        "class SignConv2d(nn.Conv2d):\n"
+        "    def forward(self, x):\n"
+        "        return F.conv2d(x, self.weight.sign(), self.bias, self.stride, self.padding)\n")
+    (tmp_path / "net.py").write_text(
+        "from torch import nn\nfrom bin_layers_sibling import SignConv2d\n\n"
+        "def build():\n    return nn.Sequential(nn.Conv2d(3, 4, 3), SignConv2d(4, 4, 1))\n")
+    before = list(sys.path)
+    try:
+        model = build_from_factory(f"{tmp_path / 'net.py'}:build")
+        assert type(model[1]).__name__ == "SignConv2d"
+        assert model(torch.rand(1, 3, 6, 6)).shape == (1, 4, 4, 4)
+        assert sys.path == before  # the folder is searched while importing only
+        (tmp_path / "broken.py").write_text("import no_such_sibling_here\n\ndef build():\n    return None\n")
+        with pytest.raises(ModelError, match="no_such_sibling_here"):
+            build_from_factory(f"{tmp_path / 'broken.py'}:build")
+        assert sys.path == before
+    finally:
+        sys.modules.pop("bin_layers_sibling", None)
