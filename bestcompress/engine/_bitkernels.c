@@ -158,8 +158,9 @@ static int linear_int8(gemm_args *g, const float *x, ptrdiff_t rows, ptrdiff_t K
     uint8_t *q = bk_scratch(0, (size_t)(mpad * kpad));
     int64_t *rowsum = bk_scratch(1, (size_t)rows * sizeof(int64_t));
     if (!q || !rowsum) return 0;
-    int ors = bk_amx_quantize(x, rows, K, kpad, hi, q, rowsum);
+    int ors = bk_quantize8(x, rows, K, kpad, hi, q, rowsum);
     if (ors < 0) return 0;
+    memset(q + rows * kpad, 0, (size_t)((mpad - rows) * kpad)); /* the row tiles past M read zeros */
     int low = ors ? __builtin_ctz((unsigned)ors) : 7;
     *lsb = hi - 7 + low;
     *P = ors ? hi - *lsb + 1 : 1;
@@ -223,7 +224,7 @@ static PyObject *bc_linear(PyObject *self, PyObject *args) {
             uint8_t *q8 = NULL;
             if (!(mx >> 31) && e != 0 && e != 0xff && hi >= -80 && hi <= 23) {
                 q8 = bk_scratch(6, (size_t)(rows * Kw * 64));
-                if (q8) ors = bk_quantize8(x, rows, K, Kw * 64, hi, q8);
+                if (q8) ors = bk_quantize8(x, rows, K, Kw * 64, hi, q8, NULL);
             }
             if (ors >= 0) {
                 int low = ors ? __builtin_ctz((unsigned)ors) : 0;

@@ -39,11 +39,6 @@ enum { BK_SCALAR = 0, BK_AVX2 = 1, BK_AVX512 = 2, BK_NEON = 3, BK_NISA = 4 };
 int bk_amx_available(void);
 int bk_amx_linear(const gemm_args *g, const uint8_t *q, ptrdiff_t kpad);
 
-/* q = x * 2^(7 - hi) as bytes [Mpad][kpad] (zero padded), rowsum = sum of q per row; returns the OR of all q
- * (its trailing zeros raise lsb above hi - 7), or -1 when some x * 2^(7 - hi) is not an integer (> 8 planes) */
-int bk_amx_quantize(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t kpad, int hi, uint8_t *q,
-                    int64_t *rowsum);
-
 /* packing (bk_pack.c; the one-pass packers bk_gather_rows, bk_quantize8, bk_pack_bytes, bk_pack_nchw_spikes:
  * bk_fastpack.c) */
 typedef struct {
@@ -58,9 +53,11 @@ int bk_pack_spikes(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t Kw, ui
                    uint32_t *amask);
 void bk_pack(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t Kw, int P, int lsb, uint64_t *out,
              int64_t *rowsum, uint32_t *amask);
-/* q8 = x * 2^(7 - hi) as bytes [rows][kpad] (zero past K): the OR of all q8, -1 when some q8 is not an integer
- * (the input needs more than 8 planes), -2 when the build has no AVX-512 (use bk_analyze + bk_pack) */
-int bk_quantize8(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t kpad, int hi, uint8_t *q);
+/* q8 = x * 2^(7 - hi) as bytes [rows][kpad] (zero past K; hi: the top plane, x < 2^(hi + 1)) and, unless rowsum
+ * is NULL, rowsum[r] = sum of row r's q8: the OR of all q8, -1 when some q8 is not an integer (the input needs
+ * more than 8 planes), -2 when the CPU has no AVX-512 (use bk_analyze + bk_pack). Both byte routes use it: the
+ * popcount planes (bk_pack_bytes) and the int8 matrix units (bk_amx_linear). */
+int bk_quantize8(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t kpad, int hi, uint8_t *q, int64_t *rowsum);
 /* planes [P][rows][Kw] of bits low .. low + P - 1 of q8 rows (kpad = 64 Kw), rowsum = sum of q8 >> low, amask */
 void bk_pack_bytes(const uint8_t *q, ptrdiff_t rows, ptrdiff_t Kw, int low, int P, uint64_t *out, int64_t *rowsum,
                    uint32_t *amask);

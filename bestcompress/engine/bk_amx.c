@@ -77,25 +77,29 @@ TAMX static void expand_weights(const uint64_t *b, ptrdiff_t Kw, ptrdiff_t Npad,
 /* the outputs of a 32 x 32 block (rows m0.., columns n0..) from its int32 sums: bk_finish's operations in its
  * order, 16 lanes at a time, the channel parameters loaded once per block */
 TAMX static void epilogue(const gemm_args *g, ptrdiff_t m0, ptrdiff_t n0, const int32_t *cbuf) {
+    /* the parameters in locals: the stores through out could alias *g, which would reload every field per row */
     const __m512 sc = _mm512_set1_ps(g->scale), one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+    const ptrdiff_t N = g->N, ors = g->ors, mend = g->M - m0 < 32 ? g->M - m0 : 32;
+    const int bn = g->bn, has_alpha = g->alpha != NULL, has_bias = g->bias != NULL;
+    const int64_t *rowsum = g->rowsum + m0;
+    float *out = g->out + m0 * ors;
     for (int h = 0; h < 2; h++) {
         ptrdiff_t n = n0 + 16 * h;
-        if (n >= g->N) return;
-        __mmask16 mk = g->N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (g->N - n)) - 1u);
-        const __m512 al = g->alpha ? _mm512_maskz_loadu_ps(mk, g->alpha + n) : one;
-        const __m512 bi = g->bias ? _mm512_maskz_loadu_ps(mk, g->bias + n) : zero;
+        if (n >= N) return;
+        __mmask16 mk = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1u);
+        const __m512 al = has_alpha ? _mm512_maskz_loadu_ps(mk, g->alpha + n) : one;
+        const __m512 bi = has_bias ? _mm512_maskz_loadu_ps(mk, g->bias + n) : zero;
         __m512 p[4];
         for (int t = 0; t < 4; t++) p[t] = g->bp[t] ? _mm512_maskz_loadu_ps(mk, g->bp[t] + n) : zero;
-        for (ptrdiff_t r = 0; r < 32 && m0 + r < g->M; r++) {
-            ptrdiff_t m = m0 + r;
+        for (ptrdiff_t r = 0; r < mend; r++) {
             __m512i a = _mm512_load_si512((const void *)(cbuf + r * 32 + 16 * h));
-            __m512i rs = _mm512_set1_epi32((int)g->rowsum[m]);
+            __m512i rs = _mm512_set1_epi32((int)rowsum[r]);
             __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(a, a), rs)), sc);
-            if (g->alpha) f = _mm512_mul_ps(f, al);
-            if (g->bias) f = _mm512_add_ps(f, bi);
-            if (g->bn == 1) f = _mm512_fmadd_ps(f, p[0], p[1]);
-            else if (g->bn == 2) f = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(f, p[0]), p[1]), p[2]), p[3]);
-            _mm512_mask_storeu_ps(g->out + m * g->ors + n, mk, f);
+            if (has_alpha) f = _mm512_mul_ps(f, al);
+            if (has_bias) f = _mm512_add_ps(f, bi);
+            if (bn == 1) f = _mm512_fmadd_ps(f, p[0], p[1]);
+            else if (bn == 2) f = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(f, p[0]), p[1]), p[2]), p[3]);
+            _mm512_mask_storeu_ps(out + r * ors + n, mk, f);
         }
     }
 }
@@ -141,40 +145,7 @@ TAMX int bk_amx_linear(const gemm_args *g, const uint8_t *q, ptrdiff_t kpad) {
     return 0;
 }
 
-/* q[m, k] = x[m, k] * 2^(7 - hi) as bytes (rows past `rows`, columns past K: zero), rowsum[m] = sum of q: the
- * integrality check and the conversion in one pass (x < 2^(hi + 1), so q < 256 when it is an integer) */
-TAMX int bk_amx_quantize(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t kpad, int hi, uint8_t *q,
-                         int64_t *rowsum) {
-    const ptrdiff_t mpad = (rows + 31) / 32 * 32;
-    const __m512 sc = _mm512_set1_ps(ldexpf(1.0f, 7 - hi)); /* a power of two: x * sc is exact */
-    __m512i ors = _mm512_setzero_si512();
-    __mmask16 bad = 0;
-    for (ptrdiff_t r = 0; r < rows; r++) {
-        const float *xr = x + r * K;
-        uint8_t *qr = q + r * kpad;
-        __m512i tot = _mm512_setzero_si512();
-        for (ptrdiff_t k = 0; k < kpad; k += 16) {
-            ptrdiff_t left = K - k;
-            __mmask16 mk = left >= 16 ? (__mmask16)0xffff : (left > 0 ? (__mmask16)((1u << left) - 1u) : 0);
-            __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xr + k), sc);
-            __m512i v = _mm512_cvttps_epi32(p);
-            bad |= _mm512_cmp_ps_mask(_mm512_cvtepi32_ps(v), p, _CMP_NEQ_UQ);
-            tot = _mm512_add_epi32(tot, v);
-            ors = _mm512_or_si512(ors, v);
-            _mm_storeu_si128((__m128i *)(qr + k), _mm512_cvtepi32_epi8(v));
-        }
-        rowsum[r] = _mm512_reduce_add_epi32(tot);
-    }
-    if (bad) return -1;
-    memset(q + rows * kpad, 0, (size_t)((mpad - rows) * kpad));
-    return _mm512_reduce_or_epi32(ors);
-}
 #else
 int bk_amx_available(void) { return 0; }
 int bk_amx_linear(const gemm_args *g, const uint8_t *q, ptrdiff_t kpad) { (void)g; (void)q; (void)kpad; return -1; }
-int bk_amx_quantize(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t kpad, int hi, uint8_t *q,
-                    int64_t *rowsum) {
-    (void)x; (void)rows; (void)K; (void)kpad; (void)hi; (void)q; (void)rowsum;
-    return -1;
-}
 #endif

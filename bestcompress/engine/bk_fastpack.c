@@ -3,13 +3,20 @@
  *   bk_quantize8         inputs of at most 8 planes as bytes q8 = x * 2^(7 - hi), checked in the same read
  *   bk_pack_bytes        bit planes cut from those bytes (VPTESTMB: 64 bits per instruction)
  *   bk_pack_nchw_spikes  {0, 1} spikes of an NCHW tensor packed along C, value check in the same pass
- * AVX-512 paths when the build targets a CPU that has them (-march=native); the portable versions are the plain
- * gather and, for the others, "not handled" answers that send the caller to bk_analyze + bk_pack.
+ * The byte route (bk_quantize8, bk_pack_bytes) is compiled with target attributes and picked at run time (AVX-512
+ * F + BW); the gather and the NCHW packer take their AVX-512 paths when the build targets such a CPU
+ * (-march=native). Without them: the plain gather and "not handled" answers that send the caller to bk_analyze +
+ * bk_pack.
  */
 #include "bk.h"
 
 #include <math.h>
 #include <string.h>
+#if defined(__x86_64__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 8))
+#include <immintrin.h>
+#define BK_Q8 1 /* the byte route: target attributes, picked at run time */
+#define TQ8 __attribute__((target("avx512f,avx512bw")))
+#endif
 
 #if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
     defined(__AVX512CD__) && defined(__AVX512BW__)
@@ -70,31 +77,49 @@ void bk_gather_rows(const float *x, ptrdiff_t outer, ptrdiff_t K, ptrdiff_t inne
 /* The one-pass route for inputs of at most 8 planes (the residual stream of spike sums): q8 = x * 2^(7 - hi) as
  * bytes (hi: the top plane, from bk_max_bits; x < 2^(hi + 1), so q8 < 256 when it is an integer), checked and
  * converted in one read of x; the planes are then cut from the bytes (VPTESTMB: 64 bits per instruction), so
- * analyze + pack's two passes over the floats become one over the floats and one over a quarter of the bytes. */
-#if defined(BC_AVX512)
-int bk_quantize8(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t kpad, int hi, uint8_t *q) {
+ * analyze + pack's two passes over the floats become one over the floats and one over a quarter of the bytes.
+ * The same quantizer feeds the int8 matrix units (bk_amx.c), which also take its per-row sums of q8. */
+#if defined(BK_Q8)
+TQ8 static int quantize8_512(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t kpad, int hi, uint8_t *q,
+                             int64_t *rowsum) {
     const __m512 sc = _mm512_set1_ps(ldexpf(1.0f, 7 - hi)); /* a power of two: x * sc is exact */
     __m512i ors = _mm512_setzero_si512();
     __mmask16 bad = 0;
     for (ptrdiff_t r = 0; r < rows; r++) {
         const float *xr = x + r * K;
         uint8_t *qr = q + r * kpad;
+        __m512i tot = _mm512_setzero_si512();
         for (ptrdiff_t k = 0; k < kpad; k += 16) {
             ptrdiff_t left = K - k;
             __mmask16 mk = left >= 16 ? (__mmask16)0xffff : (left > 0 ? (__mmask16)((1u << left) - 1u) : 0);
             __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xr + k), sc);
             __m512i v = _mm512_cvttps_epi32(p);
             bad |= _mm512_cmp_ps_mask(_mm512_cvtepi32_ps(v), p, _CMP_NEQ_UQ);
+            tot = _mm512_add_epi32(tot, v);
             ors = _mm512_or_si512(ors, v);
             _mm_storeu_si128((__m128i *)(qr + k), _mm512_cvtepi32_epi8(v));
         }
+        if (rowsum) rowsum[r] = _mm512_reduce_add_epi32(tot);
     }
     if (bad) return -1;
     return _mm512_reduce_or_epi32(ors);
 }
+#endif
 
-void bk_pack_bytes(const uint8_t *q, ptrdiff_t rows, ptrdiff_t Kw, int low, int P, uint64_t *out, int64_t *rowsum,
-                   uint32_t *amask) {
+int bk_quantize8(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t kpad, int hi, uint8_t *q, int64_t *rowsum) {
+#if defined(BK_Q8)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+        return quantize8_512(x, rows, K, kpad, hi, q, rowsum);
+#endif
+    (void)x; (void)rows; (void)K; (void)kpad; (void)hi; (void)q; (void)rowsum;
+    return -2;
+}
+
+/* only called after bk_quantize8 succeeded, so the CPU has AVX-512 F + BW */
+#if defined(BK_Q8)
+TQ8 void bk_pack_bytes(const uint8_t *q, ptrdiff_t rows, ptrdiff_t Kw, int low, int P, uint64_t *out,
+                       int64_t *rowsum, uint32_t *amask) {
     const ptrdiff_t plane = rows * Kw;
     for (ptrdiff_t r = 0; r < rows; r++) {
         const uint8_t *qr = q + r * Kw * 64;
@@ -116,11 +141,6 @@ void bk_pack_bytes(const uint8_t *q, ptrdiff_t rows, ptrdiff_t Kw, int low, int 
     }
 }
 #else
-int bk_quantize8(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t kpad, int hi, uint8_t *q) {
-    (void)x; (void)rows; (void)K; (void)kpad; (void)hi; (void)q;
-    return -2;
-}
-
 void bk_pack_bytes(const uint8_t *q, ptrdiff_t rows, ptrdiff_t Kw, int low, int P, uint64_t *out, int64_t *rowsum,
                    uint32_t *amask) {
     (void)q; (void)rows; (void)Kw; (void)low; (void)P; (void)out; (void)rowsum; (void)amask;
