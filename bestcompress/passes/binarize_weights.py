@@ -41,15 +41,18 @@ def _plain_copy(module: nn.Module, parent: type) -> nn.Module:
     return plain.train(module.training)
 
 
-def subclass_mismatch(module: nn.Module, parent: type, seed: int = 0) -> str | None:
+def subclass_mismatch(module: nn.Module, parent: type, seed: int = 0,
+                      reference: nn.Module | None = None) -> str | None:
     """None when a subclass of Conv1d/Conv2d/Linear computes exactly as its parent class would with the same
-    weight and bias (checked on seeded random input, like the neuron swaps), else the reason in a few words."""
+    weight and bias (checked on seeded random input, like the neuron swaps), else the reason in a few words.
+    `reference`: compare with this layer instead of the parent (the binary layer, for already 1-bit code)."""
     g = torch.Generator().manual_seed(seed)
     try:
         x = _random_input(module, parent, g).to(module.weight.device, module.weight.dtype)
         with torch.no_grad():
             got = module(x)
-            expected = _plain_copy(module, parent)(x)  # the parent's computation with this module's parameters
+            # the parent's computation with this module's parameters
+            expected = (reference if reference is not None else _plain_copy(module, parent))(x)
     except Exception as e:  # a forward that needs more than one tensor, or other inputs
         return f"it could not be run on a random input for the check ({type(e).__name__})"
     if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
@@ -156,6 +159,7 @@ class BinarizeWeights(Pass):
         self.kept = resolve_keep_fp(model, self.keep_patterns, self.ctx.example_input)
         self.refused: dict[str, str] = {}
         self.swapped = []
+        self.already_binary: list[str] = []  # subclasses that compute as the binary layer already does
         candidates = [(n, m, _plain_parent(m, self.rules)) for n, m in model.named_modules()
                       if is_binary_layer(m) or _plain_parent(m, self.rules) is not None]
         if not candidates:
@@ -163,12 +167,19 @@ class BinarizeWeights(Pass):
         for name, module, parent in candidates:
             if name in self.kept or is_binary_layer(module):
                 continue
+            binary = None
             if type(module) is not parent:  # a subclass (IR-Net conv, a wrapper, a parametrized layer)
                 why = subclass_mismatch(module, parent)
                 if why:
-                    self.refused[name] = f"{type(module).__name__} subclasses {parent.__name__} but {why}"
-                    continue
-            _set_submodule(model, name, self.rules[parent].from_float(module, scaled=self.scaled))
+                    # Public binary code (BESTformer's IRConv2d) already computes sign(standardized W): it is
+                    # the binary layer itself, so it is swapped, with a note, instead of kept full precision.
+                    binary = self.rules[parent].from_float(module, scaled=self.scaled)
+                    if subclass_mismatch(module, parent, reference=binary.eval()) is not None:
+                        self.refused[name] = f"{type(module).__name__} subclasses {parent.__name__} but {why}"
+                        continue
+                    self.already_binary.append(name)
+                    binary.train(module.training)
+            _set_submodule(model, name, binary or self.rules[parent].from_float(module, scaled=self.scaled))
             self.swapped.append(name)
         if not self.swapped and not any(is_binary_layer(m) for m in model.modules()):
             if self.refused:
@@ -182,7 +193,11 @@ class BinarizeWeights(Pass):
                       f"{', '.join(sorted(self.kept)) or 'none'}")
         for name, why in self.refused.items():
             self.ctx.note(f"BinarizeWeights: kept '{name}' full precision: {why}.")
-        subclassed = [n for n in self.swapped if _was_subclass(n, candidates)]
+        if self.already_binary:
+            self.ctx.note(f"BinarizeWeights: {len(self.already_binary)} subclassed layer(s) already compute 1-bit "
+                          f"weights as the binary layer does (sign of the standardized weight), swapped for it "
+                          f"({', '.join(self.already_binary[:4])}{', ...' if len(self.already_binary) > 4 else ''}).")
+        subclassed = [n for n in self.swapped if _was_subclass(n, candidates) and n not in self.already_binary]
         if subclassed:
             self.ctx.note(f"BinarizeWeights: {len(subclassed)} subclassed layer(s) binarized after checking they "
                           f"compute as their parent class ({', '.join(subclassed[:4])}"

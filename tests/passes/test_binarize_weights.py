@@ -174,3 +174,53 @@ def test_a_parametrized_layer_binarizes_with_the_weight_it_computes():
     assert isinstance(out.get_submodule("1"), BinaryLinear) and not p.refused
     assert torch.allclose(out.get_submodule("1").weight, weight)
     assert any("1 subclassed layer(s) binarized after checking" in n for n in notes)
+
+
+class _SignSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w):
+        return torch.sign(w)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class StandardizedSignConv1d(nn.Conv1d):
+    """Binary code written by hand (as public BESTformer code does): centre and scale each output channel's
+    weights, take their sign with a straight-through gradient, convolve. Already the binary layer."""
+
+    def forward(self, x):
+        flat = self.weight.view(self.weight.size(0), -1)
+        w = (flat - flat.mean(-1, keepdim=True)) / flat.std(-1, keepdim=True)
+        return nn.functional.conv1d(x, _SignSTE.apply(w).view_as(self.weight), self.bias, self.stride,
+                                    self.padding, self.dilation, self.groups)
+
+
+def test_a_subclass_that_already_computes_the_binary_layer_is_swapped_for_it_with_a_note():
+    from bestcompress.nn.binary import BinaryConv1d
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv1d(2, 8, 1)
+            self.ir = StandardizedSignConv1d(8, 8, 1, bias=False)
+            self.plain_sign = SignConv2d(8, 8, 1)  # sign without standardizing: not the binary layer, kept
+            self.head = nn.Linear(8, 3)
+            self.lif = LIF()
+
+        def forward(self, x):  # [B, 2, L]
+            s = self.lif(self.stem(x).unsqueeze(0)).squeeze(0)
+            y = self.lif(self.ir(s).unsqueeze(0)).squeeze(0)
+            return self.head(self.plain_sign(y.unsqueeze(-1)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.rand(2, 2, 5)
+    out, p, notes = _run(model, x)
+    assert isinstance(out.ir, BinaryConv1d) and "ir" in p.already_binary
+    assert type(out.plain_sign) is SignConv2d and set(p.refused) == {"plain_sign"}
+    assert any("already compute 1-bit" in n and "ir" in n for n in notes)
+    with torch.no_grad():
+        s = torch.rand(3, 8, 5).round()
+        assert torch.allclose(out.ir(s), model.ir(s), atol=1e-5)  # same function as the hand-written code
