@@ -10,14 +10,14 @@ process CPU time, one torch thread; the engine's kernels are single-threaded too
     binary PyTorch model for reference, at batch 1 and 32;
   - weight memory: the engine's packed words vs the sign bits vs the fp32 weights of the binary layers.
 The engine is checked spike-exact against the binary PyTorch model first. Ratios are fp32 time ÷ engine time.
-The engine runs its default kernels (the popcount variant this CPU has; on a CPU with AMX, linear inputs of
-several bit planes on the int8 matrix units, --int8 to choose); each layer is also timed on popcounts only
+The engine runs its default kernels (the popcount variant this CPU has; on a CPU with AMX, linear layers on the
+int8 matrix units, --int8 to choose); each layer is also timed on popcounts only
 (--int8 off) and, with AMX, with every linear layer on the int8 units, so the table says what each route gives.
 Results: benchmarks/results/engine.json (keys layer_speedup_median, model_speedup_b1, model_speedup_b32; also
 layer_speedup_median_spike_inputs: the same layers fed 0/1 spikes, what the kernels do on pure spike inputs,
-layer_speedup_median_popcount_only, layer_speedup_median_int8_all) and engine.md.
+layer_speedup_median_popcount_only, layer_speedup_median_int8_all, layer_speedup_median_int8_multi) and engine.md.
 
-    python benchmarks/bench_engine.py [--reps 7] [--reps-b32 3] [--arch spikformer_cifar] [--int8 multi]
+    python benchmarks/bench_engine.py [--reps 7] [--reps-b32 3] [--arch spikformer_cifar] [--int8 all]
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--int8", choices=kernels.INT8_MODES, default=None,
                         help="linear layers on the int8 matrix units (AMX): off, multi (inputs of several bit "
-                             "planes; the default), all")
+                             "planes), all (the default)")
     args = parser.parse_args()
     with kernels.use_kernels(int8=args.int8) if kernels.compiled_available() else contextlib.nullcontext():
         run(args)
@@ -123,7 +123,8 @@ def main() -> None:
 def _route_speedups(twin, ours, x, reps: int) -> dict[str, float]:
     """fp32 ÷ engine on x with popcounts only, and (with AMX) with every linear layer on the int8 units."""
     out = {}
-    routes = [("popcount_only", "off")] + ([("int8_all", "all")] if kernels.int8_units() != "off" else [])
+    amx = kernels.compiled_available() and bool(kernels._ext.amx_available())
+    routes = [("popcount_only", "off")] + ([("int8_all", "all"), ("int8_multi", "multi")] if amx else [])
     for label, mode in routes:
         with kernels.use_kernels(int8=mode):
             t = interleaved({"fp32": lambda: twin(x), "engine": lambda: ours(x)}, reps)
@@ -202,7 +203,7 @@ def run(args) -> None:
         "layer_speedup_max": speedups[-1],
         "layer_speedup_median_spike_inputs": statistics.median(r["speedup_spike_input"] for r in rows),
         **{f"layer_speedup_median_{k}": statistics.median(r[f"speedup_{k}"] for r in rows)
-           for k in ("popcount_only", "int8_all") if rows and f"speedup_{k}" in rows[0]},
+           for k in ("popcount_only", "int8_all", "int8_multi") if rows and f"speedup_{k}" in rows[0]},
         "kernels": {"isa": kernels.isa(), "int8": kernels.int8_units(),
                     "amx_available": kernels.int8_units() != "off" or (
                         kernels.compiled_available() and bool(kernels._ext.amx_available())),
@@ -227,7 +228,8 @@ def run(args) -> None:
              f"| binary layers on 0/1 spike inputs of the same shapes (median) | | | "
              f"{result['layer_speedup_median_spike_inputs']:.2f}× | |"]
     for key, label in (("popcount_only", "popcounts only (--int8 off)"),
-                       ("int8_all", "every linear layer on AMX int8 tiles (--int8 all)")):
+                       ("int8_all", "every linear layer on AMX int8 tiles (--int8 all)"),
+                       ("int8_multi", "spike-fed linears on popcounts, the others on AMX (--int8 multi)")):
         if f"layer_speedup_median_{key}" in result:
             lines.append(f"| binary layers, {label} (median) | | | {result[f'layer_speedup_median_{key}']:.2f}× | |")
     for label in ("b1", "b32"):

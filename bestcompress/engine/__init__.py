@@ -8,8 +8,8 @@
 Every binary Conv1d/Conv2d/Linear runs as popcounts over bit-packed inputs when those are spikes or sums of
 spikes (and ½-couplings), the spike×spike attention matmuls likewise; everything else is the model's own torch
 code. Kernels: the compiled extension built at install, its popcount variant picked at run time for the CPU
-(AVX-512 VPOPCNTDQ, AVX2 nibble-table VPSHUFB, ARM NEON CNT, scalar), linear inputs of several bit planes on the
-int8 matrix units (x86 AMX) where the CPU has them; without a compiler, a NumPy fallback. `use_kernels(isa=...,
+(AVX-512 VPOPCNTDQ, AVX2 nibble-table VPSHUFB, ARM NEON CNT, scalar), linear layers (inputs of up to 8 bit planes)
+on the int8 matrix units (x86 AMX) where the CPU has them; without a compiler, a NumPy fallback. `use_kernels(isa=...,
 int8=...)` or BESTCOMPRESS_ENGINE_ISA / BESTCOMPRESS_ENGINE_INT8 (off, multi, all) choose.
 """
 from .kernels import backend, backend_description, compiled_available, use_backend, use_kernels

@@ -11,9 +11,10 @@ as float32 PyTorch computes it while the sums stay below 2^24.
 The compiled kernels (`_bitkernels`, built at install) are used when they import; otherwise, or inside
 `use_backend("numpy")`, NumPy computes the same integers (slower, for machines without a compiler). They pick
 their popcount variant at run time (`isa()`; `use_kernels(isa=...)` or BESTCOMPRESS_ENGINE_ISA to force one), and
-on a CPU with int8 matrix units (x86 AMX) a linear layer's input of several bit planes (2-8) is multiplied as
-bytes there, since the popcount cost grows with the planes (`use_kernels(int8='off'|'multi'|'all')` or
-BESTCOMPRESS_ENGINE_INT8; default 'multi': {0, 1} spikes stay on popcounts). Weights stay one bit each in RAM.
+on a CPU with int8 matrix units (x86 AMX) a linear layer's input of up to 8 bit planes is multiplied as bytes
+there (`use_kernels(int8='off'|'multi'|'all')` or BESTCOMPRESS_ENGINE_INT8; default 'all': on an AMX Xeon the
+tiles beat the popcounts on {0, 1} spikes too, and the popcount cost grows with the planes while the int8 cost
+does not; 'multi' keeps spikes on popcounts). Weights stay one bit each in RAM.
 """
 from __future__ import annotations
 
@@ -35,9 +36,10 @@ ISAS = ("scalar", "avx2", "avx512", "neon")  # the compiled popcount variants, b
 _state = {"backend": "compiled" if _ext is not None and os.environ.get("BESTCOMPRESS_ENGINE") != "numpy"
           else "numpy",
           "isa": os.environ.get("BESTCOMPRESS_ENGINE_ISA", "best"),
-          "int8": os.environ.get("BESTCOMPRESS_ENGINE_INT8", "multi")}
+          "int8": os.environ.get("BESTCOMPRESS_ENGINE_INT8", "all")}
 # int8 matrix units (x86 AMX) for linear layers: never, for inputs other than {0, 1} spikes (several bit planes:
-# the popcount cost grows with the planes, the int8 cost does not), or for every input
+# the popcount cost grows with the planes, the int8 cost does not), or for every input (the default: measured by
+# benchmarks/bench_engine.py on an AMX Xeon, spike-fed linears are as fast or faster on the tiles)
 INT8_MODES = ("off", "multi", "all")
 
 
@@ -62,8 +64,8 @@ def _isa_number() -> int:
 
 def int8_units() -> str:
     """When linear layers use the CPU's int8 matrix units (x86 AMX): 'off' (also without AMX), 'multi' (inputs
-    of several bit planes) or 'all'."""
-    mode = _state["int8"] if _state["int8"] in INT8_MODES else "multi"
+    of several bit planes) or 'all' (the default)."""
+    mode = _state["int8"] if _state["int8"] in INT8_MODES else "all"
     return mode if backend() == "compiled" and _ext.amx_available() else "off"
 
 

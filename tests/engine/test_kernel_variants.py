@@ -3,6 +3,8 @@ route give the same floats as PyTorch, bit for bit: whole linear and convolution
 analysis of an input's bit planes."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -97,6 +99,8 @@ def test_int8_matrix_units_equal_the_popcount_product_bit_for_bit(k, n, m):
             assert kernel == ("int8" if x.any() else "popcount") and got_planes == ref_planes
             assert torch.equal(got, ref)
         assert torch.equal(got, kernels.apply_bn(F.linear(x, w) * alpha + bias, bn2, -1))
+    if "BESTCOMPRESS_ENGINE_INT8" not in os.environ:  # the default on an AMX CPU: spikes on the int8 units too
+        assert kernels.int8_units() == "all" and kernels.linear(_spikes(g, m, k), _cols(w), n)[2] == "int8"
     with use_kernels(int8="multi"):  # {0, 1} spikes stay on popcounts, several planes go to the int8 units
         assert kernels.linear(_spikes(g, m, k), _cols(w), n)[2] == "popcount"
         assert kernels.linear(_spikes(g, m, k) * 3, _cols(w), n)[2] == "int8"
