@@ -8,6 +8,7 @@ from torch import fx, nn
 
 from ..errors import ModelError
 from ..nn.binary import BINARY_SWAP_RULES, is_binary_layer
+from ..nn.fast_norm import use_channel_last_batchnorm
 from .base import Pass, PassContext, PassError, register_pass
 from .shapes import record_calls
 
@@ -202,6 +203,7 @@ class BinarizeWeights(Pass):
             self.ctx.note(f"BinarizeWeights: {len(subclassed)} subclassed layer(s) binarized after checking they "
                           f"compute as their parent class ({', '.join(subclassed[:4])}"
                           f"{', ...' if len(subclassed) > 4 else ''}).")
+        use_channel_last_batchnorm(model)  # same numbers, no layout copies on [B, N, C] tokens (nn/fast_norm.py)
         return model
 
     def check(self, model: nn.Module) -> None:
