@@ -1,0 +1,456 @@
+"""The public spiking transformers as their authors wrote them, through the real CLI (issue 10's separate check).
+
+Nothing of the public code is vendored. `--root DIR` points at a folder holding, per family, the repository's files
+at their repository paths (a `git clone` of each repository into DIR/<family> is fine):
+
+    spikformer/   github.com/ZK-Zhou/spikformer                 cifar10/model.py, imagenet/model.py, cifar10dvs/model.py
+    sdt_v1/       github.com/BICLab/Spike-Driven-Transformer    model/*.py, module/*.py
+    qkformer/     github.com/zhouchenlin2096/QKFormer           cifar10/model.py
+    sdt_v2/       github.com/BICLab/Spike-Driven-Transformer-V2 classification/models.py
+    bestformer/   github.com/CaoHLin/BESTFormer                 cifar/model.py, cifar/quantized_utils.py
+
+For every row found there it runs, as a user would, in a scratch folder (one `python -m bestcompress` child each):
+the authors' builder with a small config saves a timm-style checkpoint ({'state_dict': ...}, as their train.py
+does); `inspect --json` of it (FP MACs, head MACs); `binarize --model FILE:FN` with the family recipe and with
+`bestformer` (without --input-shape first: the shape should be inferred); `inspect --json` of the binary model
+(MACs <= FP + second head, every binarized layer 1-bit); one eval forward through `bc.load` checking that each
+attention-map neuron emits only {0, 1}; `distill` one step on synthetic data at the model's input shape; `export`
+qonnx and onnx (each verified against PyTorch by the CLI before it writes).
+
+The public code imports timm, spikingjelly's `clock_driven` package (spikingjelly <= 0.0.0.0.14; 2.0, installed
+here, renamed it `activation_based`), einops and torchinfo. `--shim` writes stand-ins for whichever of those are
+missing into a temporary folder put on the children's PYTHONPATH (what each stands in for is in SHIM below and
+in the JSON). The model files' own folders are not put on the path: a sibling import such as
+`from quantized_utils import ...` must work through bestcompress itself.
+
+    python benchmarks/public_models.py --root /tmp/public_models --shim [--only bestformer,sdt_v1] [--fast]
+
+Prints a table (row x step: ok / the one-sentence error) and writes benchmarks/results/public_models.json.
+Without --root it prints how to get the files and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "public_models.json"
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    family: str          # folder under --root
+    repo: str
+    entry: str           # repository path of the file that holds the builder
+    builder: str
+    kwargs: dict
+    recipe: str          # the family recipe
+    input_shape: str     # what a user would pass when the shape is not inferred
+    aliases: tuple = ()  # other folder names (the repository's own name)
+    notes: str = ""
+
+
+CIFAR = dict(img_size_h=32, img_size_w=32, in_channels=3, num_classes=10)
+ROWS = [
+    Row("spikformer_cifar", "spikformer", "ZK-Zhou/spikformer", "cifar10/model.py", "spikformer",
+        dict(CIFAR, patch_size=4, embed_dims=64, num_heads=2, mlp_ratios=4, depths=2, sr_ratios=1, T=2),
+        "spikformer_cifar", "3,32,32"),
+    Row("spikformer_imagenet", "spikformer", "ZK-Zhou/spikformer", "imagenet/model.py", "Spikformer",
+        dict(CIFAR, patch_size=16, embed_dims=64, num_heads=2, mlp_ratios=4, depths=2, sr_ratios=1),
+        "spikformer_imagenet", "3,32,32", notes="the class (its builder fixes 224 px, 8-512); T = 4 in forward"),
+    Row("spikformer_dvs", "spikformer", "ZK-Zhou/spikformer", "cifar10dvs/model.py", "Spikformer",
+        dict(img_size_h=32, img_size_w=32, patch_size=16, in_channels=2, num_classes=10, embed_dims=64,
+             num_heads=2, mlp_ratios=4, depths=2, sr_ratios=1),
+        "spikformer_cifar", "2,2,32,32", notes="the class (its builder fixes 16-256); input [B, T, 2, H, W]"),
+    Row("sdt_v1", "sdt_v1", "BICLab/Spike-Driven-Transformer", "model/spikeformer.py", "sdt",
+        dict(CIFAR, patch_size=4, embed_dims=64, num_heads=2, mlp_ratios=4, depths=2, T=2, pooling_stat="0011",
+             spike_mode="lif"),
+        "sdt_v1", "3,32,32", aliases=("Spike-Driven-Transformer",)),
+    Row("qkformer", "qkformer", "zhouchenlin2096/QKFormer", "cifar10/model.py", "QKFormer",
+        dict(CIFAR, patch_size=4, embed_dims=64, mlp_ratios=2, depths=3, sr_ratios=1, T=2),
+        "qkformer", "3,32,32", aliases=("QKFormer",), notes="depths=3: one block in stage 3 (depths - 2)"),
+    Row("sdt_v2", "sdt_v2", "BICLab/Spike-Driven-Transformer-V2", "classification/models.py",
+        "Spiking_vit_MetaFormer",
+        dict(CIFAR, patch_size=16, embed_dim=[16, 32, 64, 80], num_heads=8, mlp_ratios=2, depths=8, sr_ratios=1),
+        "sdt_v2", "3,32,32", aliases=("Spike-Driven-Transformer-V2",),
+        notes="the class (its builders fix 224 px); T = 1 in the class"),
+    Row("sdt_v2_kd", "sdt_v2", "BICLab/Spike-Driven-Transformer-V2", "classification/models.py",
+        "Spiking_vit_MetaFormer",
+        dict(CIFAR, patch_size=16, embed_dim=[16, 32, 64, 80], num_heads=8, mlp_ratios=2, depths=8, sr_ratios=1,
+             kd=True),
+        "sdt_v2", "3,32,32", aliases=("Spike-Driven-Transformer-V2",),
+        notes="kd=True: (head, head_kd) in training, their mean in eval"),
+    Row("bestformer", "bestformer", "CaoHLin/BESTFormer", "cifar/model.py", "BESTFormer",
+        dict(CIFAR, patch_size=4, embed_dims=64, num_heads=2, mlp_ratios=4, qkv_bias=False, depths=2,
+             sr_ratios=1, T=4, drop_rate=0.0, drop_path_rate=0.0),
+        "bestformer", "3,32,32", aliases=("BESTFormer",),
+        notes="two heads (head, head2); T=4 (its attention's lambda is built for T=4 whatever T is passed)"),
+]
+
+# Stand-ins, written only for what is missing. Each says what it replaces.
+SHIM = {
+    "timm": {
+        "timm/__init__.py": "",
+        "timm/models/__init__.py": (
+            "def create_model(*a, **k):\n"
+            "    raise RuntimeError('timm.create_model is not available in this stand-in')\n"),
+        "timm/models/layers.py": (
+            "import torch\nfrom torch import nn\ntrunc_normal_ = nn.init.trunc_normal_\n\n"
+            "def to_2tuple(v):\n    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)\n\n"
+            "class DropPath(nn.Module):\n"
+            "    def __init__(self, drop_prob=0.0):\n        super().__init__()\n        self.p = float(drop_prob)\n\n"
+            "    def forward(self, x):\n"
+            "        if not self.training or self.p == 0.0:\n            return x\n"
+            "        keep = (torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) >= self.p)\n"
+            "        return x * keep.to(x.dtype) / (1.0 - self.p)\n"),
+        "timm/models/registry.py": "def register_model(fn):\n    return fn\n",
+        "timm/models/vision_transformer.py": "def _cfg(url='', **kwargs):\n    return dict(url=url, **kwargs)\n",
+        "timm/data/__init__.py": ("IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)\n"
+                                  "IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)\n"),
+    },
+    "spikingjelly.clock_driven": {
+        # Found through a meta-path finder (sitecustomize) appended after the real ones, so an installed
+        # clock_driven wins; spikingjelly 2.0 classes with the legacy multi-step names and arguments.
+        "sitecustomize.py": (
+            "import importlib.abc, importlib.util, os, sys\n"
+            "_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_clock_driven')\n\n"
+            "class _ClockDriven(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        parts = name.split('.')\n"
+            "        if parts[:2] != ['spikingjelly', 'clock_driven']:\n            return None\n"
+            "        where = os.path.join(_BASE, *parts[2:])\n"
+            "        if len(parts) == 2:\n"
+            "            return importlib.util.spec_from_file_location(name, os.path.join(_BASE, '__init__.py'),\n"
+            "                                                          submodule_search_locations=[_BASE])\n"
+            "        if os.path.isfile(where + '.py'):\n"
+            "            return importlib.util.spec_from_file_location(name, where + '.py')\n"
+            "        return None\n\n"
+            "sys.meta_path.append(_ClockDriven())\n"),
+        "_clock_driven/__init__.py": "",
+        "_clock_driven/neuron.py": (
+            "from spikingjelly.activation_based import neuron as _n\n\n"
+            "class MultiStepLIFNode(_n.LIFNode):\n"
+            "    def __init__(self, *args, backend='torch', **kw):  # cupy is CUDA only; 2.0 picks its CPU path\n"
+            "        super().__init__(*args, step_mode='m', **kw)\n\n"
+            "class MultiStepParametricLIFNode(_n.ParametricLIFNode):\n"
+            "    def __init__(self, *args, backend='torch', **kw):\n"
+            "        super().__init__(*args, step_mode='m', **kw)\n"),
+        "_clock_driven/layer.py": "from spikingjelly.activation_based.layer import *  # noqa\n",
+        "_clock_driven/surrogate.py": "from spikingjelly.activation_based.surrogate import *  # noqa\n",
+        "_clock_driven/functional.py": "from spikingjelly.activation_based.functional import *  # noqa\n",
+    },
+    "einops": {
+        "einops/__init__.py": "", "einops/layers/__init__.py": "",
+        "einops/layers/torch.py": ("class Rearrange:\n    def __init__(self, *a, **k):\n"
+                                   "        raise RuntimeError('einops.layers.torch.Rearrange stand-in: not usable')\n"),
+    },
+    "torchinfo": {"torchinfo/__init__.py": ("def summary(*a, **k):\n"
+                                            "    raise RuntimeError('torchinfo stand-in: not usable')\n")},
+}
+SHIM_SAYS = {
+    "timm": "to_2tuple, trunc_normal_ (torch's), DropPath, register_model, _cfg, IMAGENET_DEFAULT_MEAN/STD",
+    "spikingjelly.clock_driven": "MultiStepLIFNode / MultiStepParametricLIFNode = spikingjelly 2.0 LIFNode / "
+                                 "ParametricLIFNode(step_mode='m'), backend='cupy' dropped; layer/surrogate/"
+                                 "functional re-exported from activation_based",
+    "einops": "einops.layers.torch.Rearrange imported only (raises if built; none of the rows builds one)",
+    "torchinfo": "torchinfo.summary imported only (raises if called)",
+}
+
+HOWTO = __doc__.split("For every row")[0].strip()
+
+
+def _missing() -> list[str]:
+    out = [m for m in ("timm", "einops", "torchinfo") if importlib.util.find_spec(m) is None]
+    try:
+        if importlib.util.find_spec("spikingjelly.clock_driven") is None:
+            out.append("spikingjelly.clock_driven")
+    except ModuleNotFoundError:
+        out.append("spikingjelly.clock_driven")
+    return out
+
+
+def write_shim(folder: Path, missing: list[str]) -> None:
+    for name in missing:
+        for rel, text in SHIM[name].items():
+            p = folder / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(text)
+
+
+def find_entry(root: Path, row: Row) -> Path | None:
+    for fam in (row.family,) + row.aliases:
+        p = root / fam / row.entry
+        if p.is_file():
+            return p
+    return None
+
+
+# The user's own training script, reduced to what matters here: build with the authors' code, save timm-style.
+SAVE_FP = r"""
+import importlib.util, json, os, sys, torch
+entry, fn, kwargs, out, shape = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4], sys.argv[5]
+# as the authors' train.py runs: from the repository root or next to the model file
+sys.path[:0] = [os.getcwd(), os.path.dirname(entry)]
+spec = importlib.util.spec_from_file_location("public_model", entry)
+mod = importlib.util.module_from_spec(spec); sys.modules["public_model"] = mod; spec.loader.exec_module(mod)
+torch.manual_seed(0)
+model = getattr(mod, fn)(**kwargs)
+# A fresh network is silent (no neuron fires, so every check downstream would be vacuous): estimate the
+# BatchNorm statistics on random inputs, as a first training epoch would, so that neurons fire.
+for m in model.modules():
+    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+        m.momentum = None
+model.train()
+with torch.no_grad():
+    for _ in range(8):
+        model(torch.rand(8, *map(int, shape.split(","))))
+        for m in model.modules():
+            if m is not model and callable(getattr(m, "reset", None)):
+                m.reset()
+torch.save({"epoch": 0, "arch": fn, "state_dict": model.state_dict()}, out)
+"""
+
+# One eval forward of the binary model. Spiking attention multiplies spikes: every matrix product (Q.K^T, the map
+# with V, K^T.V) must take {0, 1} operands only, whether the map comes from an inserted map neuron or from the
+# model's own neuron (BESTformer's attn_lif0). Models without a product (SDT's Hadamard attention) have none.
+ATTN_CHECK = r"""
+import json, sys, torch
+from torch.overrides import TorchFunctionMode
+import bestcompress as bc
+from bestcompress.model_facts import example_input_for
+from bestcompress.nn.attention import AttentionMapNeuron
+from bestcompress.nn.lif import LIF
+path, factory = sys.argv[1], sys.argv[2]
+model = bc.load(path, model=factory).model.eval()
+PRODUCTS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm}
+products, lifs = [], []
+
+class Products(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in PRODUCTS:
+            products.append([sorted({float(v) for v in a.detach().unique().tolist()})[:4] for a in args[:2]])
+        return func(*args, **(kwargs or {}))
+
+hooks = [m.register_forward_hook(lambda mod, a, out: lifs.append(out.detach().float().mean())) for m in model.modules()
+         if isinstance(m, LIF) and not isinstance(m, AttentionMapNeuron)]
+x = example_input_for(model, batch=2, seed=0)
+with torch.no_grad(), Products():
+    model(x)
+binary = [all(set(v) <= {0.0, 1.0} for v in p) for p in products]
+# a binary map times a constant (Spikformer's scale 0.125 applied after the map neuron): {0, c}, one c
+scaled = [all(len(set(v) - {0.0}) <= 1 for v in p) for p in products]
+print(json.dumps({"products": len(products), "binary_products": sum(binary), "scaled_binary_products": sum(scaled),
+                  "first_other": next((p for p, b in zip(products, scaled) if not b), None),
+                  "first_scaled": next((p for p, b in zip(products, binary) if not b), None),
+                  "map_neurons": sum(isinstance(m, AttentionMapNeuron) for m in model.modules()),
+                  "neuron_rate": float(torch.stack(lifs).mean()) if lifs else None}))
+"""
+
+
+@dataclass
+class Runner:
+    work: Path
+    env: dict
+    cwd: Path
+    log: list = field(default_factory=list)
+
+    def run(self, args: list[str], timeout: int = 900) -> tuple[bool, str, str]:
+        t0 = time.time()
+        try:
+            p = subprocess.run(args, cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=timeout)
+            rc, out, err = p.returncode, p.stdout, p.stderr
+        except subprocess.TimeoutExpired:
+            rc, out, err = -1, "", f"timed out after {timeout} s"
+        self.log.append({"args": [str(a) for a in args], "rc": rc, "seconds": round(time.time() - t0, 1)})
+        return rc == 0, out, err
+
+    def cli(self, *args, **kw):
+        return self.run([sys.executable, "-m", "bestcompress", *map(str, args)], **kw)
+
+
+def sentence(err: str, out: str = "") -> str:
+    """The one line a user sees: the CLI's `Error: ...`, else the last line of a traceback."""
+    lines = [ln.strip() for ln in (err + "\n" + out).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("Error:"):
+            return ln[len("Error:"):].strip()[:400]
+    return (lines[-1] if lines else "no output")[:400]
+
+
+def inspect_json(r: Runner, ckpt: Path, factory: str, kwargs: str | None):
+    args = ["inspect", ckpt, "--model", factory, "--json"] + (["--model-kwargs", kwargs] if kwargs else [])
+    ok, out, err = r.cli(*args)
+    if not ok:
+        return None, sentence(err, out)
+    return json.loads(out), None
+
+
+def macs_of(summary: dict) -> tuple[int, int, int]:
+    """(total MACs, MACs of head, of head2 if any) from an `inspect --json` summary."""
+    rows = summary.get("rows") or []
+    head = next((int(x.get("macs", 0)) for x in rows if x.get("name", "").split(".")[-1] == "head"), 0)
+    head2 = sum(int(x.get("macs", 0)) for x in rows if x.get("name", "").split(".")[-1] in ("head2", "head_kd"))
+    return int(summary["macs"]), head, head2
+
+
+def check_row(row: Row, entry: Path, work: Path, env: dict, recipes: list[str], fast: bool) -> dict:
+    # Every command runs from the repository root, as its README has the user do (files written go to `work`).
+    r = Runner(work, env, entry.parents[len(Path(row.entry).parts) - 1])
+    res: dict = {"file": f"{row.family}/{row.entry}", "builder": row.builder, "kwargs": row.kwargs,
+                 "notes": row.notes, "steps": {}}
+    steps = res["steps"]
+    factory = f"{entry}:{row.builder}"
+    kw = json.dumps(row.kwargs)
+    fp = work / "fp.pth.tar"
+    ok, out, err = r.run([sys.executable, "-c", SAVE_FP, str(entry), row.builder, kw, str(fp), row.input_shape])
+    steps["build"] = "ok" if ok else sentence(err, out)
+    if not ok:
+        res["commands"] = r.log
+        return res
+    fp_sum, e = inspect_json(r, fp, factory, kw)
+    steps["inspect_fp"] = "ok" if fp_sum else e
+    for recipe in recipes:
+        tag = "family" if recipe == row.recipe and recipe != "bestformer" else recipe
+        if recipe == "bestformer" and row.recipe == "bestformer":
+            tag = "family=bestformer"
+        out_bin = work / f"bin_{recipe}.pt"
+        base = ["binarize", fp, "--model", factory, "--model-kwargs", kw, "--recipe", recipe, "-o", out_bin]
+        ok, out, err = r.cli(*base)
+        shape_note = "inferred"
+        if not ok and "input" in (err + out).lower() and "shape" in (err + out).lower():
+            shape_note = f"not inferred ({sentence(err, out)})"
+            ok, out, err = r.cli(*base, "--input-shape", row.input_shape)
+        steps[f"binarize[{tag}]"] = "ok" if ok else sentence(err, out)
+        steps[f"input_shape[{tag}]"] = shape_note if ok else "-"
+        if not ok:
+            continue
+        b_sum, e = inspect_json(r, out_bin, factory, None)
+        if b_sum is None:
+            steps[f"macs[{tag}]"] = steps[f"1bit[{tag}]"] = e
+        else:
+            res.setdefault("summaries", {})[recipe] = {k: v for k, v in b_sum.items() if k not in ("rows", "spec")}
+            if fp_sum:
+                fp_macs, fp_head, _ = macs_of(fp_sum)
+                b_macs, _, b_head2 = macs_of(b_sum)
+                limit = fp_macs + (fp_head if b_head2 else 0)
+                steps[f"macs[{tag}]"] = ("ok" if b_macs <= limit else
+                                         f"binary MACs {b_macs} > FP {fp_macs} + second head")
+                res.setdefault("macs", {})[recipe] = {"fp": fp_macs, "fp_head": fp_head, "binary": b_macs}
+            rows = b_sum.get("rows") or []
+            binary = [x for x in rows if x.get("type", "").startswith("Binary")]
+            wide = [x["name"] for x in binary if int(x.get("w_bits", 1)) != 1]
+            kept = [x["name"] for x in rows if not x.get("type", "").startswith("Binary") and x.get("params")]
+            res.setdefault("full_precision_layers", {})[recipe] = kept
+            steps[f"1bit[{tag}]"] = (f"ok ({len(binary)}/{len(binary) + len(kept)} layers; FP: {', '.join(kept[:5])})"
+                                     if binary and not wide else "no binary layer" if not binary
+                                     else f"not 1-bit: {', '.join(wide[:4])}")
+        ok, out, err = r.run([sys.executable, "-c", ATTN_CHECK, str(out_bin), factory])
+        if ok:
+            a = json.loads(out.strip().splitlines()[-1])
+            res.setdefault("attention", {})[recipe] = a
+            rate = f"neurons fire {100 * (a['neuron_rate'] or 0):.1f} %"
+            if not a["products"]:
+                steps[f"attn01[{tag}]"] = f"ok (no matrix product: elementwise attention; {rate})"
+            elif a["scaled_binary_products"] == a["products"]:
+                scaled = a["products"] - a["binary_products"]
+                steps[f"attn01[{tag}]"] = (f"ok ({a['products']} products, operands {{0,1}}"
+                                           + (f"; {scaled} with one operand {{0,c}}: a {{0,1}} map times the "
+                                              f"model's constant scale {a['first_scaled']}" if scaled else "")
+                                           + f"; {a['map_neurons']} map neurons inserted; {rate})")
+            else:
+                steps[f"attn01[{tag}]"] = (f"{a['products'] - a['scaled_binary_products']}/{a['products']} products "
+                                           f"take non-binary operands (values {a['first_other']})")
+        else:
+            steps[f"attn01[{tag}]"] = sentence(err, out)
+        if fast and recipe != recipes[0]:
+            continue
+        cie = work / f"cie_{recipe}.pt"
+        ok, out, err = r.cli("distill", out_bin, "--model", factory, "--data", "synthetic", "--subset", "16",
+                             "--epochs", "1", "--limit-batches", "1", "--set", "train.batch_size=8",
+                             "--set", "train.calibrate_batches=1", "--device", "cpu", "--no-progress",
+                             "--run-dir", work / f"run_{recipe}", "-o", cie)
+        steps[f"distill[{tag}]"] = "ok" if ok else sentence(err, out)
+        src = cie if ok else out_bin
+        for fmt, suffix in (("qonnx", ".qonnx.onnx"), ("onnx", ".onnx")):
+            ok, out, err = r.cli("export", src, "-f", fmt, "-o", work / f"m_{recipe}{suffix}", "--model", factory)
+            steps[f"{fmt}[{tag}]"] = ("ok" if ok else sentence(err, out)) + ("" if src == cie else " (binary, not distilled)")
+    res["commands"] = r.log
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, help="folder of the public files (see the module docstring)")
+    ap.add_argument("--shim", action="store_true", help="stand in for missing timm/clock_driven/einops/torchinfo")
+    ap.add_argument("--only", help="comma-separated row names")
+    ap.add_argument("--fast", action="store_true", help="distill and export only with the first recipe")
+    ap.add_argument("--output", type=Path, default=RESULTS)
+    ap.add_argument("--keep", type=Path, help="keep the scratch folders here")
+    a = ap.parse_args(argv)
+    if a.root is None:
+        print(HOWTO)
+        print("\nThen: python benchmarks/public_models.py --root DIR --shim")
+        return 0
+    rows = [r for r in ROWS if not a.only or r.name in a.only.split(",")]
+    missing = _missing()
+    if missing and not a.shim:
+        print(f"The public code needs {', '.join(missing)}, not installed here; pass --shim to stand in for them.")
+        return 2
+    base = Path(tempfile.mkdtemp(prefix="public_models_", dir=a.keep))
+    shim = base / "shim"
+    write_shim(shim, missing)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(shim), str(ROOT)) if p),
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), BESTCOMPRESS_LIF="torch")
+    results = {"shim": {m: SHIM_SAYS[m] for m in missing}, "rows": {}}
+    for row in rows:
+        entry = find_entry(a.root, row)
+        if entry is None:
+            results["rows"][row.name] = {"skipped": f"no {row.family}/{row.entry} under {a.root}"}
+            print(f"{row.name}: skipped (no {row.family}/{row.entry})", flush=True)
+            continue
+        work = base / row.name
+        work.mkdir()
+        t0 = time.time()
+        recipes = [row.recipe] + (["bestformer"] if row.recipe != "bestformer" else [])
+        res = check_row(row, entry.resolve(), work, env, recipes, a.fast)
+        res["seconds"] = round(time.time() - t0, 1)
+        results["rows"][row.name] = res
+        print(f"{row.name} ({res['seconds']} s): " + "; ".join(f"{k} {v}" for k, v in res["steps"].items()),
+              flush=True)
+    print_table(results)
+    a.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = a.output.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, a.output)
+    print(f"wrote {a.output}")
+    return 0
+
+
+def print_table(results: dict) -> None:
+    steps = []
+    for res in results["rows"].values():
+        for k in res.get("steps", {}):
+            if k not in steps:
+                steps.append(k)
+    print()
+    for name, res in results["rows"].items():
+        print(f"== {name}")
+        if "skipped" in res:
+            print(f"   skipped: {res['skipped']}")
+            continue
+        for k in steps:
+            if k in res["steps"]:
+                print(f"   {k:<28} {res['steps'][k]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

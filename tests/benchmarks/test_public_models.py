@@ -1,0 +1,41 @@
+"""benchmarks/public_models.py: without --root it says how to get the public files; its stand-ins make the legacy
+spikingjelly imports of the public code resolve to spikingjelly 2.0 neurons in the CLI's child processes only."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import public_models  # noqa: E402
+
+
+def test_without_root_it_prints_where_the_files_come_from_and_exits_0(capsys):
+    assert public_models.main([]) == 0
+    out = capsys.readouterr().out
+    for row in public_models.ROWS:
+        assert row.repo in out
+    assert "--root" in out
+
+
+def test_the_entry_is_found_under_the_family_or_the_repository_name(tmp_path):
+    row = next(r for r in public_models.ROWS if r.name == "bestformer")
+    assert public_models.find_entry(tmp_path, row) is None
+    (tmp_path / "BESTFormer" / "cifar").mkdir(parents=True)
+    (tmp_path / "BESTFormer" / "cifar" / "model.py").write_text("")
+    assert public_models.find_entry(tmp_path, row) == tmp_path / "BESTFormer" / "cifar" / "model.py"
+
+
+def test_the_clock_driven_stand_in_gives_multi_step_spikingjelly_2_neurons(tmp_path):
+    pytest.importorskip("spikingjelly.activation_based")
+    public_models.write_shim(tmp_path, ["spikingjelly.clock_driven", "timm"])
+    code = ("from spikingjelly.clock_driven.neuron import MultiStepLIFNode, MultiStepParametricLIFNode\n"
+            "from spikingjelly.activation_based.neuron import LIFNode\n"
+            "from timm.models.layers import to_2tuple\n"
+            "n = MultiStepLIFNode(tau=2.0, v_threshold=0.5, detach_reset=True, backend='cupy')\n"
+            "p = MultiStepParametricLIFNode(init_tau=2.0, detach_reset=True, backend='cupy')\n"
+            "print(isinstance(n, LIFNode), n.step_mode, n.v_threshold, p.step_mode, to_2tuple(4))\n")
+    out = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(tmp_path), "PATH": ""},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "m", "0.5", "m", "(4,", "4)"]
