@@ -45,6 +45,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {"layer_speedup_median": 8.0, "model_speedup_b1": 3.0}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def cpu_seconds(fn, reps: int) -> list[float]:
     out = []
     for _ in range(reps):
@@ -196,7 +207,7 @@ def run(args) -> None:
     speedups = sorted(r["speedup"] for r in rows)
     result = {
         "arch": args.arch, "recipe": args.recipe, "input_shape": list(shape), "threads": args.threads,
-        "backend": E.backend_description(), "machine": platform.processor() or platform.machine(),
+        "backend": E.backend_description(), "machine": platform.processor() or platform.machine(), "cpu": cpu_name(),
         "cpu_count": os.cpu_count(), "load_average_before_after": [load_before[0], os.getloadavg()[0]],
         "spike_exact": report.passed, "verify": report.to_dict(),
         "layer_speedup_median": statistics.median(speedups), "layer_speedup_min": speedups[0],
@@ -218,7 +229,8 @@ def run(args) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "engine.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# 1-bit engine vs fp32 PyTorch", "",
-             f"{args.arch} ({args.recipe}), input {list(shape)}, {args.threads} thread(s), {E.backend_description()}; "
+             f"{args.arch} ({args.recipe}), input {list(shape)}, {args.threads} thread(s), {result['cpu']}, "
+             f"{E.backend_description()}; "
              f"spike-exact: {report.passed}. Interleaved, median process CPU time; load average "
              f"{result['load_average_before_after'][0]:.1f} before, {result['load_average_before_after'][1]:.1f} after "
              f"on {os.cpu_count()} CPUs.", "",
