@@ -8,7 +8,8 @@ becomes separable maxima of strided views (exact, and faster than torch's max_po
 A BatchNorm (eval mode) right after a packed layer is folded into the kernel's epilogue when the fold is exact:
 the epilogue repeats PyTorch's own BatchNorm arithmetic for the layout it would see (contiguous: fma(y, α, β) with
 α = rsqrt(var + ε)·γ; transposed views, as Spikformer's Linear → transpose → BN1d → transpose: ((y − μ)·(1/√(var+ε)))·γ
-+ β), and each fold is checked bit for bit against the BatchNorm module on a probe before it is kept.
++ β, or for a channel-last BatchNorm1d such as nn.fast_norm's, fma(y, α, β − μ·α)), and each fold is checked bit for
+bit against the BatchNorm module on a probe before it is kept.
 """
 from __future__ import annotations
 
@@ -114,11 +115,21 @@ def _fold_batchnorms(gm: fx.GraphModule, plan: Plan) -> None:
             if len(user.users) != 1 or not _is_swap_last_two(next(iter(user.users))):
                 continue
             last = next(iter(user.users))
-        mode = 2 if transposed else 1
-        params = _bn_params(bn, mode)
+        # transposed: nn.BatchNorm1d's own arithmetic on that layout (mode 2), else one fma per output with the
+        # shift rounded as a channel-last BatchNorm computes it (bias - mean * scale: ChannelLastBatchNorm1d's
+        # addcmul, an fma on CPU) or as one fma; the first that the probe shows bit-exact is kept
+        candidates = [(1, _bn_params(bn, 1))]
+        if transposed:
+            alpha, beta = _bn_params(bn, 1)
+            mean = bn.running_mean.to(torch.float32)
+            b = bn.bias.detach().to(torch.float32) if bn.bias is not None else torch.zeros_like(mean)
+            candidates = [(2, _bn_params(bn, 2)), (1, [alpha, b - mean * alpha]), (1, [alpha, beta])]
         with torch.no_grad():
-            if not _fold_is_exact(bn, mode, params, layer.out_features, layer, transposed):
-                continue
+            found = next(((m, p) for m, p in candidates
+                          if _fold_is_exact(bn, m, p, layer.out_features, layer, transposed)), None)
+        if found is None:
+            continue
+        mode, params = found
         layer.fold_bn(mode, params)
         last.replace_all_uses_with(node)
         for dead in ([last, user] if transposed else [user]) + chain:
