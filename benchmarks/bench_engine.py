@@ -169,7 +169,7 @@ def run(args) -> None:
         for name, x in inputs.items():
             twin, ours = fp32_twin(layers[name]), packed[name]
             if ours.bn is not None:  # compare like with like: the engine's layer includes its BatchNorm
-                twin = WithBatchNorm(twin, binary.get_submodule(folds[name]), ours.bn[0] == 2).eval()
+                twin = WithBatchNorm(twin, binary.get_submodule(folds[name]), ours.bn_transposed).eval()
             t = interleaved({"fp32": lambda: twin(x), "engine": lambda: ours(x)}, args.reps)
             planes = ours.last_planes
             spikes = (torch.rand(x.shape, generator=g) < 0.2).to(torch.float32)  # what a spike-fed layer sees

@@ -66,6 +66,7 @@ class _PackedLayer(nn.Module):
             1.0 if self.alpha is None else self.alpha.view((-1,) + (1,) * (len(shape) - 1)))
 
     bn = None  # a folded BatchNorm epilogue (plan.py): (mode, [float32 per-channel tensors])
+    bn_transposed = False  # that BatchNorm normalised the output's transpose (Linear -> transpose -> BN1d)
 
     def fold_bn(self, mode: int, params: list[torch.Tensor]) -> None:
         """Apply a BatchNorm to this layer's outputs in the kernel's epilogue (plan.py checks it is exact)."""

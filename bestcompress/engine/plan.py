@@ -131,6 +131,7 @@ def _fold_batchnorms(gm: fx.GraphModule, plan: Plan) -> None:
             continue
         mode, params = found
         layer.fold_bn(mode, params)
+        layer.bn_transposed = transposed  # the BatchNorm saw the output through a transpose (benchmarks rebuild it)
         last.replace_all_uses_with(node)
         for dead in ([last, user] if transposed else [user]) + chain:
             gm.graph.erase_node(dead)
