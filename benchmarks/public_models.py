@@ -68,9 +68,10 @@ ROWS = [
         dict(CIFAR, patch_size=16, embed_dims=64, num_heads=2, mlp_ratios=4, depths=2, sr_ratios=1),
         "spikformer_imagenet", "3,32,32", notes="the class (its builder fixes 224 px, 8-512); T = 4 in forward"),
     Row("spikformer_dvs", "spikformer", "ZK-Zhou/spikformer", "cifar10dvs/model.py", "Spikformer",
-        dict(img_size_h=32, img_size_w=32, patch_size=16, in_channels=2, num_classes=10, embed_dims=64,
+        dict(img_size_h=128, img_size_w=128, patch_size=16, in_channels=2, num_classes=10, embed_dims=64,
              num_heads=2, mlp_ratios=4, depths=2, sr_ratios=1),
-        "spikformer_cifar", "2,2,32,32", notes="the class (its builder fixes 16-256); input [B, T, 2, H, W]"),
+        "spikformer_cifar", "2,2,128,128",
+        notes="the class (its builder fixes 16-256); input [B, T, 2, H, W]; its SPS hard-codes 128 px"),
     Row("sdt_v1", "sdt_v1", "BICLab/Spike-Driven-Transformer", "model/spikeformer.py", "sdt",
         dict(CIFAR, patch_size=4, embed_dims=64, num_heads=2, mlp_ratios=4, depths=2, T=2, pooling_stat="0011",
              spike_mode="lif"),
@@ -80,12 +81,12 @@ ROWS = [
         "qkformer", "3,32,32", aliases=("QKFormer",), notes="depths=3: one block in stage 3 (depths - 2)"),
     Row("sdt_v2", "sdt_v2", "BICLab/Spike-Driven-Transformer-V2", "classification/models.py",
         "Spiking_vit_MetaFormer",
-        dict(CIFAR, patch_size=16, embed_dim=[16, 32, 64, 80], num_heads=8, mlp_ratios=2, depths=8, sr_ratios=1),
+        dict(CIFAR, patch_size=16, embed_dim=[16, 32, 64, 80], num_heads=8, mlp_ratios=4, depths=8, sr_ratios=1),
         "sdt_v2", "3,32,32", aliases=("Spike-Driven-Transformer-V2",),
-        notes="the class (its builders fix 224 px); T = 1 in the class"),
+        notes="the class (its builders fix 224 px); T = 1 in the class; mlp_ratios=4 (MS_ConvBlock hard-codes 4)"),
     Row("sdt_v2_kd", "sdt_v2", "BICLab/Spike-Driven-Transformer-V2", "classification/models.py",
         "Spiking_vit_MetaFormer",
-        dict(CIFAR, patch_size=16, embed_dim=[16, 32, 64, 80], num_heads=8, mlp_ratios=2, depths=8, sr_ratios=1,
+        dict(CIFAR, patch_size=16, embed_dim=[16, 32, 64, 80], num_heads=8, mlp_ratios=4, depths=8, sr_ratios=1,
              kd=True),
         "sdt_v2", "3,32,32", aliases=("Spike-Driven-Transformer-V2",),
         notes="kd=True: (head, head_kd) in training, their mean in eval"),
@@ -286,9 +287,11 @@ def sentence(err: str, out: str = "") -> str:
     return (lines[-1] if lines else "no output")[:400]
 
 
-def inspect_json(r: Runner, ckpt: Path, factory: str, kwargs: str | None):
+def inspect_json(r: Runner, ckpt: Path, factory: str, kwargs: str | None, input_shape: str | None = None):
     args = ["inspect", ckpt, "--model", factory, "--json"] + (["--model-kwargs", kwargs] if kwargs else [])
     ok, out, err = r.cli(*args)
+    if not ok and input_shape and "--input-shape" in err:  # as a user would after reading the sentence
+        ok, out, err = r.cli(*args, "--input-shape", input_shape)
     if not ok:
         return None, sentence(err, out)
     return json.loads(out), None
@@ -316,7 +319,7 @@ def check_row(row: Row, entry: Path, work: Path, env: dict, recipes: list[str], 
     if not ok:
         res["commands"] = r.log
         return res
-    fp_sum, e = inspect_json(r, fp, factory, kw)
+    fp_sum, e = inspect_json(r, fp, factory, kw, row.input_shape)
     steps["inspect_fp"] = "ok" if fp_sum else e
     for recipe in recipes:
         tag = "family" if recipe == row.recipe and recipe != "bestformer" else recipe
@@ -333,7 +336,7 @@ def check_row(row: Row, entry: Path, work: Path, env: dict, recipes: list[str], 
         steps[f"input_shape[{tag}]"] = shape_note if ok else "-"
         if not ok:
             continue
-        b_sum, e = inspect_json(r, out_bin, factory, None)
+        b_sum, e = inspect_json(r, out_bin, factory, None, row.input_shape)
         if b_sum is None:
             steps[f"macs[{tag}]"] = steps[f"1bit[{tag}]"] = e
         else:
@@ -395,6 +398,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fast", action="store_true", help="distill and export only with the first recipe")
     ap.add_argument("--output", type=Path, default=RESULTS)
     ap.add_argument("--keep", type=Path, help="keep the scratch folders here")
+    ap.add_argument("--update", action="store_true", help="replace only the rows run in an existing --output")
     a = ap.parse_args(argv)
     if a.root is None:
         print(HOWTO)
@@ -426,6 +430,11 @@ def main(argv=None) -> int:
         results["rows"][row.name] = res
         print(f"{row.name} ({res['seconds']} s): " + "; ".join(f"{k} {v}" for k, v in res["steps"].items()),
               flush=True)
+    if a.update and a.output.is_file():
+        old = json.loads(a.output.read_text())
+        old["rows"].update(results["rows"])
+        old["shim"].update(results["shim"])
+        results = old
     print_table(results)
     a.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = a.output.with_suffix(".json.tmp")
