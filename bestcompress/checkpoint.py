@@ -180,10 +180,11 @@ def check_format(obj, path: Path) -> dict:
 
 
 def structure_of(model: nn.Module) -> list[str]:
-    """A fingerprint of a model's structure: every module's name and class, and each traced graph's code."""
+    """A fingerprint of a model's structure: every module's name and class (a class's `structure_name` where it
+    computes as the parent it names), and each traced graph's code."""
     out = []
     for name, m in model.named_modules():
-        entry = f"{name}:{type(m).__name__}"
+        entry = f"{name}:{getattr(type(m), 'structure_name', None) or type(m).__name__}"
         if isinstance(m, torch.fx.GraphModule):
             entry += ":" + hashlib.sha1(m.code.encode()).hexdigest()[:16]
         out.append(entry)

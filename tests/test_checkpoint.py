@@ -312,3 +312,23 @@ def test_load_binary_rejects_a_different_structure(tmp_path):
     torch.save(obj, path)
     with pytest.raises(CheckpointError, match="different model structure"):
         load_binary(path)
+
+
+def test_structure_names_compute_only_subclasses_as_their_parent(tmp_path):
+    from bestcompress.nn.fast_norm import ChannelLastBatchNorm1d
+    from bestcompress.zoo import create_model
+    torch.manual_seed(0)
+    src = create_model("spikformer_seq", seq_len=16, in_channels=1, num_classes=4, embed_dims=16, num_heads=2,
+                       mlp_ratios=2, depths=1, T=2).eval()
+    model = binarize(src).model
+    fast = [n for n, m in model.named_modules() if isinstance(m, ChannelLastBatchNorm1d)]
+    assert fast  # binarize installed the fast token BatchNorm
+    path = save_binary(model, src, tmp_path / "bin.pt")
+    structure = torch.load(path, weights_only=True)["structure"]
+    assert all(not e.split(":")[1].startswith("ChannelLast") for e in structure)
+    assert f"{fast[0]}:BatchNorm1d" in structure  # as a checkpoint saved before the fast BatchNorm reads
+    binary, _, _ = load_binary(path)
+    x = torch.randn(3, 1, 16)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(binary.eval()(x), model(x))

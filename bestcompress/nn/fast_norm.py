@@ -72,6 +72,10 @@ def _fast_layout(bn: nn.BatchNorm1d, x) -> bool:
 class ChannelLastBatchNorm1d(nn.BatchNorm1d):
     """nn.BatchNorm1d that is fast on `x.transpose(-1, -2)` of a contiguous `[B, N, C]` (see the module doc)."""
 
+    # a checkpoint's structure fingerprint (checkpoint.structure_of) names it as its parent: same state, same
+    # numbers, so binary checkpoints saved before binarize installed it still load, and the other way round
+    structure_name = "BatchNorm1d"
+
     def forward(self, x):
         if not _fast_layout(self, x):
             return super().forward(x)
