@@ -110,7 +110,7 @@ WAVE2B = [
     ("mnist1d", 12, ["calibrated", "calibrated_soft", "calibrated_couplings"], 1),
 ]
 # the plan of the third wave-2 session, a fresh run on another CPU (teachers retrained: CPU training is not bitwise
-# reproducible across machines, so the WAVE2B runs, kept in ablation_cie_wave2b.json, had other teachers): plain vs
+# reproducible across machines, so the WAVE2B runs, kept in ablation_cie_wave2b.json, had other teachers; WAVE2C is kept in ablation_cie_wave2c.json): plain vs
 # the default on every cell with 3 seeds, calibration alone with 3 seeds at 12 epochs, then one seed of each component
 WAVE2C = [
     ("mnist1d", 12, ["plain", "cie"], 3),
@@ -137,7 +137,7 @@ WAVE2D = [
     ("mnist1d", 12, ["calibrated_couplings", "couplings_paper", "cie_fit"], 3),
     ("mnist1d_hard", 12, ["calibrated_couplings", "couplings_paper", "cie_fit"], 3),
 ]
-# the head fit (train.fit_heads) against the same default without it, run as --name ablation_cie_fit beside WAVE2C
+# the head fit (train.fit_heads) against the same default without it, run as --name ablation_cie_fit beside WAVE2C (kept as ablation_cie_wave2c_fit.json)
 FIT = [
     ("mnist1d", 12, ["cie_fit"], 3),
     ("mnist1d_hard", 12, ["cie_fit"], 3),
