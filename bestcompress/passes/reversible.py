@@ -12,7 +12,8 @@ exactly what the model computed before) or `paper` (a_k = b_k = ½ fixed, the pu
 last stream z_K of a stage goes on to the next stage. On the last stage, the model's head reads the last attention
 stream z_{K−1} and `head2` (a copy of the head, equal weights at insertion) the last MLP stream z_K through a copy
 of the ops between the trunk and the head (token/time means, ...); no block is copied or run twice, so the coupled
-model costs the FP model's MACs plus head2's.
+model costs the FP model's MACs plus head2's. Where weight layers other than the head lie between the last coupled
+stage and the output (a downsampling before an empty last stage), no head2 is added: one head reads z_K.
 
 A forward that loops over time steps in Python (snnTorch style), unrolled by the trace, holds one copy of each stage
 per step (trunk.py: `Trunk.steps`). Each coupling is one module inserted once and called at every step (its a_k,
@@ -286,6 +287,12 @@ class InsertReversibleCouplings(Pass):
             raise ModelError(f"the ops after the last transformer stage of '{type(gm).__name__}' hold a residual "
                              f"block ('{residual[0].name}') that is not part of the trunk, so head2 would run it "
                              "twice; disable the couplings with --set reversible.enabled=false.")
+        weights = list(dict.fromkeys(n.target for n in tail if n.op == "call_module" and isinstance(
+            gm.get_submodule(n.target), (nn.Linear, nn.modules.conv._ConvNd))))
+        if len(weights) > 1:  # a downsampling (a stage with no blocks) or layers before the head, run twice by head2
+            return (f"no head2: the ops after the last coupled stage hold weight layers before the head "
+                    f"({', '.join(repr(w) for w in weights[:-1])}), which a second head would run twice; "
+                    "the head reads the last stream, as in the FP model")
         copies: dict[str, str] = {}
         for n in tail:
             if n.op == "call_module" and n.target not in copies and _stateful(gm.get_submodule(n.target)):

@@ -376,6 +376,27 @@ def test_hierarchical_stages_are_coupled_stage_by_stage_without_duplicates():
         torch.testing.assert_close(r.model(x), model(x), atol=1e-6, rtol=0)
 
 
+def test_weight_layers_after_the_last_stage_get_no_second_copy():
+    """An empty last stage (QKFormer with depths=2 leaves stage 3 without blocks): its downsampling lies between
+    the coupled stage and the head, so head2 would run it twice; one head reads the last stream instead."""
+    torch.manual_seed(0)
+    model = Hierarchical(depths=(2, 0)).eval()
+    x = example()
+    fp_macs, _ = _fp_macs_and_head(model, x)
+    r = binarize(model, "identity", example_input=x, overrides={"reversible.enabled": True})
+    assert sorted((m.stage, m.index) for m in r.model.modules() if isinstance(m, ReversibleCoupling)) == \
+        [(0, 2), (0, 3), (0, 4)]
+    assert not any(isinstance(m, DualHeadOutput) for m in r.model.modules())
+    assert any("no head2" in n and "'down.reduction'" in n for n in r.notes)
+    r.model.eval()
+    assert summarize(r.model, example_input=x).macs == fp_macs
+    named = {n: m for n, m in r.model.named_modules() if isinstance(m, (nn.Linear, LIF))}
+    calls = record_calls(r.model, named, x)
+    assert all(c == 1 for c in calls.counts.values()), {n: c for n, c in calls.counts.items() if c != 1}
+    with torch.no_grad():  # preserving couplings at insertion: the FP function
+        torch.testing.assert_close(r.model(x), model(x), atol=1e-6, rtol=0)
+
+
 def test_recipe_names_the_stages_to_couple():
     torch.manual_seed(0)
     model = Hierarchical().eval()
