@@ -9,7 +9,7 @@ from torch import nn
 
 from .errors import ModelError
 from .model_facts import example_input_for, input_shape_hint, model_time_steps
-from .passes.base import PassContext, Pipeline
+from .passes.base import PassContext, PassError, Pipeline
 from .passes.neuron_check import deepcopy_module
 from .recipe import Recipe, load_recipe
 from .trace import TraceReport
@@ -46,11 +46,23 @@ def binarize(model: nn.Module, recipe: str | Recipe | None = "bestformer", examp
     recipe = load_recipe(recipe, overrides)
     if not any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) for m in model.modules()):
         raise ModelError("the model has no Conv1d, Conv2d or Linear layer to binarize.")
+    inferred = example_input is None and input_shape is None  # the shape comes from the model's attributes
     if example_input is None:
         example_input = example_input_for(model, input_shape)
     if example_input is None:
         raise ModelError(f"The model's input shape is unknown; {input_shape_hint(model)}, or in Python give "
                          "input_shape= or example_input=.")
+    try:
+        return _binarize_passes(model, recipe, example_input)
+    except PassError as e:
+        if not inferred:
+            raise
+        shape = ",".join(str(s) for s in example_input.shape[1:])
+        raise PassError(f"{str(e).rstrip('. ')}; binarize ran the model on samples of shape {shape}, read from its "
+                        "attributes: if it takes another shape (e.g. event frames T,C,H,W), pass --input-shape.") from e
+
+
+def _binarize_passes(model: nn.Module, recipe: Recipe, example_input: torch.Tensor) -> BinarizeResult:
     fake = _fake_copy(example_input) if _worth_faking(model, example_input) else None
     if fake is not None:
         # The passes read only shapes and call order from the example input: a FakeTensor gives both without

@@ -2,8 +2,10 @@
 one input agree), and with the identity recipe equals its source model."""
 import pytest
 import torch
+from torch import nn
 
 from bestcompress.convert import binarize
+from bestcompress.errors import ModelError
 from bestcompress.model_facts import example_input_for
 from bestcompress.nn.attention import AttentionMapNeuron
 from bestcompress.nn.binary import is_binary_layer
@@ -145,3 +147,26 @@ def test_an_unknown_input_shape_says_exactly_what_to_pass(model, expected):
     from bestcompress.errors import ModelError
     with pytest.raises(ModelError, match=expected):
         binarize(model)
+
+
+class _EventFrames(nn.Module):
+    """Takes event frames [B, T, C, H, W] but states only its channels and image size (as Spikformer's DVS code)."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_channels, self.img_size = 2, 8
+        self.conv, self.conv2, self.head = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = x.permute(1, 0, 2, 3, 4)
+        T, B = x.shape[:2]
+        return self.head(self.conv2(self.conv(x.flatten(0, 1))).mean((2, 3)).reshape(T, B, -1).mean(0))
+
+
+def test_inferred_input_shape_that_does_not_fit_says_what_to_pass():
+    model = _EventFrames().eval()
+    with pytest.raises(ModelError, match=r"shape 2,8,8, read from its attributes.*pass --input-shape\."):
+        binarize(model, "bestformer", overrides={"reversible.enabled": False})
+    r = binarize(model, "bestformer", input_shape=(2, 2, 8, 8),  # the shape given: it binarizes
+                 overrides={"reversible.enabled": False})
+    assert is_binary_layer(r.model.conv2)
