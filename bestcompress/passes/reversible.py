@@ -46,6 +46,7 @@ from ..trunk import (  # noqa: F401  (find_trunk, find_stages: part of this modu
     output_entries, output_logits, two_heads,
 )
 from .base import Pass, PassContext, PassError, register_pass
+from .head_tail import copy_state_resets, is_stateful, tail_nodes, weight_layers
 from .shapes import free_module_name
 
 _INSERTED = (ReversibleCoupling, DualHeadOutput)
@@ -119,35 +120,6 @@ def _selected(stages: list[Trunk], names: tuple[str, ...]) -> list[int]:
             raise RecipeError(f"reversible.stages: no trunk stage is called '{want}' (stages: {known}).")
         chosen += [i for i in hits if i not in chosen]
     return sorted(chosen)
-
-
-def _tail(idx: GraphIndex, z_lasts: list[fx.Node], out: fx.Node) -> list[fx.Node]:
-    """Nodes computing the output from the last stream (mean over tokens/T, head, ...), in graph order; with one
-    last stream per time step, the union of the steps' tails (a step's tail leaves out other steps' nodes)."""
-    nodes: set[fx.Node] = set()
-    for t, z in enumerate(z_lasts):
-        region = idx.region(z, out)
-        if len(z_lasts) > 1:
-            region = {n for n in region if n.meta.get("bc_time_step") in (None, t)}
-        nodes |= region
-    return sorted(nodes, key=idx.pos.__getitem__)
-
-
-def _stateful(m: nn.Module) -> bool:
-    return any(True for _ in m.parameters()) or any(True for _ in m.buffers())
-
-
-def _copy_state_resets(graph: fx.Graph, copies: dict[str, str], tail: set[fx.Node]) -> None:
-    """A state reset the forward makes on a copied module (`utils.reset(self)` on an init_hidden output neuron:
-    `reset_module(get_attr)` in the graph) is made on its copy too, so head2's neuron starts each call at rest."""
-    for n in list(graph.nodes):
-        if n.op != "get_attr" or n.target not in copies:
-            continue
-        for user in [u for u in n.users if u.op == "call_function" and u not in tail]:
-            with graph.inserting_after(user):
-                attr = graph.get_attr(copies[n.target])
-            with graph.inserting_after(attr):
-                graph.node_copy(user, lambda a, n=n, attr=attr: attr if a is n else a)
 
 
 @register_pass
@@ -281,21 +253,20 @@ class InsertReversibleCouplings(Pass):
         every time step of an unrolled loop, one of each per step)."""
         graph = gm.graph
         idx = GraphIndex(gm)
-        tail = _tail(idx, z_lasts, logits)
+        tail = tail_nodes(idx, z_lasts, logits)
         residual = [n for n in tail if idx.residual(n) is not None]
         if residual:
             raise ModelError(f"the ops after the last transformer stage of '{type(gm).__name__}' hold a residual "
                              f"block ('{residual[0].name}') that is not part of the trunk, so head2 would run it "
                              "twice; disable the couplings with --set reversible.enabled=false.")
-        weights = list(dict.fromkeys(n.target for n in tail if n.op == "call_module" and isinstance(
-            gm.get_submodule(n.target), (nn.Linear, nn.modules.conv._ConvNd))))
+        weights = weight_layers(gm, tail)
         if len(weights) > 1:  # a downsampling (a stage with no blocks) or layers before the head, run twice by head2
             return (f"no head2: the ops after the last coupled stage hold weight layers before the head "
                     f"({', '.join(repr(w) for w in weights[:-1])}), which a second head would run twice; "
                     "the head reads the last stream, as in the FP model")
         copies: dict[str, str] = {}
         for n in tail:
-            if n.op == "call_module" and n.target not in copies and _stateful(gm.get_submodule(n.target)):
+            if n.op == "call_module" and n.target not in copies and is_stateful(gm.get_submodule(n.target)):
                 new_name = free_module_name(gm, f"{n.target}2")
                 gm.add_submodule(new_name, copy.deepcopy(gm.get_submodule(n.target)))
                 copies[n.target] = new_name
@@ -303,7 +274,7 @@ class InsertReversibleCouplings(Pass):
             raise ModelError(f"found no classifier head (a layer with weights) after the last block of "
                              f"'{type(gm).__name__}', so head2 cannot be added; disable the couplings with "
                              "--set reversible.enabled=false.")
-        _copy_state_resets(graph, copies, set(tail))
+        copy_state_resets(graph, copies, set(tail))
         out_node = next(n for n in graph.nodes if n.op == "output")
         env: dict[fx.Node, fx.Node] = {}
         with graph.inserting_before(out_node):
