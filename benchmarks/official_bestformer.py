@@ -7,7 +7,8 @@ function `BESTFormer(**kw)` (a `vit_snn`: tokenizer + RevSpikingTransformer bloc
 That code imports timm (layers, registry, vision_transformer helpers) and spikingjelly's `clock_driven` package
 (spikingjelly ≤ 0.0.0.0.14; 2.0 renamed it `activation_based`), and builds every neuron with backend='cupy'
 (CUDA only). Without those `load` returns the sentence saying what is missing and the row is skipped. With
-`shim=True` it stands in for only what is missing, while importing, and says so in the result:
+`shim=True` it stands in for only what is missing, while importing (benchmarks/stand_ins.py, shared with
+public_models.py), and says so in the result:
 - timm: to_2tuple, trunc_normal_ (torch.nn.init.trunc_normal_), DropPath (stochastic depth, per example; the
   blocks construct it but never call it), register_model (returns the function), _cfg (a dict), create_model;
 - spikingjelly.clock_driven.neuron.MultiStepLIFNode: spikingjelly 2.0's LIFNode(step_mode='m') with the same
@@ -17,102 +18,17 @@ That code imports timm (layers, registry, vision_transformer helpers) and spikin
 from __future__ import annotations
 
 import importlib.util
-import sys
-import types
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
+import stand_ins
+
 CONFIG = dict(img_size_h=32, img_size_w=32, patch_size=4, embed_dims=128, num_heads=4, mlp_ratios=4,
               in_channels=3, num_classes=10, qkv_bias=False, depths=2, sr_ratios=1, T=4, drop_rate=0.0,
               drop_path_rate=0.0)
-
-
-def _missing() -> list[str]:
-    out = []
-    if importlib.util.find_spec("timm") is None:
-        out.append("timm")
-    try:
-        found = importlib.util.find_spec("spikingjelly.clock_driven") is not None
-    except ModuleNotFoundError:
-        found = False
-    if not found:
-        out.append("spikingjelly.clock_driven")
-    return out
-
-
-class _DropPath(nn.Module):
-    """Stochastic depth: in training each example's branch is zeroed with probability p and the rest scaled."""
-
-    def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        self.p = float(p)
-
-    def forward(self, x):
-        if not self.training or self.p == 0.0:
-            return x
-        keep = (torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) >= self.p).to(x.dtype)
-        return x * keep / (1.0 - self.p)
-
-
-def _timm_stand_in() -> dict[str, types.ModuleType]:
-    def to_2tuple(v):
-        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-    def register_model(fn):
-        return fn
-
-    def create_model(*_, **__):
-        raise RuntimeError("timm.create_model is not available in this stand-in")
-
-    mods = {name: types.ModuleType(name) for name in
-            ("timm", "timm.models", "timm.models.layers", "timm.models.registry", "timm.models.vision_transformer")}
-    layers = mods["timm.models.layers"]
-    layers.to_2tuple, layers.trunc_normal_, layers.DropPath = to_2tuple, nn.init.trunc_normal_, _DropPath
-    mods["timm.models.registry"].register_model = register_model
-    mods["timm.models.vision_transformer"]._cfg = lambda **kw: dict(kw)
-    mods["timm.models"].create_model = create_model
-    for name, mod in mods.items():  # parents know their children, as after a real import
-        parent, _, child = name.rpartition(".")
-        if parent:
-            setattr(mods[parent], child, mod)
-    return mods
-
-
-def _clock_driven_stand_in() -> dict[str, types.ModuleType]:
-    from spikingjelly.activation_based import neuron
-
-    class MultiStepLIFNode(neuron.LIFNode):
-        def __init__(self, *args, backend: str = "torch", **kw):  # 2.0 picks its implementation itself
-            super().__init__(*args, step_mode="m", **kw)
-
-    cd, cdn = types.ModuleType("spikingjelly.clock_driven"), types.ModuleType("spikingjelly.clock_driven.neuron")
-    cdn.MultiStepLIFNode, cd.neuron = MultiStepLIFNode, cdn
-    return {"spikingjelly.clock_driven": cd, "spikingjelly.clock_driven.neuron": cdn}
-
-
-@contextmanager
-def _stand_ins(mods: dict[str, types.ModuleType], path: Path):
-    saved = {k: sys.modules.get(k) for k in mods}
-    sys.modules.update(mods)
-    sys.path.insert(0, str(path))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(path))
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-        sys.modules.pop("quantized_utils", None)
-
-
-STAND_INS = {"timm": "timm helpers (to_2tuple, trunc_normal_, DropPath, register_model, _cfg) written here",
-             "spikingjelly.clock_driven": "MultiStepLIFNode = spikingjelly 2.0 LIFNode(step_mode='m') "
-                                         "on the CPU (the code asks for backend='cupy', CUDA only)"}
+NEEDS = ("timm", "spikingjelly.clock_driven")  # what cifar/model.py imports beyond torch
 
 
 def load(folder: Path, shim: bool):
@@ -121,20 +37,15 @@ def load(folder: Path, shim: bool):
     model_py = next((p for p in (folder / "cifar" / "model.py", folder / "model.py") if p.is_file()), None)
     if model_py is None:
         return None, f"no cifar/model.py (or model.py) under {folder}"
-    missing = _missing()
+    missing = stand_ins.missing(NEEDS)
     if missing and not shim:
         return None, (f"the public code needs {', '.join(missing)}, not installed here (spikingjelly 2.0 has no "
                       "clock_driven; its neurons ask for the CUDA-only cupy backend); pass --official-shim to stand "
                       "in for them")
-    mods = {}
-    if "timm" in missing:
-        mods.update(_timm_stand_in())
-    if "spikingjelly.clock_driven" in missing:
-        mods.update(_clock_driven_stand_in())
     spec = importlib.util.spec_from_file_location("bestformer_official_model", model_py)
     module = importlib.util.module_from_spec(spec)
     try:
-        with _stand_ins(mods, model_py.parent):
+        with stand_ins.installed(missing, model_py.parent):
             spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 - whatever the public code needs that is not here
         return None, f"importing {model_py} failed ({type(e).__name__}: {e})"
@@ -146,7 +57,7 @@ def load(folder: Path, shim: bool):
         return module.BESTFormer(**CONFIG)
 
     info = {"file": str(model_py.relative_to(folder)), "builds": "BESTFormer(**config) -> vit_snn",
-            "config": CONFIG, "stand_ins": {k: STAND_INS[k] for k in missing}}
+            "config": CONFIG, "stand_ins": {k: stand_ins.SHIM_SAYS[k] for k in missing}}
     return build, info
 
 

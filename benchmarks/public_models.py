@@ -19,8 +19,8 @@ qonnx and onnx (each verified against PyTorch by the CLI before it writes).
 
 The public code imports timm, spikingjelly's `clock_driven` package (spikingjelly <= 0.0.0.0.14; 2.0, installed
 here, renamed it `activation_based`), einops and torchinfo. `--shim` writes stand-ins for whichever of those are
-missing into a temporary folder put on the children's PYTHONPATH (what each stands in for is in SHIM below and
-in the JSON). The model files' own folders are not put on the path: a sibling import such as
+missing into a temporary folder put on the children's PYTHONPATH (benchmarks/stand_ins.py says what each stands
+in for, as does the JSON). The model files' own folders are not put on the path: a sibling import such as
 `from quantized_utils import ...` must work through bestcompress itself.
 
     python benchmarks/public_models.py --root /tmp/public_models --shim [--only bestformer,sdt_v1] [--fast]
@@ -31,7 +31,6 @@ Without --root it prints how to get the files and exits 0.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -40,6 +39,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from stand_ins import SHIM_SAYS
+from stand_ins import missing as _missing
+from stand_ins import write as write_shim
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "public_models.json"
@@ -97,94 +100,7 @@ ROWS = [
         notes="two heads (head, head2); T=4 (its attention's lambda is built for T=4 whatever T is passed)"),
 ]
 
-# Stand-ins, written only for what is missing. Each says what it replaces.
-SHIM = {
-    "timm": {
-        "timm/__init__.py": "",
-        "timm/models/__init__.py": (
-            "def create_model(*a, **k):\n"
-            "    raise RuntimeError('timm.create_model is not available in this stand-in')\n"),
-        "timm/models/layers.py": (
-            "import torch\nfrom torch import nn\ntrunc_normal_ = nn.init.trunc_normal_\n\n"
-            "def to_2tuple(v):\n    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)\n\n"
-            "class DropPath(nn.Module):\n"
-            "    def __init__(self, drop_prob=0.0):\n        super().__init__()\n        self.p = float(drop_prob)\n\n"
-            "    def forward(self, x):\n"
-            "        if not self.training or self.p == 0.0:\n            return x\n"
-            "        keep = (torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) >= self.p)\n"
-            "        return x * keep.to(x.dtype) / (1.0 - self.p)\n"),
-        "timm/models/registry.py": "def register_model(fn):\n    return fn\n",
-        "timm/models/vision_transformer.py": "def _cfg(url='', **kwargs):\n    return dict(url=url, **kwargs)\n",
-        "timm/data/__init__.py": ("IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)\n"
-                                  "IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)\n"),
-    },
-    "spikingjelly.clock_driven": {
-        # Found through a meta-path finder (sitecustomize) appended after the real ones, so an installed
-        # clock_driven wins; spikingjelly 2.0 classes with the legacy multi-step names and arguments.
-        "sitecustomize.py": (
-            "import importlib.abc, importlib.util, os, sys\n"
-            "_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_clock_driven')\n\n"
-            "class _ClockDriven(importlib.abc.MetaPathFinder):\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        parts = name.split('.')\n"
-            "        if parts[:2] != ['spikingjelly', 'clock_driven']:\n            return None\n"
-            "        where = os.path.join(_BASE, *parts[2:])\n"
-            "        if len(parts) == 2:\n"
-            "            return importlib.util.spec_from_file_location(name, os.path.join(_BASE, '__init__.py'),\n"
-            "                                                          submodule_search_locations=[_BASE])\n"
-            "        if os.path.isfile(where + '.py'):\n"
-            "            return importlib.util.spec_from_file_location(name, where + '.py')\n"
-            "        return None\n\n"
-            "sys.meta_path.append(_ClockDriven())\n"),
-        "_clock_driven/__init__.py": "",
-        "_clock_driven/neuron.py": (
-            "from spikingjelly.activation_based import neuron as _n\n\n"
-            "class MultiStepLIFNode(_n.LIFNode):\n"
-            "    def __init__(self, *args, backend='torch', **kw):  # cupy is CUDA only; 2.0 picks its CPU path\n"
-            "        super().__init__(*args, step_mode='m', **kw)\n\n"
-            "class MultiStepParametricLIFNode(_n.ParametricLIFNode):\n"
-            "    def __init__(self, *args, backend='torch', **kw):\n"
-            "        super().__init__(*args, step_mode='m', **kw)\n"),
-        "_clock_driven/layer.py": "from spikingjelly.activation_based.layer import *  # noqa\n",
-        "_clock_driven/surrogate.py": "from spikingjelly.activation_based.surrogate import *  # noqa\n",
-        "_clock_driven/functional.py": "from spikingjelly.activation_based.functional import *  # noqa\n",
-    },
-    "einops": {
-        "einops/__init__.py": "", "einops/layers/__init__.py": "",
-        "einops/layers/torch.py": ("class Rearrange:\n    def __init__(self, *a, **k):\n"
-                                   "        raise RuntimeError('einops.layers.torch.Rearrange stand-in: not usable')\n"),
-    },
-    "torchinfo": {"torchinfo/__init__.py": ("def summary(*a, **k):\n"
-                                            "    raise RuntimeError('torchinfo stand-in: not usable')\n")},
-}
-SHIM_SAYS = {
-    "timm": "to_2tuple, trunc_normal_ (torch's), DropPath, register_model, _cfg, IMAGENET_DEFAULT_MEAN/STD",
-    "spikingjelly.clock_driven": "MultiStepLIFNode / MultiStepParametricLIFNode = spikingjelly 2.0 LIFNode / "
-                                 "ParametricLIFNode(step_mode='m'), backend='cupy' dropped; layer/surrogate/"
-                                 "functional re-exported from activation_based",
-    "einops": "einops.layers.torch.Rearrange imported only (raises if built; none of the rows builds one)",
-    "torchinfo": "torchinfo.summary imported only (raises if called)",
-}
-
 HOWTO = __doc__.split("For every row")[0].strip()
-
-
-def _missing() -> list[str]:
-    out = [m for m in ("timm", "einops", "torchinfo") if importlib.util.find_spec(m) is None]
-    try:
-        if importlib.util.find_spec("spikingjelly.clock_driven") is None:
-            out.append("spikingjelly.clock_driven")
-    except ModuleNotFoundError:
-        out.append("spikingjelly.clock_driven")
-    return out
-
-
-def write_shim(folder: Path, missing: list[str]) -> None:
-    for name in missing:
-        for rel, text in SHIM[name].items():
-            p = folder / rel
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(text)
 
 
 def find_entry(root: Path, row: Row) -> Path | None:
