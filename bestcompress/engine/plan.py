@@ -118,12 +118,12 @@ def _fold_batchnorms(gm: fx.GraphModule, plan: Plan) -> None:
         # transposed: nn.BatchNorm1d's own arithmetic on that layout (mode 2), else one fma per output with the
         # shift rounded as a channel-last BatchNorm computes it (bias - mean * scale: ChannelLastBatchNorm1d's
         # addcmul, an fma on CPU) or as one fma; the first that the probe shows bit-exact is kept
-        candidates = [(1, _bn_params(bn, 1))]
+        alpha, beta = _bn_params(bn, 1)
+        candidates = [(1, [alpha, beta])]
         if transposed:
-            alpha, beta = _bn_params(bn, 1)
             mean = bn.running_mean.to(torch.float32)
             b = bn.bias.detach().to(torch.float32) if bn.bias is not None else torch.zeros_like(mean)
-            candidates = [(2, _bn_params(bn, 2)), (1, [alpha, b - mean * alpha]), (1, [alpha, beta])]
+            candidates = [(2, _bn_params(bn, 2)), (1, [alpha, b - mean * alpha])] + candidates
         with torch.no_grad():
             found = next(((m, p) for m, p in candidates
                           if _fold_is_exact(bn, m, p, layer.out_features, layer, transposed)), None)
