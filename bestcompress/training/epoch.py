@@ -11,6 +11,7 @@ import torch
 
 from ..errors import ModelError
 from .distributed import all_reduce_sum, shard_indices
+from .grad_clip import clip_grad_norm
 from .outputs import mean_logits, select_logits
 from .progress import EpochProgress
 
@@ -69,7 +70,7 @@ def train_epoch(run, epoch: int, taps) -> dict:
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if recipe.train.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.train.grad_clip)
+                norm = clip_grad_norm(model.parameters(), recipe.train.grad_clip)
                 if not torch.isfinite(norm):
                     raise _diverged(run, epoch + 1, step + 1, "the gradient norm")
             run.optimizer.step()
