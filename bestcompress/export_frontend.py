@@ -13,7 +13,9 @@ rewritten (export_graph.py) into a plain fx.Graph over the original module tree:
 the arguments it was given, parameters and buffers become `get_attr`, the ATen ops that the passes read are
 mapped back to their torch-level forms (ATEN_TO_TORCH) and the rest stay ATen calls (they run eagerly as they
 are). A module that export cannot capture either (a branch on a tensor value) becomes a leaf, one retry per
-module, as in the fx front-end. The batch dimension is left dynamic (Dim.AUTO) where the model allows.
+module, as in the fx front-end. The batch dimension is left dynamic (Dim.AUTO) where the model allows. A forward
+that reads self.training is captured once per mode (`capture_module`) and the two graphs joined by
+mode_branches.both_modes, as for fx: torch.export, like fx, records only the branch the model takes.
 
 Used by bestcompress/trace.py (trace_model), which decides when to use it and reports it.
 """
@@ -29,7 +31,8 @@ from torch.utils import _pytree as pytree
 from .export_graph import ATEN_TO_TORCH, CaptureError, exported_to_fx_graph
 from .snn_tracer import SNNTracer, _StateGuard
 
-__all__ = ["ATEN_TO_TORCH", "CaptureError", "ExportCapture", "capture_with_export", "outputs_differ"]
+__all__ = ["ATEN_TO_TORCH", "CaptureError", "ExportCapture", "capture_module", "capture_with_export",
+           "outputs_differ"]
 
 
 # ----------------------------------------------------------------------------------- leaves as one custom op
@@ -231,6 +234,25 @@ def capture_with_export(model: nn.Module, example_args: tuple, extra_leaves: set
         for key in [k for k in _CALLS if k.startswith(f"{session}:")]:
             del _CALLS[key]
     return ExportCapture(graph, constants, added, calls, dynamic)
+
+
+def capture_module(model: nn.Module, example_args: tuple, make_gm):
+    """(GraphModule over `model` made by `make_gm(model, root, graph)`, ExportCapture, None) of the capture in the
+    model's current mode, its state restored after; (None, None, the CaptureError) when it fails."""
+    guard = _StateGuard(model)
+    try:
+        cap = capture_with_export(model, example_args)
+    except CaptureError as e:
+        return None, None, e
+    finally:
+        guard.restore()
+    for name, value in cap.constants.items():
+        setattr(model, name, value)
+    try:
+        return make_gm(model, model, cap.graph), cap, None
+    finally:
+        for name in cap.constants:
+            delattr(model, name)
 
 
 def outputs_differ(model: nn.Module, gm: fx.GraphModule, example_args: tuple) -> str | None:

@@ -318,32 +318,30 @@ def _export_front_end(model: nn.Module, example_args: tuple, report: TraceReport
     """The model captured by torch.export(strict=False) (export_frontend.py) as a GraphModule, when it captures
     more than fx did (no eager root; fewer opaque leaves) and computes what the model computes on the example;
     else None. Either way the report says what was tried."""
-    from .export_frontend import CaptureError, capture_with_export, outputs_differ
+    from .export_frontend import capture_module, outputs_differ
     where = f"'{prefix or '<root>'}'"
     why_fx = f"fx could not trace its forward ({fx_error})" if fx_error else f"fx made {fx_leaves} module(s) opaque"
-    guard = _StateGuard(model)
-    try:
-        cap = capture_with_export(model, example_args)
-    except CaptureError as e:
+    gm, cap, e = capture_module(model, example_args, _make_graph_module)
+    if gm is None:
         report.front_ends.append(f"{where}: torch.export(strict=False) tried as the second front-end ({why_fx}), "
                                  f"and failed too: {e}")
         return None
-    finally:
-        guard.restore()
     if fx_leaves is not None and len(cap.leaves_added) >= fx_leaves:
         return None
-    for name, value in cap.constants.items():
-        setattr(model, name, value)
-    try:
-        gm = _make_graph_module(model, model, cap.graph)
-    finally:
-        for name in cap.constants:
-            delattr(model, name)
     mismatch = outputs_differ(model, gm, example_args)
     if mismatch:
         report.front_ends.append(f"{where}: torch.export(strict=False) tried as the second front-end ({why_fx}); "
                                  f"its graph was not used: {mismatch}")
         return None
+    # a branch on self.training: the other mode is exported too and joined, as the fx front-end does
+    single, notes = gm, []
+    gm = both_modes(model, gm, lambda m, n: SNNTracer(set(dict(cap.leaves_added))).is_leaf_module(m, n),
+                    lambda: capture_module(model, example_args, _make_graph_module), notes, prefix)
+    gm.train(model.training)  # built while the model was in the other mode
+    if gm is not single and not model.training and outputs_differ(model, gm, example_args):
+        gm, notes = single, [f"{where} branches on self.training; joining its exported training branch changed "
+                             "the eval outputs, so the graph holds the eval branch only"]
+    report.mode_branches.extend(notes)
     leaves = sorted(n for n, _ in cap.leaves_added)
     report.leaves_added.extend((f"{prefix}.{n}" if prefix else n, why) for n, why in cap.leaves_added)
     batch = "the batch size stays free" if cap.dynamic_batch else "the batch size is fixed to the example's"

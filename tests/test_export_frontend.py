@@ -147,3 +147,43 @@ def test_public_style_models_binarize_distill_and_export_verified(case, tmp_path
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))  # one step was taken
     out = bc.export(student.eval(), "qonnx", tmp_path / "m.onnx", example_input=x)  # raises unless verified
     assert Path(out).stat().st_size > 0
+
+
+class _SlotTokensKD(SlotTokens):
+    """SlotTokens (fx cannot trace its root) with a distillation head: (head, head_kd) in training, their mean in
+    eval, as Meta-SpikeFormer's kd=True returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.head_kd = nn.Linear(self.head.in_features, self.head.out_features)
+
+    def forward(self, x):
+        e = self.embed_lif(self.embed(x.unsqueeze(0).repeat(self.T, 1, 1, 1)))
+        T, B, N, D = e.shape
+        x = e.new_zeros(T, B, N + 1, D)
+        x[:, :, 1:] = e
+        for blk in self.block:
+            x = blk(x)
+        feat = x[:, :, 1:].mean(2).mean(0)
+        h, h_kd = self.head(feat), self.head_kd(feat)
+        if self.training:
+            return h, h_kd
+        return (h + h_kd) / 2
+
+
+def test_torch_export_captures_both_self_training_branches():
+    from bestcompress.mode_branches import ModeSwitch
+
+    torch.manual_seed(0)
+    model = _SlotTokensKD().eval()
+    x = example(batch=2)
+    gm, report = trace_model(model, example_input=x)
+    assert gm.bc_front_end == "torch.export"
+    assert sum(isinstance(m, ModeSwitch) for m in gm.modules()) == 1 and gm.bc_two_heads is True
+    assert any("branches on self.training: both branches traced" in line for line in report.lines())
+    with torch.no_grad():
+        (h, h_kd), (rh, rh_kd) = gm.train()(x), model.train()(x)
+        assert torch.equal(h, rh) and torch.equal(h_kd, rh_kd) and not torch.equal(h, h_kd)
+        assert torch.equal(gm.eval()(x), model.eval()(x))
+    targets = _call_targets(gm)
+    assert targets.count("head") == 1 and targets.count("head_kd") == 1  # the shared trunk is there once
