@@ -53,9 +53,10 @@ int bk_pack_spikes(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t Kw, ui
                    uint32_t *amask);
 void bk_pack(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t Kw, int P, int lsb, uint64_t *out,
              int64_t *rowsum, uint32_t *amask);
-/* q8 = x * 2^(7 - hi) as bytes [rows][kpad] (zero past K; hi: the top plane, x < 2^(hi + 1)) and, unless rowsum
- * is NULL, rowsum[r] = sum of row r's q8: the OR of all q8, -1 when some q8 is not an integer (the input needs
- * more than 8 planes), -2 when the CPU has no AVX-512 (use bk_analyze + bk_pack). Both byte routes use it: the
+/* q8 = x * 2^(7 - hi) as bytes [rows][kpad] (kpad: a multiple of 64; zero past K; hi: the top plane, x < 2^(hi + 1),
+ * or a guess of it: every value is checked) and, unless rowsum is NULL, rowsum[r] = sum of row r's q8: the OR of
+ * all q8, -1 when some q8 is not an integer in [0, 255] (another hi, or more than 8 planes, or not a dyadic
+ * number >= 0), -2 when the CPU has no AVX-512 (use bk_analyze + bk_pack). Both byte routes use it: the
  * popcount planes (bk_pack_bytes) and the int8 matrix units (bk_amx_linear). */
 int bk_quantize8(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t kpad, int hi, uint8_t *q, int64_t *rowsum);
 /* planes [P][rows][Kw] of bits low .. low + P - 1 of q8 rows (kpad = 64 Kw), rowsum = sum of q8 >> low, amask */

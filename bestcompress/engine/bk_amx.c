@@ -117,7 +117,11 @@ TAMX int bk_amx_linear(const gemm_args *g, const uint8_t *q, ptrdiff_t kpad) {
     cfg.palette = 1;
     for (int t = 0; t < 8; t++) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
     _tile_loadconfig(&cfg);
-    int32_t cbuf[32 * 32] __attribute__((aligned(64)));
+    /* two sum buffers: the epilogue of the previous block runs on the vector units while the matrix unit
+     * multiplies the next one (the tile stores wait for it only after that) */
+    int32_t cbuf[2][32 * 32] __attribute__((aligned(64)));
+    ptrdiff_t pm = -1, pn = 0;
+    int slot = 0;
     for (ptrdiff_t nb = 0; nb < nblk; nb += 2) {
         expand_weights(g->b, Kw, g->Npad, nb, 2, wt);
         const uint8_t *b0 = wt, *b1 = wt + Kw * 1024;
@@ -134,13 +138,16 @@ TAMX int bk_amx_linear(const gemm_args *g, const uint8_t *q, ptrdiff_t kpad) {
                 _tile_dpbusd(2, 5, 6);
                 _tile_dpbusd(3, 5, 7);
             }
-            _tile_stored(0, cbuf, 128);
-            _tile_stored(1, cbuf + 16, 128);
-            _tile_stored(2, cbuf + 16 * 32, 128);
-            _tile_stored(3, cbuf + 16 * 32 + 16, 128);
-            epilogue(g, m0, nb * 16, cbuf);
+            if (pm >= 0) epilogue(g, pm, pn, cbuf[slot ^ 1]);
+            int32_t *c = cbuf[slot];
+            _tile_stored(0, c, 128);
+            _tile_stored(1, c + 16, 128);
+            _tile_stored(2, c + 16 * 32, 128);
+            _tile_stored(3, c + 16 * 32 + 16, 128);
+            pm = m0; pn = nb * 16; slot ^= 1;
         }
     }
+    if (pm >= 0) epilogue(g, pm, pn, cbuf[slot ^ 1]);
     _tile_release();
     return 0;
 }

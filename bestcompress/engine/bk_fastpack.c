@@ -80,29 +80,67 @@ void bk_gather_rows(const float *x, ptrdiff_t outer, ptrdiff_t K, ptrdiff_t inne
  * analyze + pack's two passes over the floats become one over the floats and one over a quarter of the bytes.
  * The same quantizer feeds the int8 matrix units (bk_amx.c), which also take its per-row sums of q8. */
 #if defined(BK_Q8)
+/* 16 values of x (masked past K) times the power of two sc, truncated to int32; *bad collects the lanes where the
+ * product was not an integer */
+TQ8 static inline __m512i q8_lanes(const float *x, ptrdiff_t left, __m512 sc, __mmask16 *bad) {
+    __mmask16 mk = left >= 16 ? (__mmask16)0xffff : (left > 0 ? (__mmask16)((1u << left) - 1u) : 0);
+    __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x), sc);
+    __m512i v = _mm512_cvttps_epi32(p);
+    *bad |= _mm512_cmp_ps_mask(_mm512_cvtepi32_ps(v), p, _CMP_NEQ_UQ);
+    return v;
+}
+
+/* the same for 64 values inside the row: plain loads, one mask for the four checks */
+TQ8 static inline void q8_full(const float *x, __m512 sc, __m512i v[4], __mmask16 *bad) {
+    __m512 p[4];
+    for (int i = 0; i < 4; i++) {
+        p[i] = _mm512_mul_ps(_mm512_loadu_ps(x + 16 * i), sc);
+        v[i] = _mm512_cvttps_epi32(p[i]);
+    }
+    __mmask16 b01 = _mm512_cmp_ps_mask(_mm512_cvtepi32_ps(v[0]), p[0], _CMP_NEQ_UQ) |
+                    _mm512_cmp_ps_mask(_mm512_cvtepi32_ps(v[1]), p[1], _CMP_NEQ_UQ);
+    __mmask16 b23 = _mm512_cmp_ps_mask(_mm512_cvtepi32_ps(v[2]), p[2], _CMP_NEQ_UQ) |
+                    _mm512_cmp_ps_mask(_mm512_cvtepi32_ps(v[3]), p[3], _CMP_NEQ_UQ);
+    *bad |= b01 | b23;
+}
+
+/* 64 values per step: four vectors of int32 packed to bytes with two saturating packs and one dword permute
+ * (the OR of the int32 values catches anything outside [0, 255] that saturation would hide), row sums of the bytes
+ * with VPSADBW */
 TQ8 static int quantize8_512(const float *x, ptrdiff_t rows, ptrdiff_t K, ptrdiff_t kpad, int hi, uint8_t *q,
                              int64_t *rowsum) {
     const __m512 sc = _mm512_set1_ps(ldexpf(1.0f, 7 - hi)); /* a power of two: x * sc is exact */
+    /* after the two packs, lane l holds dwords v0[4l..], v1[4l..], v2[4l..], v3[4l..]: put them back in order */
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     __m512i ors = _mm512_setzero_si512();
     __mmask16 bad = 0;
     for (ptrdiff_t r = 0; r < rows; r++) {
         const float *xr = x + r * K;
         uint8_t *qr = q + r * kpad;
         __m512i tot = _mm512_setzero_si512();
-        for (ptrdiff_t k = 0; k < kpad; k += 16) {
-            ptrdiff_t left = K - k;
-            __mmask16 mk = left >= 16 ? (__mmask16)0xffff : (left > 0 ? (__mmask16)((1u << left) - 1u) : 0);
-            __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xr + k), sc);
-            __m512i v = _mm512_cvttps_epi32(p);
-            bad |= _mm512_cmp_ps_mask(_mm512_cvtepi32_ps(v), p, _CMP_NEQ_UQ);
-            tot = _mm512_add_epi32(tot, v);
-            ors = _mm512_or_si512(ors, v);
-            _mm_storeu_si128((__m128i *)(qr + k), _mm512_cvtepi32_epi8(v));
+        for (ptrdiff_t k = 0; k < kpad; k += 64) {
+            __m512i v0, v1, v2, v3;
+            if (k + 64 <= K) {
+                __m512i v[4];
+                q8_full(xr + k, sc, v, &bad);
+                v0 = v[0]; v1 = v[1]; v2 = v[2]; v3 = v[3];
+            } else {
+                v0 = q8_lanes(xr + k, K - k, sc, &bad);
+                v1 = q8_lanes(xr + k + 16, K - k - 16, sc, &bad);
+                v2 = q8_lanes(xr + k + 32, K - k - 32, sc, &bad);
+                v3 = q8_lanes(xr + k + 48, K - k - 48, sc, &bad);
+            }
+            ors = _mm512_or_si512(ors, _mm512_or_si512(_mm512_or_si512(v0, v1), _mm512_or_si512(v2, v3)));
+            __m512i b = _mm512_packus_epi16(_mm512_packus_epi32(v0, v1), _mm512_packus_epi32(v2, v3));
+            b = _mm512_permutexvar_epi32(order, b);
+            _mm512_storeu_si512((void *)(qr + k), b);
+            tot = _mm512_add_epi64(tot, _mm512_sad_epu8(b, _mm512_setzero_si512()));
         }
-        if (rowsum) rowsum[r] = _mm512_reduce_add_epi32(tot);
+        if (rowsum) rowsum[r] = _mm512_reduce_add_epi64(tot);
     }
-    if (bad) return -1;
-    return _mm512_reduce_or_epi32(ors);
+    int all = _mm512_reduce_or_epi32(ors);
+    if (bad || (all & ~0xff)) return -1;
+    return all;
 }
 #endif
 

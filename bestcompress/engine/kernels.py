@@ -62,6 +62,19 @@ def _isa_number() -> int:
     return ISAS.index(isa())
 
 
+_MODES: dict = {}
+
+
+def _modes() -> tuple[int, int]:
+    """(popcount variant number, int8 mode number) of the current choice, looked up once per choice: a layer
+    call then costs one dict lookup instead of several calls into the extension."""
+    key = (_state["backend"], _state["isa"], _state["int8"])
+    got = _MODES.get(key)
+    if got is None:
+        got = _MODES[key] = (_isa_number(), INT8_MODES.index(int8_units()))
+    return got
+
+
 def int8_units() -> str:
     """When linear layers use the CPU's int8 matrix units (x86 AMX): 'off' (also without AMX), 'multi' (inputs
     of several bit planes) or 'all' (the default)."""
@@ -322,6 +335,32 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def linear_args(weight_cols: torch.Tensor, n: int, alpha: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, bn=None) -> tuple:
+    """The weight-side arguments of `linear_prepared` (addresses: the tensors must outlive their use)."""
+    return (weight_cols.data_ptr(), weight_cols.shape[-1], n, _ptr(alpha), _ptr(bias), *_bn_args(bn))
+
+
+def linear_prepared(x: torch.Tensor, args: tuple, max_planes: int = MAX_PLANES
+                    ) -> tuple[torch.Tensor, int, str] | None:
+    """`linear` with the weight side given as `linear_args` (a layer computes them once): out [..., n] in x's
+    leading shape. Compiled kernels only."""
+    k = x.shape[-1]
+    rows = x.numel() // max(1, k)
+    inner = 0
+    if not x.is_contiguous():
+        if x.dim() >= 2 and x.transpose(-1, -2).is_contiguous():
+            inner = x.shape[-2]  # a transposed view (tokens x channels over channels x tokens): gathered in C
+        else:
+            x = x.contiguous()
+    out = torch.empty(x.shape[:-1] + (args[2],), dtype=torch.float32)
+    isa_n, int8 = _modes()
+    planes, _, kernel = _ext.linear(x.data_ptr(), rows, k, max_planes, *args, out.data_ptr(), isa_n, int8, inner)
+    if planes < 0:
+        return None
+    return out, planes, "int8" if kernel else "popcount"
+
+
 def linear(x: torch.Tensor, weight_cols: torch.Tensor, n: int, alpha: torch.Tensor | None = None,
            bias: torch.Tensor | None = None, max_planes: int = MAX_PLANES, bn=None
            ) -> tuple[torch.Tensor, int, str] | None:
@@ -334,21 +373,8 @@ def linear(x: torch.Tensor, weight_cols: torch.Tensor, n: int, alpha: torch.Tens
         alpha, bias: float32 [n] contiguous, or None.
     """
     x = x.detach()
-    k = x.shape[-1]
-    rows = x.numel() // max(1, k)
-    inner = 0
-    if x.dim() >= 2 and not x.is_contiguous() and x.transpose(-1, -2).is_contiguous():
-        inner = x.shape[-2]  # a transposed view (tokens x channels over channels x tokens): gathered in C
-    else:
-        x = x.reshape(rows, k).contiguous()
-    out = torch.empty((rows, n), dtype=torch.float32)
-    bn_args = _bn_args(bn)
-    planes, _, kernel = _ext.linear(x.data_ptr(), rows, k, max_planes, weight_cols.data_ptr(), weight_cols.shape[-1],
-                                    n, _ptr(alpha), _ptr(bias), *bn_args, out.data_ptr(), _isa_number(),
-                                    INT8_MODES.index(int8_units()), inner)
-    if planes < 0:
-        return None
-    return out, planes, "int8" if kernel else "popcount"
+    done = linear_prepared(x, linear_args(weight_cols, n, alpha, bias, bn), max_planes)
+    return None if done is None else (done[0].view(-1, n), done[1], done[2])
 
 
 def conv_nchw(x: torch.Tensor, weight_rows: torch.Tensor, cout: int, kernel, stride, padding, dilation,

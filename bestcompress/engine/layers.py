@@ -68,6 +68,23 @@ class _PackedLayer(nn.Module):
     bn = None  # a folded BatchNorm epilogue (plan.py): (mode, [float32 per-channel tensors])
     bn_transposed = False  # that BatchNorm normalised the output's transpose (Linear -> transpose -> BN1d)
 
+    _prep = None  # (the tensors the kernel arguments were read from, the arguments): see _linear_args
+
+    def _linear_args(self) -> tuple:
+        """The weight-side kernel arguments (addresses), read once and again only when a tensor was replaced
+        (module.to(), fold_bn): a call then skips the per-argument Python work."""
+        b, p = self._buffers, self._prep
+        if (p is None or p[0] is not b["weight_words"] or p[1] is not b["alpha"] or p[2] is not b["bias"]
+                or p[3] is not self.bn):
+            args = kernels.linear_args(b["weight_words"], self.out_features, b["alpha"], b["bias"], self.bn)
+            p = self._prep = (b["weight_words"], b["alpha"], b["bias"], self.bn, args)
+        return p[4]
+
+    def __getstate__(self):  # a copy (deepcopy, pickle) reads its own tensors' addresses again
+        state = super().__getstate__()
+        state.pop("_prep", None)
+        return state
+
     def fold_bn(self, mode: int, params: list[torch.Tensor]) -> None:
         """Apply a BatchNorm to this layer's outputs in the kernel's epilogue (plan.py checks it is exact)."""
         for i, t in enumerate(params):
@@ -96,14 +113,13 @@ class PackedLinear(_PackedLayer):
         return w[:, :self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        if kernels.backend() == "compiled" and x.dtype == torch.float32:
-            done = kernels.linear(x, self.weight_words, self.out_features, self.alpha, self.bias, MAX_LAYER_PLANES,
-                                  self.bn)
+        if x.dtype == torch.float32 and kernels._state["backend"] == "compiled":
+            done = kernels.linear_prepared(x, self._linear_args(), MAX_LAYER_PLANES)
             if done is not None:
                 self.stats["packed"] += 1
                 y, self.last_planes, self.last_kernel = done
-                return y.view(lead + (self.out_features,))
+                return y
+        lead = x.shape[:-1]
         self.last_kernel = "popcount"
         packed = kernels.pack_rows(x.reshape(-1, self.in_features), MAX_LAYER_PLANES)
         if packed is None:
