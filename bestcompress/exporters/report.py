@@ -45,6 +45,9 @@ class VerifyReport:
     non_finite_side: str = ""  # 'PyTorch's' or "the graph's": who produced them first
     stepwise: bool = False  # every neuron was fed PyTorch's own input spikes (a tie cannot cascade)
     tie_eps: float = TIE_EPS
+    # onnxruntime: the graph matched with its optimizations off; with them on, this fraction of spikes differed
+    optimized_flips: float | None = None
+    optimized_note: str = ""  # why rounding is amplified there (BatchNorms of zero running variance), or ''
 
     @property
     def flipped_fraction(self) -> float:
@@ -64,6 +67,19 @@ class VerifyReport:
         return (self.non_finite == 0 and bool(np.isfinite(self.max_abs_diff)) and self.max_abs_diff <= self.tolerance
                 and self.non_binary == 0 and self.weights_exact is not False
                 and not any(n.flipped for n in self.neurons))
+
+    @property
+    def only_spikes_differ(self) -> bool:
+        """Failed on spike flips alone: outputs within tolerance and finite, every value binary, weights exact."""
+        return (not self.passed and self.non_finite == 0 and bool(np.isfinite(self.max_abs_diff))
+                and self.max_abs_diff <= self.tolerance and self.non_binary == 0 and self.weights_exact is not False)
+
+    def _optimized_text(self) -> str:
+        if self.optimized_flips is None:
+            return ""
+        why = f": {self.optimized_note}" if self.optimized_note else ""
+        return (f"; with onnxruntime's graph optimizations on, {100 * self.optimized_flips:.3g} % of spikes differ, "
+                f"rounding of its fused ops{why}")
 
     def first_divergence(self) -> str:
         if self.weights_exact is False:
@@ -97,7 +113,7 @@ class VerifyReport:
             else:
                 spikes = "outputs only (no neuron maps to a tensor of this graph)"
             return (f"{what} matches PyTorch on {self.samples} {self.data} samples ({self.runtime}): max abs diff "
-                    f"{self.max_abs_diff:.3g}, {spikes}.")
+                    f"{self.max_abs_diff:.3g}, {spikes}{self._optimized_text()}.")
         return (f"{what} does not compute what PyTorch computes ({self.runtime}, {self.samples} {self.data} samples): "
                 f"max abs diff of the outputs {self.max_abs_diff:.3g} (tolerance {self.tolerance:g}); "
                 f"{self.first_divergence()}.")
@@ -108,5 +124,6 @@ class VerifyReport:
                 "flipped_fraction": self.flipped_fraction, "ties": self.ties, "tie_eps": self.tie_eps,
                 "non_binary": self.non_binary, "non_finite": self.non_finite,
                 "weights_exact": self.weights_exact, "seconds": round(self.seconds, 3),
+                "optimized_flipped_fraction": self.optimized_flips, "optimized_note": self.optimized_note,
                 "neurons": [{"path": n.path, "flip_fraction": n.flip_fraction, "ties": n.ties,
                              "non_binary": n.non_binary} for n in self.neurons]}
