@@ -252,11 +252,11 @@ def summarize(model: nn.Module, example_input: torch.Tensor | None = None, input
     Returns:
         Summary (`.to_dict()`, `.to_csv()`, `.to_text()`, `.render(console)`).
     """
-    from .model_facts import example_input_for
+    from .model_facts import example_input_for, input_shape_hint
     if example_input is None:
         example_input = example_input_for(model, input_shape, batch=1)
         if example_input is None:
-            raise ModelError("The model's input shape is unknown; pass --input-shape (e.g. 3,32,32).")
+            raise ModelError(f"The model's input shape is unknown; {input_shape_hint(model)}.")
     batch = int(example_input.shape[0]) if example_input.dim() else 1
     layers = {n: m for n, m in model.named_modules() if isinstance(m, WEIGHT_LAYERS)}
     stats = {n: {"macs": 0, "spikes": True, "sum": 0.0, "count": 0, "order": math.inf} for n in layers}

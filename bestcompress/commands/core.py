@@ -166,8 +166,9 @@ def binarize(checkpoint, arch, model_factory, model_kwargs, input_shape, trust_c
     check_finite(source.state_dict(), f"Checkpoint '{checkpoint}'")
     if shape is not None:
         source.bc_input_shape = shape
-    elif model_input_shape(source) is None:
-        raise ModelError("The model's input shape is unknown; pass --input-shape (e.g. 3,32,32).")
+    elif model_input_shape(source) is None:  # it states no image size, input_shape or default_cfg
+        from ..model_facts import input_shape_hint
+        raise ModelError(f"The model's input shape is unknown; {input_shape_hint(source)}.")
     if calibrate_data is not None:  # data errors before the work
         from ..data import load_dataset
         calibration = load_dataset(calibrate_data, source, input_shape=shape)

@@ -132,7 +132,8 @@ def test_bad_model_factories(tmp_path, factory):
                       "does not exist")
     assert_user_error(invoke("binarize", tmp_path / "empty_sd.pt", "--model", f"{factory}:relu_only",
                              "--input-shape", "4"), "no Conv1d, Conv2d or Linear")
-    assert_user_error(invoke("binarize", tmp_path / "mlp.pt", "--model", f"{factory}:mlp"), "--input-shape")
+    assert_user_error(invoke("binarize", tmp_path / "mlp.pt", "--model", f"{factory}:mlp"),  # what to pass, exactly
+                      "--input-shape N,F or F (its first layer '0' is a Linear with 4 input features, e.g. 16,4")
     assert_user_error(invoke("binarize", tmp_path / "mlp.pt", "--model", f"{factory}:mlp", "--input-shape", "a,b"),
                       "--input-shape expects")
     assert_user_error(invoke("binarize", tmp_path / "mlp.pt", "--model", f"{factory}:mlp", "--model-kwargs", "{bad"),
