@@ -187,3 +187,20 @@ def test_torch_export_captures_both_self_training_branches():
         assert torch.equal(gm.eval()(x), model.eval()(x))
     targets = _call_targets(gm)
     assert targets.count("head") == 1 and targets.count("head_kd") == 1  # the shared trunk is there once
+
+
+def test_a_kd_model_fx_cannot_trace_distills_both_heads_and_exports_verified(tmp_path):
+    torch.manual_seed(0)
+    teacher, x = _SlotTokensKD().eval(), example(batch=2)
+    result = binarize(copy.deepcopy(teacher), "bestformer", example_input=x)
+    student = result.model
+    assert student.bc_two_heads is True and "front-end: torch.export" in "\n".join(result.notes)
+    assert isinstance(student.train()(x), tuple) and isinstance(student.eval()(x), torch.Tensor)
+    heads = [student.get_submodule(h).weight.detach().clone() for h in ("head", "head_kd")]
+    data = load_dataset("synthetic", input_shape=(8, 3), num_classes=4, subset=16)
+    distill(student, teacher, data, epochs=1, limit_batches=1, log=lambda *a: None,
+            overrides={"train.batch_size": 8, "train.calibrate_batches": 0})
+    for h, before in zip(("head", "head_kd"), heads):  # both heads trained: the training branch ran
+        assert not torch.equal(student.get_submodule(h).weight.detach(), before)
+    out = bc.export(student.eval(), "qonnx", tmp_path / "m.onnx", example_input=x)  # raises unless verified
+    assert Path(out).stat().st_size > 0
