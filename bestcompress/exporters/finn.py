@@ -143,10 +143,12 @@ def finn_pipeline(start, progress=None, convert_qonnx: bool = False) -> tuple[di
     _, ConvertQONNXtoFINN, Streamline = _import_finn()
     from qonnx.core.modelwrapper import ModelWrapper
 
+    from .finn_index import indexed_lookups
+
     say = progress or (lambda line: None)
     notes: list[str] = []
     TIMES.clear()
-    with _Quiet():
+    with _Quiet(), indexed_lookups():  # qonnx's lookups from checked maps: the same graphs, not O(N) per lookup
         if convert_qonnx:
             model = ModelWrapper(start, make_deepcopy=True)
             say(f"FINN+: ConvertQONNXtoFINN on {len(start.graph.node)} nodes")
@@ -183,10 +185,12 @@ def _finn_ready(model, example_input, progress, notes: list[str]):
 
 
 def _check_stage(model, graph, spikes, x, kind, tolerance, stage: str):
+    from .finn_index import indexed_lookups
     from .finn_ready import finn_runner
     run = finn_runner(graph, spikes)
     try:
-        rep = compare(model, run, x, 1, run.neurons, f"finn python executor, {stage}", tolerance, kind)
+        with indexed_lookups():
+            rep = compare(model, run, x, 1, run.neurons, f"finn python executor, {stage}", tolerance, kind)
     except ExportError:
         raise
     except Exception as e:
@@ -225,8 +229,10 @@ def export_finn(model: nn.Module, example_input: torch.Tensor, path: str | Path,
     if ready is not None:
         from .finn_ready import rename_spikes
         probe, _ = verification_inputs(model, tuple(example_input.shape[1:]), 1, None, 1, seed + 7919)
+        from .finn_index import indexed_lookups
         for stage in ("streamlined", "hw"):
-            matched, total = rename_spikes(stages[stage], stages["finn"], spikes, probe)
+            with indexed_lookups():
+                matched, total = rename_spikes(stages[stage], stages["finn"], spikes, probe)
             if matched < total:
                 notes.append(f"{stage}: {matched} of {total} spike tensors matched to neurons (the others hold "
                              "values no other spike tensor tells apart); only matched neurons are compared there")
