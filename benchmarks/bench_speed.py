@@ -3,14 +3,15 @@
 Every ratio is ours ÷ theirs (lower is better; memory: plain ÷ ours, higher is better), measured interleaved
 (A B A B ...) in process CPU time with one torch thread, so that other load on a shared machine hits both alike.
 
-    python benchmarks/bench_speed.py [--repeats 5] [--official DIR [--official-shim]] [--quick]
+    python benchmarks/bench_speed.py [--repeats 5] [--official DIR [--official-shim]] [--quick] [--only step|memory]
 
 Rows:
 - lif_vs_spikingjelly: LIF forward+backward, bestcompress (fused kernel) vs spikingjelly 2.0 LIFNode(step_mode='m',
   torch backend), at [T=4, B=64, 384, 64] and [T=16, B=16, 384, 64] (the JSON keeps the worse of the two);
 - lif_fused_vs_plain: the same neuron through the fused kernel vs the plain per-step loop (BESTCOMPRESS_LIF=reference);
 - student_vs_fp: one training step of the binary student vs the full-precision model of the same architecture
-  (spikformer_cifar, dims 128, depth 2, 4 heads, T=4, batch 64; --quick: batch 16);
+  (spikformer_cifar, dims 128, depth 2, 4 heads, T=4, batch 64; --quick: batch 16); student_bf16_vs_fp: the
+  student under the opt-in train.precision bf16 (nn/bf16.py), the FP model still float32;
 - infer_binary_vs_fp_b1, infer_binary_vs_fp_b32: eval forward of Spikformer-4-384 T=4 at batch 1 and 32, binary
   vs full precision;
 - step_vs_official: one SGD step of our binary student vs the public BESTformer code's model of the same config
@@ -19,6 +20,10 @@ Rows:
   two heads trained on the sum of their losses, neurons reset every step). That code needs timm and spikingjelly's
   old clock_driven package (with the CUDA-only cupy backend): when missing the row is skipped with a message,
   unless `--official-shim` stands in for them (recorded under details.official.stand_ins);
+  step_vs_official_bf16: the same with our student under the opt-in train.precision bf16 (the public code float32).
+  The step rows run last, with large freed blocks reused as the trainer sets for CPU runs (training/alloc.py,
+  process-wide: the public code shares it); the official row's figure before that setting is kept in details;
+  `--only step` re-measures the step rows alone and keeps the others;
 - memory_plain_over_best: bytes autograd saves in one training step of the binary student of Spikingformer-8-384
   (depth 8, T=4, batch 16; couplings in the paper's ½, ½ form), plain autograd ÷ the best train.memory mode,
   counted with saved_tensors_hooks (each storage once; `--only memory` re-measures this row alone and keeps the
@@ -40,6 +45,11 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "speed.json"
+
+
+def reuse_freed_memory() -> str:
+    from bestcompress.training.alloc import reuse_freed_memory as reuse
+    return reuse()
 
 
 def interleaved(fns: dict, repeats: int, faults: dict | None = None) -> dict[str, float]:
@@ -125,8 +135,9 @@ def bench_student_vs_fp(repeats: int, batch: int) -> dict:
             opt.step()
         return run
 
-    t = interleaved({"binary": step(student), "fp": step(fp)}, repeats)
-    return {"batch": batch, "seconds": t, "student_vs_fp": t["binary"] / t["fp"]}
+    t = interleaved({"binary": step(student), "binary_bf16": _bf16(step(student)), "fp": step(fp)}, repeats)
+    return {"batch": batch, "seconds": t, "student_vs_fp": t["binary"] / t["fp"],
+            "student_bf16_vs_fp": t["binary_bf16"] / t["fp"], "allocator": reuse_freed_memory()}
 
 
 def _train_step(model, x, y, before=None):
@@ -146,11 +157,24 @@ def _train_step(model, x, y, before=None):
     return run
 
 
+def _bf16(step):
+    """The same step under the opt-in `train.precision: bf16` (what training/epoch.py wraps a step in)."""
+    from bestcompress.nn.bf16 import binary_bf16
+
+    def run():
+        with binary_bf16():
+            step()
+    return run
+
+
 def bench_official(folder: Path, shim: bool, repeats: int, batch: int) -> dict:
     """One training step of our binary student vs the public BESTformer code, same configuration (dims 128,
-    depth 2, 4 heads, T=4, CIFAR 32 px, 10 classes): {'skipped': reason} when that code cannot run here."""
+    depth 2, 4 heads, T=4, CIFAR 32 px, 10 classes): {'skipped': reason} when that code cannot run here.
+    Ours runs the default recipe (float32) and, as a separate figure, the opt-in train.precision bf16; the public
+    code runs float32 (its own precision) in both."""
     import official_bestformer
     from bestcompress.convert import binarize
+    from bestcompress.nn.bf16 import bf16_supported
     build, info = official_bestformer.load(folder, shim)
     if build is None:
         return {"skipped": info}
@@ -164,10 +188,20 @@ def bench_official(folder: Path, shim: bool, repeats: int, batch: int) -> dict:
         return {"skipped": f"the public model does not run here ({type(e).__name__}: {str(e)[:200]})"}
     fp = _spikformer(embed_dims=128, depths=2, num_heads=4, T=4)
     student = binarize(fp.eval(), "bestformer").model
-    t = interleaved({"binary": _train_step(student, x, y), "official": theirs}, repeats)
+    ours = _train_step(student, x, y)
+    before = interleaved({"binary": ours, "official": theirs}, repeats)  # malloc as the process found it
+    malloc = reuse_freed_memory()  # what the trainer does for CPU runs (training/alloc.py): both sides share it
+    t = interleaved({"binary": ours, "binary_bf16": _bf16(ours), "official": theirs}, repeats)
     params = {"binary": sum(p.numel() for p in student.parameters()),
               "official": sum(p.numel() for p in official.parameters())}
     return dict(info, batch=batch, seconds=t, parameters=params, step_vs_official=t["binary"] / t["official"],
+                step_vs_official_bf16=t["binary_bf16"] / t["official"],
+                precision={"binary": "float32 (default recipe)",
+                           "binary_bf16": "train.precision bf16: binary layers on bf16 products (nn/bf16.py; "
+                                          f"native bf16 on this CPU: {bf16_supported()})",
+                           "official": "float32"},
+                allocator=malloc, seconds_malloc_default=before,
+                step_vs_official_malloc_default=before["binary"] / before["official"],
                 ours="bestcompress binarize(spikformer_cifar(embed_dims=128, depths=2, num_heads=4, T=4), "
                      "'bestformer'), both heads' losses summed")
 
@@ -301,6 +335,59 @@ def main_memory(small: bool) -> None:
     _write(result)
 
 
+def _step_rows(args, repeats: int) -> tuple[dict, dict]:
+    """(student_vs_fp, official) rows. They run last: the official row first measures with malloc as found,
+    then sets what the trainer sets for CPU runs (training/alloc.py, process-wide, not undone)."""
+    if args.official is None:
+        off = {"skipped": "pass --official DIR with the public BESTformer code to measure it"}
+    else:
+        off = bench_official(args.official, args.official_shim, max(1, repeats // 2), 16 if args.quick else 64)
+    if "skipped" in off:
+        print(f"step_vs_official: skipped ({off['skipped']})")
+    reuse_freed_memory()
+    student = bench_student_vs_fp(max(1, repeats // 2), 16 if args.quick else 64)
+    return student, off
+
+
+def _step_keys(student: dict, off: dict) -> dict:
+    return {"step_vs_official": off.get("step_vs_official"), "step_vs_official_bf16": off.get("step_vs_official_bf16"),
+            "student_vs_fp": student["student_vs_fp"], "student_bf16_vs_fp": student["student_bf16_vs_fp"]}
+
+
+NOTES = ["memory_plain_over_best: saved-tensor bytes, plain autograd / the best train.memory mode's peak",
+         "ratios are ours / theirs in process CPU time, interleaved, one thread; float32 throughout except the "
+         "*_bf16 keys: our student under the opt-in train.precision bf16 (binary layers on bf16 products, exact "
+         "forward on spikes; nn/bf16.py), the public code and the FP model still float32",
+         "step rows (student_vs_fp, step_vs_official*) run with large freed blocks reused, as the trainer sets for "
+         "CPU runs (training/alloc.py; process-wide, so the public code shares it); details.official."
+         "step_vs_official_malloc_default is the same step measured before that setting",
+         "binary students normalise [B, N, C] tokens with ChannelLastBatchNorm1d (nn/fast_norm.py, set by "
+         "BinarizeWeights); the FP models and the public code keep nn.BatchNorm1d"]
+
+
+def _print_steps(result: dict, off: dict) -> None:
+    for key, goal in (("student_vs_fp", "<= 1.1"), ("student_bf16_vs_fp", "(opt-in bf16)"),
+                      ("step_vs_official", "<= 0.5"), ("step_vs_official_bf16", "<= 0.5 (opt-in bf16)")):
+        v = result.get(key)
+        print(f"{key:<28}{('%.3f' % v) if v is not None else 'n/a':>10}   {goal}")
+    if "step_vs_official" in off:
+        print(f"  official: {off['file']} {off['builds']}, batch {off['batch']}, seconds {off['seconds']}; "
+              f"malloc as found: {off['step_vs_official_malloc_default']:.3f}; "
+              f"stand-ins: {', '.join(off['stand_ins']) or 'none'}")
+
+
+def main_steps(args) -> None:
+    """Re-measure only the step rows (student_vs_fp, step_vs_official*) and merge them into speed.json."""
+    torch.set_num_threads(1)
+    student, off = _step_rows(args, args.repeats)
+    result = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    result.update(_step_keys(student, off))
+    result.setdefault("details", {}).update(student=student, official=off)
+    result["notes"] = NOTES
+    _print_steps(result, off)
+    _write(result)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
@@ -309,30 +396,25 @@ def main() -> None:
                    help="stand in for what the public code imports and is not installed (timm helpers, "
                         "spikingjelly.clock_driven's MultiStepLIFNode; see official_bestformer.py)")
     p.add_argument("--quick", action="store_true", help="smaller student batch and fewer repeats")
-    p.add_argument("--only", choices=("memory",), default=None, help="re-measure one row, keep the others")
+    p.add_argument("--only", choices=("memory", "step"), default=None,
+                   help="re-measure one row (memory) or the training-step rows (step), keep the others")
     p.add_argument("--memory-small", action="store_true", help="memory row at depth 4, batch 4")
     args = p.parse_args()
     if args.only == "memory":
         return main_memory(args.memory_small)
+    if args.only == "step":
+        return main_steps(args)
     torch.set_num_threads(1)
     repeats = 2 if args.quick else args.repeats
     lif = bench_lif(repeats)
-    student = bench_student_vs_fp(max(1, repeats // 2), 16 if args.quick else 64)
     infer = bench_inference(repeats)
     infer32 = bench_inference(max(1, repeats // 2), 32)
     mem = bench_memory(args.memory_small)
-    if args.official is None:
-        off = {"skipped": "pass --official DIR with the public BESTformer code to measure it"}
-    else:
-        off = bench_official(args.official, args.official_shim, max(1, repeats // 2), 16 if args.quick else 64)
-    if "skipped" in off:
-        print(f"step_vs_official: skipped ({off['skipped']})")
-    official = off.get("step_vs_official")
+    student, off = _step_rows(args, repeats)
     result = {
         "lif_vs_spikingjelly": max(r["lif_vs_spikingjelly"] for r in lif),
         "lif_fused_vs_plain": max(r["lif_fused_vs_plain"] for r in lif),
-        "step_vs_official": official,
-        "student_vs_fp": student["student_vs_fp"],
+        **_step_keys(student, off),
         "memory_plain_over_best": mem["memory_plain_over_best"],
         "infer_binary_vs_fp_b1": infer["infer_binary_vs_fp_b1"],
         "infer_binary_vs_fp_b32": infer32["infer_binary_vs_fp_b32"],
@@ -340,24 +422,18 @@ def main() -> None:
                     "official": off},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "threads": 1, "load_average_1m": os.getloadavg()[0]},
-        "notes": ["memory_plain_over_best: saved-tensor bytes, plain autograd / the best train.memory mode's peak",
-                  "ratios are ours / theirs in process CPU time, interleaved, one thread, float32 throughout",
-                  "binary students normalise [B, N, C] tokens with ChannelLastBatchNorm1d (nn/fast_norm.py, set by "
-                  "BinarizeWeights); the FP models and the public code keep nn.BatchNorm1d"],
+        "notes": NOTES,
     }
     print(f"{'measure':<28}{'ratio':>10}   goal")
     for key, goal in (("lif_vs_spikingjelly", "<= 0.33"), ("lif_fused_vs_plain", "(< 1)"),
-                      ("student_vs_fp", "<= 1.1"), ("infer_binary_vs_fp_b1", "<= 1.0"),
-                      ("infer_binary_vs_fp_b32", "<= 1.0"),
-                      ("step_vs_official", "<= 0.5"), ("memory_plain_over_best", ">= 4")):
+                      ("infer_binary_vs_fp_b1", "<= 1.0"), ("infer_binary_vs_fp_b32", "<= 1.0"),
+                      ("memory_plain_over_best", ">= 4")):
         v = result[key]
         print(f"{key:<28}{('%.3f' % v) if v is not None else 'n/a':>10}   {goal}")
+    _print_steps(result, off)
     for r in lif:
         print(f"  LIF {r['shape']}: ours/spikingjelly {r['lif_vs_spikingjelly']:.3f}, fused/plain "
               f"{r['lif_fused_vs_plain']:.3f} ({r['backend']} backend: {r['why']})")
-    if "step_vs_official" in off:
-        print(f"  official: {off['file']} {off['builds']}, batch {off['batch']}, seconds {off['seconds']}; "
-              f"stand-ins: {', '.join(off['stand_ins']) or 'none'}")
     _print_memory(mem)
     _write(result)
 

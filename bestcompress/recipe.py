@@ -76,6 +76,7 @@ class TrainConfig:
     calibrate_batches: int = 8  # distill re-estimates BatchNorm statistics on this many batches first (0: off)
     fit_heads: bool = False  # calibration also fits the FP heads to the FP model's heads (least squares)
     memory: Literal["plain", "checkpoint", "reversible"] = "plain"  # backprop memory (training/memory.py)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: binary layers on bf16 products where exact (nn/bf16.py)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from brevitas.nn import QuantConv1d, QuantConv2d, QuantLinear
 from brevitas.quant import SignedBinaryWeightPerTensorConst
 from torch import nn
 
+from .bf16 import bf16_active, bf16_conv, bf16_linear, plan
+
 EPS = 1e-8
 
 
@@ -76,6 +78,11 @@ class _BinaryWeightMixin:
 
     def forward(self, x):
         w = self._cached_weight()
+        if bf16_active():  # opt-in: the same numbers from bf16 GEMMs where exact (nn/bf16.py)
+            wq = w if w is not None else self.quant_weight().value
+            how = plan(self, x, wq)
+            if how is not None:
+                return self._bf16_with(x, wq, how)
         if w is None or type(x) is not torch.Tensor:
             return super().forward(x)
         return self._forward_with(x, w)
@@ -115,6 +122,9 @@ class BinaryConv1d(_BinaryWeightMixin, QuantConv1d):
     def _forward_with(self, x, w):
         return nn.Conv1d._conv_forward(self, x, w, self.bias)
 
+    def _bf16_with(self, x, w, exact):
+        return bf16_conv(self, x, w, self.bias, exact)
+
 
 class BinaryConv2d(_BinaryWeightMixin, QuantConv2d):
     """Conv2d with 1-bit weights (IR-Net sign of the standardized weight)."""
@@ -124,6 +134,9 @@ class BinaryConv2d(_BinaryWeightMixin, QuantConv2d):
     def _forward_with(self, x, w):
         return nn.Conv2d._conv_forward(self, x, w, self.bias)
 
+    def _bf16_with(self, x, w, exact):
+        return bf16_conv(self, x, w, self.bias, exact)
+
 
 class BinaryLinear(_BinaryWeightMixin, QuantLinear):
     """Linear with 1-bit weights (IR-Net sign of the standardized weight)."""
@@ -132,6 +145,9 @@ class BinaryLinear(_BinaryWeightMixin, QuantLinear):
 
     def _forward_with(self, x, w):
         return torch.nn.functional.linear(x, w, self.bias)
+
+    def _bf16_with(self, x, w, exact):
+        return bf16_linear(x, w, self.bias, exact)
 
 
 # Swap rules are data: a new layer type is one row.

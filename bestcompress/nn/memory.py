@@ -57,6 +57,20 @@ def neuron_output(t: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
+def spike_marks():
+    """Within the block, neuron outputs are marked (`is_marked` answers for them) even where nothing is packed
+    (nn/bf16.py reads the marks); inside an open registry (packed_spikes) it changes nothing."""
+    opened = _registry() is None
+    if opened:
+        _local.registry = {}
+    try:
+        yield
+    finally:
+        if opened:
+            _local.registry = None
+
+
+@contextmanager
 def spike_log(fn):
     """Within the block, every neuron output passes through `fn` (training/reversible.py records the forward's
     spikes and checks a recomputation's against them)."""

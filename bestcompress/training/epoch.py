@@ -10,6 +10,7 @@ from contextlib import nullcontext
 import torch
 
 from ..errors import ModelError
+from ..nn.bf16 import binary_bf16
 from .distributed import all_reduce_sum, shard_indices
 from .grad_clip import clip_grad_norm
 from .outputs import mean_logits, select_logits
@@ -40,6 +41,7 @@ def train_epoch(run, epoch: int, taps) -> dict:
     enc_gen = torch.Generator().manual_seed(run.seed * 100_003 + epoch * 1_009 + info.rank + 7)
     x_all, y_all = data.train.tensors
     run.net.train()
+    bf16 = recipe.train.precision == "bf16" and dev.type == "cpu"  # binary layers on bf16 products (nn/bf16.py)
     sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     part_sums: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -53,7 +55,7 @@ def train_epoch(run, epoch: int, taps) -> dict:
             if taps is not None:
                 taps.clear()
             autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.amp else nullcontext()
-            with autocast:
+            with autocast, binary_bf16(bf16):
                 t_logits = None
                 if run.teacher_cache is not None:
                     t_logits = run.teacher_cache.logits(sel)
@@ -68,7 +70,8 @@ def train_epoch(run, epoch: int, taps) -> dict:
             if not math.isfinite(loss_value):
                 raise _diverged(run, epoch + 1, step + 1, f"the loss ({loss_value})")
             run.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with binary_bf16(bf16):  # recomputations in backward (train.memory) compute as the forward did
+                loss.backward()
             if recipe.train.grad_clip > 0:
                 norm = clip_grad_norm(model.parameters(), recipe.train.grad_clip)
                 if not torch.isfinite(norm):

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..data import validation_split
 from ..recipe import Recipe
+from .alloc import reuse_freed_memory
 from .distributed import DistInfo
 from .memory import memory_net
 from .evaluation import check_model_fits, has_unused_parameters, neuron_reset_fn, pick_device
@@ -97,6 +98,8 @@ def prepare_run(model: nn.Module, loss_fn: nn.Module, data, recipe: Recipe, *, k
                 limit_batches, progress, device, log, info: DistInfo) -> Run:
     from ..checkpoint import load_state_dict_checked
     dev = pick_device(device, info)
+    if dev.type == "cpu":
+        reuse_freed_memory()  # large activations from the heap, not fresh zero-filled pages (training/alloc.py)
     say = (log if log is not None else print) if info.is_main else (lambda *a, **k: None)
     epochs, seed = int(options["epochs"]), int(options["seed"])
     data = validation_split(data, recipe.train.val_fraction, seed)
