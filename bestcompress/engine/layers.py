@@ -117,8 +117,10 @@ class PackedLinear(_PackedLayer):
             done = kernels.linear_prepared(x, self._linear_args(), MAX_LAYER_PLANES)
             if done is not None:
                 self.stats["packed"] += 1
-                y, self.last_planes, self.last_kernel = done
-                return y
+                # plain attributes written to the instance dict: nn.Module.__setattr__'s checks cost ~1 us each
+                d = self.__dict__
+                d["last_planes"], d["last_kernel"] = done[1], done[2]
+                return done[0]
         lead = x.shape[:-1]
         self.last_kernel = "popcount"
         packed = kernels.pack_rows(x.reshape(-1, self.in_features), MAX_LAYER_PLANES)
