@@ -9,13 +9,13 @@ make the spike checks and the export trivially exact), so the BatchNorms are re-
 make about a fifth of the neurons fire, and every full-precision tensor gets a little noise so that it does not
 compress better than trained weights would.
 
-FINN+'s transformations scan the whole graph for every node they touch (quadratic or worse): its front-end takes
-~6.5 min on a one-block, T=2 Spikformer-384 (374 nodes) on a 2-core machine, and would take hours on the full
-4-block, T=4 graph (~2000 nodes). The coverage is therefore measured on that one-block, T=2 model (full width
-and input size; every block is identical, so the per-node verdicts are the same kinds and the totals scale with
-depth and T). --finn-full also tries the full model in a child process under --finn-timeout. --finn-tiny runs
-FINN on the zoo tiny configs of spikformer_seq and spikformer_cifar instead (the fast setting: the FINN-ready
-graph, every stage executed against PyTorch; a FINN-only run keeps the other formats' figures in export.json).
+FINN (`--formats finn`): the FINN-ready graph through FINN+'s front-end, every stage executed against PyTorch.
+qonnx's lookups scan lists (quadratic transforms); the pipeline answers them from checked maps (finn_index.py),
+which made the full 4-block, T=4 graph practical. Without a FINN flag the coverage is measured on a one-block,
+T=2 Spikformer-384; --finn-tiny runs the zoo tiny configs of spikformer_seq and spikformer_cifar, --finn-default
+their default configs (spikformer_cifar's is the full Spikformer-4-384, T=4), --finn-full the full model as
+(4, 4). Each FINN run is a child process under --finn-timeout; a FINN-only run keeps the other formats' figures
+and the FINN runs it did not repeat in export.json.
 
 The qonnx and onnx exports share one traced graph (`export_all`); its tracing time is reported on its own row
 and counted in the first format's row. Wall seconds and this process's CPU seconds are both reported (1 thread
@@ -26,6 +26,7 @@ width 128), the size class of Meta-SpikeFormer (~140 binary layers), for the "ex
 
     python benchmarks/bench_export.py [--formats qonnx,onnx,packed,finn] [--deep] [--finn-full --finn-timeout 3600]
     python benchmarks/bench_export.py --formats finn --finn-tiny --finn-samples 2
+    python benchmarks/bench_export.py --formats finn --finn-tiny --finn-default --finn-samples 2
 
 Writes benchmarks/results/export.json.
 """
@@ -81,10 +82,11 @@ def build(depths: int = 4, T: int = 4, **kwargs):
     return source, binary, seconds
 
 
-def build_tiny(arch: str):
-    """The zoo's tiny configuration of `arch`, binarized and made to fire like a trained model."""
+def build_tiny(arch: str, default: bool = False):
+    """The zoo's tiny (or, with `default`, default) configuration of `arch`, binarized and made to fire like a
+    trained model."""
     torch.manual_seed(0)
-    source = create_model(arch, **get_entry(arch).tiny_cfg).eval()
+    source = create_model(arch, **({} if default else get_entry(arch).tiny_cfg)).eval()
     binary = binarize(source, "bestformer").model
     make_it_fire(binary, binary.bc_input_shape)
     trained_like(binary)
@@ -94,7 +96,10 @@ def build_tiny(arch: str):
 def _finn_child(spec, out: str, samples, queue) -> None:
     torch.set_num_threads(1)
     try:
-        binary = build_tiny(spec) if isinstance(spec, str) else build(*spec)[1]
+        if isinstance(spec, str):  # a zoo name: its tiny config; "<name>@default": its default config
+            binary = build_tiny(spec.split("@")[0], default=spec.endswith("@default"))
+        else:
+            binary = build(*spec)[1]
         t0, c0 = time.perf_counter(), time.process_time()
         tag = spec if isinstance(spec, str) else f"{spec[0]}-384 T={spec[1]}"
         result = export_model(binary, "finn", out, samples=samples,  # one line per FINN transform, on stderr
@@ -117,7 +122,7 @@ def run_finn(spec, timeout: float, tmp: Path, samples=None) -> dict:
     """FINN export of `spec` (a zoo name: its tiny config; or (depths, T) of Spikformer-384) in a child process."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    tag = spec if isinstance(spec, str) else f"d{spec[0]}_t{spec[1]}"
+    tag = spec.replace("@", "_") if isinstance(spec, str) else f"d{spec[0]}_t{spec[1]}"
     proc = ctx.Process(target=_finn_child, args=(spec, str(tmp / f"finn_{tag}"), samples, queue))
     t0 = time.perf_counter()
     proc.start()
@@ -171,6 +176,9 @@ def main() -> None:
     ap.add_argument("--finn-tiny", action="store_true",
                     help="run FINN on the zoo tiny configs of spikformer_seq and spikformer_cifar (the fast setting) "
                          "instead of Spikformer-384 with 1 block, T=2")
+    ap.add_argument("--finn-default", action="store_true",
+                    help="run FINN on the zoo default configs of spikformer_seq (2-64, T=4) and spikformer_cifar "
+                         "(Spikformer-4-384, T=4: the full model); with --finn-tiny, on both")
     ap.add_argument("--finn-samples", type=int, default=None, help="verification samples for FINN (default 4)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -201,8 +209,12 @@ def main() -> None:
                                "binary_layers": layers, **deep_res}
             rows += deep_rows
         if "finn" in formats:
-            specs = ({f"{a} tiny": a for a in ("spikformer_seq", "spikformer_cifar")} if args.finn_tiny
-                     else {"1 block, T=2": (1, 2)})
+            archs = ("spikformer_seq", "spikformer_cifar")
+            specs = {f"{a} tiny": a for a in archs} if args.finn_tiny else {}
+            if args.finn_default:
+                specs.update({f"{a} default": f"{a}@default" for a in archs})
+            if not specs:
+                specs = {"1 block, T=2": (1, 2)}
             if args.finn_full:
                 specs["full"] = (4, 4)
             finn = {}
@@ -239,9 +251,9 @@ def main() -> None:
             for reason, n in f["totals"]["by_reason"].items():
                 print(f"  {n:>5}  not mapped: {reason}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    if not graph_formats and RESULTS.is_file():  # a FINN-only run keeps the other formats' figures
+    if not graph_formats and RESULTS.is_file():  # a FINN-only run keeps the other formats' (and runs') figures
         kept = json.loads(RESULTS.read_text())
-        kept.setdefault("formats", {})["finn"] = results["formats"].get("finn", {})
+        kept.setdefault("formats", {}).setdefault("finn", {}).update(results["formats"].get("finn", {}))
         results = kept
     RESULTS.write_text(json.dumps(results, indent=1))
     print(f"\nsaved {RESULTS.relative_to(ROOT)}")

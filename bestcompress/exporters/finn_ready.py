@@ -114,6 +114,7 @@ def finn_ready_graph(model: nn.Module, example_input: torch.Tensor):
     from qonnx.transformation.infer_shapes import InferShapes
 
     from .finn_graph import FactorConvWeights
+    from .finn_index import indexed_lookups
     from .finn_unroll import UnrolledModel
 
     T = model_time_steps(model)
@@ -135,17 +136,18 @@ def finn_ready_graph(model: nn.Module, example_input: torch.Tensor):
     notes = [f"unrolled: {f} ran on the stacked [T, ...] tensor" for f in dict.fromkeys(unrolled.log.fallbacks)]
     if not spikes and unrolled.log.spikes:
         notes.append("unrolled: spike tensors could not be matched to neurons; only the logits are compared")
-    m = ModelWrapper(proto).transform(InferShapes())
-    if _fold_shapes(m):
-        m = m.transform(InferShapes())
-    for t in (FoldConstants(), RemoveUnusedTensors()):
-        m = m.transform(t)
-    m = FactorConvWeights().apply(m)  # 1-bit convolutions with a folded BatchNorm: ±1 weights again
-    for t in (GiveUniqueNodeNames(), InferShapes()):
-        m = m.transform(t)
-    for name in bipolar_initializers(m.model):
-        m.set_tensor_datatype(name, DataType["BIPOLAR"])
-    m = m.transform(InferDataTypes())
+    with indexed_lookups():  # qonnx's lookups from checked maps (finn_index.py): the same graph, O(1) lookups
+        m = ModelWrapper(proto).transform(InferShapes())
+        if _fold_shapes(m):
+            m = m.transform(InferShapes())
+        for t in (FoldConstants(), RemoveUnusedTensors()):
+            m = m.transform(t)
+        m = FactorConvWeights().apply(m)  # 1-bit convolutions with a folded BatchNorm: ±1 weights again
+        for t in (GiveUniqueNodeNames(), InferShapes()):
+            m = m.transform(t)
+        for name in bipolar_initializers(m.model):
+            m.set_tensor_datatype(name, DataType["BIPOLAR"])
+        m = m.transform(InferDataTypes())
     return m, spikes, notes
 
 
