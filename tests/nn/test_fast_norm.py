@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from bestcompress.nn import fast_norm
 from bestcompress.nn.fast_norm import ChannelLastBatchNorm1d, use_channel_last_batchnorm
 
 
@@ -25,9 +26,21 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
+@pytest.fixture(params=["cpp", "torch"])
+def backend(request, monkeypatch):
+    """Both column-sum paths: the compiled kernels (csrc/norm.cpp) and the torch ops (BESTCOMPRESS_NORM=torch)."""
+    monkeypatch.setattr(fast_norm, "_kernel", {})
+    if request.param == "torch":
+        monkeypatch.setenv("BESTCOMPRESS_NORM", "torch")
+    elif fast_norm._cpp() is None:
+        pytest.skip("the column-sum kernels cannot be built here")
+    return request.param
+
+
 @pytest.mark.parametrize("mu", [0.0, 3.0, 200.0])  # 200: the mean dwarfs the spread -> var_mean fallback
-def test_training_step_equals_batchnorm1d(mu):
+def test_training_step_equals_batchnorm1d(mu, backend):
     ref, fast = _pair(24)
+    assert (fast_norm._cpp() is None) == (backend == "torch")
     g = torch.Generator().manual_seed(1)
     tokens = torch.randn(6, 10, 24, generator=g) * torch.linspace(0.2, 3, 24) + mu  # [B, N, C]
     grad = torch.randn(6, 24, 10, generator=g)
