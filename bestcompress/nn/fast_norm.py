@@ -22,6 +22,8 @@ from torch import nn
 
 
 _MAX_MEAN2_OVER_VAR = 1e3  # beyond this E[x²]-E[x]² loses digits: use var_mean (slower on this layout)
+_MAX_MEAN2_OVER_VAR_64 = 1e8  # float64 sums (csrc/norm.cpp): their error, ~1e-16 mean², stays far below float32's
+#                               resolution of var + eps up to this ratio (a constant column no longer falls back)
 _CSRC = Path(__file__).resolve().parent / "csrc" / "norm.cpp"
 _kernel: dict = {}
 
@@ -46,7 +48,7 @@ def _fused(x2) -> bool:
     return x2.dtype == torch.float32 and x2.is_contiguous() and x2.device.type == "cpu" and _cpp() is not None
 
 
-def _stats(x2):
+def _stats(x2, eps):
     """(biased variance, mean, centred) per column of a contiguous [M, C]: column sums (fast on this layout) and
     E[x²]-E[x]², or torch.var_mean (centred=True) where a column's mean is so large against its spread that this
     would cancel."""
@@ -54,10 +56,12 @@ def _stats(x2):
     if _fused(x2):
         s, q = _cpp().bn_stats(x2)
         mean64 = s / m
-        mean, var = mean64.float(), (q / m - mean64 * mean64).float()
-    else:
-        mean = x2.sum(0) / m
-        var = (x2 * x2).sum(0) / m - mean * mean
+        var64 = (q / m - mean64 * mean64).clamp_min(0)
+        if bool(((mean64 * mean64) > _MAX_MEAN2_OVER_VAR_64 * (var64 + eps)).any()):
+            return (*torch.var_mean(x2, 0, correction=0), True)
+        return var64.float(), mean64.float(), False
+    mean = x2.sum(0) / m
+    var = (x2 * x2).sum(0) / m - mean * mean
     if bool(((mean * mean) > _MAX_MEAN2_OVER_VAR * var.clamp_min(0)).any()):
         return (*torch.var_mean(x2, 0, correction=0), True)
     return var, mean, False
@@ -68,7 +72,7 @@ class _BatchNormRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, bias, eps):
-        var, mean, ctx.centred = _stats(x2)
+        var, mean, ctx.centred = _stats(x2, eps)
         invstd = torch.rsqrt(var + eps)
         scale = invstd * weight
         y = torch.addcmul(bias - mean * scale, x2, scale)
