@@ -189,9 +189,10 @@ def bench_official(folder: Path, shim: bool, repeats: int, batch: int) -> dict:
     fp = _spikformer(embed_dims=128, depths=2, num_heads=4, T=4)
     student = binarize(fp.eval(), "bestformer").model
     ours = _train_step(student, x, y)
-    before = interleaved({"binary": ours, "official": theirs}, repeats)  # malloc as the process found it
+    faults_before, faults = {}, {}
+    before = interleaved({"binary": ours, "official": theirs}, repeats, faults_before)  # malloc as found
     malloc = reuse_freed_memory()  # what the trainer does for CPU runs (training/alloc.py): both sides share it
-    t = interleaved({"binary": ours, "binary_bf16": _bf16(ours), "official": theirs}, repeats)
+    t = interleaved({"binary": ours, "binary_bf16": _bf16(ours), "official": theirs}, repeats, faults)
     params = {"binary": sum(p.numel() for p in student.parameters()),
               "official": sum(p.numel() for p in official.parameters())}
     return dict(info, batch=batch, seconds=t, parameters=params, step_vs_official=t["binary"] / t["official"],
@@ -200,7 +201,8 @@ def bench_official(folder: Path, shim: bool, repeats: int, batch: int) -> dict:
                            "binary_bf16": "train.precision bf16: binary layers on bf16 products (nn/bf16.py; "
                                           f"native bf16 on this CPU: {bf16_supported()})",
                            "official": "float32"},
-                allocator=malloc, seconds_malloc_default=before,
+                allocator=malloc, seconds_malloc_default=before, page_faults_per_step=faults,
+                page_faults_per_step_malloc_default=faults_before,
                 step_vs_official_malloc_default=before["binary"] / before["official"],
                 ours="bestcompress binarize(spikformer_cifar(embed_dims=128, depths=2, num_heads=4, T=4), "
                      "'bestformer'), both heads' losses summed")
