@@ -4,9 +4,10 @@ Tool: a plain setuptools Extension over the CPython API (no NumPy headers, no py
 build backend, so the kernels add no build dependency, and `optional=True` keeps `pip install -e .` working
 without a compiler (the engine then runs its NumPy fallback and says so). Sources: _bitkernels.c (the module),
 bk_pack.c (packing, im2col, pooling), bk_fastpack.c (one-pass packers of spikes and few-plane inputs), bk_gemm.c
-(popcount products), bk_amx.c (int8 matrix units). The popcount variants (AVX-512 VPOPCNTDQ, AVX2 nibble-table
-VPSHUFB, NEON CNT, scalar) and the AMX route are compiled with per-function target attributes and picked at run
-time by what the CPU reports, so even a portable build runs them; -march=native adds the AVX-512 packing loops.
+(popcount products), bk_amx.c and bk_amx_conv.c (int8 matrix units: linear layers, convolutions). The popcount
+variants (AVX-512 VPOPCNTDQ, AVX2 nibble-table VPSHUFB, NEON CNT, scalar) and the AMX routes are compiled with
+per-function target attributes and picked at run time by what the CPU reports, so even a portable build runs them;
+-march=native adds the AVX-512 packing loops.
 Floating point is never contracted (-ffp-contract=off), so results round exactly as documented. Set
 BESTCOMPRESS_NO_NATIVE=1 for a portable build, BESTCOMPRESS_NO_EXT=1 to skip the extension.
 """
@@ -38,7 +39,7 @@ extensions = []
 if not os.environ.get("BESTCOMPRESS_NO_EXT"):
     extensions.append(Extension("bestcompress.engine._bitkernels",
                                 [f"bestcompress/engine/{name}.c" for name in ("_bitkernels", "bk_pack", "bk_fastpack",
-                                                                              "bk_gemm", "bk_amx")],
+                                                                              "bk_gemm", "bk_amx", "bk_amx_conv")],
                                 depends=["bestcompress/engine/bk.h"], extra_compile_args=BASE_FLAGS, optional=True))
 
 setup(ext_modules=extensions, cmdclass={"build_ext": OptionalNativeBuild})

@@ -283,23 +283,32 @@ static PyObject *bc_linear(PyObject *self, PyObject *args) {
 }
 
 /* conv(x, N, C, H, W, max_planes, wrows, cout, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, alpha, bias, bn, b0..b3,
- *      out, isa) -> P (-1 when x does not pack); out [N, cout, Ho, Wo] */
+ *      out, isa[, int8]) -> (P, kernel): P = -1 when x does not pack; out [N, cout, Ho, Wo]; kernel 1 = the int8
+ *      matrix units (int8 = 2, 'all': tried first where the CPU has AMX and the layer's shape suits them) */
 static PyObject *bc_conv(PyObject *self, PyObject *args) {
     unsigned long long xa, wa, la, bia, oa, b0, b1, b2, b3;
     Py_ssize_t C, cout;
-    int maxp, isa;
+    int maxp, isa, int8 = 0;
     bk_conv c;
     gemm_args g;
     memset(&g, 0, sizeof g);
-    if (!PyArg_ParseTuple(args, "KnnnniKnnnnnnnnnnnKKiKKKKKi", &xa, &c.N, &C, &c.H, &c.W, &maxp, &wa, &cout, &c.kh,
+    if (!PyArg_ParseTuple(args, "KnnnniKnnnnnnnnnnnKKiKKKKKi|i", &xa, &c.N, &C, &c.H, &c.W, &maxp, &wa, &cout, &c.kh,
                           &c.kw, &c.sh, &c.sw, &c.ph, &c.pw, &c.dh, &c.dw, &c.Ho, &c.Wo, &la, &bia, &g.bn, &b0, &b1,
-                          &b2, &b3, &oa, &isa))
+                          &b2, &b3, &oa, &isa, &int8))
         return NULL;
     set_bn(&g, b0, b1, b2, b3);
     const float *x = PTR(const float *, xa);
-    int P, lsb, fail = 0;
+    int P, lsb, fail = 0, kernel = 0;
     Py_BEGIN_ALLOW_THREADS
     c.Cw = (C + 63) / 64;
+    if (int8 == 2) { /* first, before this function takes any scratch memory (bk_amx_conv may grow the slots) */
+        g.out = PTR(float *, oa);
+        g.alpha = PTR(const float *, la);
+        g.bias = PTR(const float *, bia);
+        kernel = bk_amx_conv(x, C, &c, PTR(const uint64_t *, wa), cout, &g, &P, &lsb);
+        if (kernel && P > maxp) P = -1; /* computed, but more planes than the caller allows: refused */
+    }
+    if (!kernel) {
     const ptrdiff_t npix = c.N * c.H * c.W;
     uint64_t *pixels = NULL;
     int64_t *pixsum = bk_scratch(1, (size_t)npix * sizeof(int64_t));
@@ -339,9 +348,10 @@ static PyObject *bc_conv(PyObject *self, PyObject *args) {
             bk_gemm(&g, c.N, isa);
         }
     }
+    }
     Py_END_ALLOW_THREADS
     if (fail) return PyErr_NoMemory();
-    return PyLong_FromLong(P);
+    return Py_BuildValue("ii", P, kernel);
 }
 
 /* maxpool(x, planes, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo, out) */

@@ -38,12 +38,22 @@ enum { BK_SCALAR = 0, BK_AVX2 = 1, BK_AVX512 = 2, BK_NEON = 3, BK_NISA = 4 };
  * weight columns [Kw][Npad] (mode 0, not trans). Returns 0 when done, -1 when the CPU/OS has no AMX. */
 int bk_amx_available(void);
 int bk_amx_linear(const gemm_args *g, const uint8_t *q, ptrdiff_t kpad);
+/* only after bk_amx_available(): the tile configuration (8 tiles of 16 x 64 bytes), and ±1 weight bits expanded
+ * into 0/1 weight tiles (bk_amx.c) */
+void bk_amx_tiles(void);
+void bk_amx_expand(const uint64_t *b, ptrdiff_t ks, ptrdiff_t ns, ptrdiff_t nvalid, ptrdiff_t Kw, ptrdiff_t nb0,
+                   ptrdiff_t nblk, uint8_t *wt);
 
 /* packing (bk_pack.c; the one-pass packers bk_gather_rows, bk_quantize8, bk_pack_bytes, bk_pack_nchw_spikes:
  * bk_fastpack.c) */
 typedef struct {
     ptrdiff_t P, N, H, W, Cw, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
 } bk_conv;
+/* a ±1-weight convolution of NCHW x (C channels) on the int8 matrix units, weight rows [cout][kh kw Cw] words; g:
+ * out (NCHW), alpha, bias, bn. 1 when done (P, lsb set), 0 when not handled (no AMX, Wo not a multiple of 16, x
+ * zero or not q * 2^lsb with q < 256): the popcount route then (bk_amx_conv.c) */
+int bk_amx_conv(const float *x, ptrdiff_t C, const bk_conv *c, const uint64_t *wrows, ptrdiff_t cout, gemm_args *g,
+                int *P, int *lsb);
 int bk_analyze(const float *x, ptrdiff_t n, int *lsb);
 /* x [outer][K][inner] (a transposed view's memory) -> dst [outer][inner][K]: rows of K values */
 void bk_gather_rows(const float *x, ptrdiff_t outer, ptrdiff_t K, ptrdiff_t inner, float *dst);

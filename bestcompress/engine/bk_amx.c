@@ -47,21 +47,30 @@ typedef struct {
     uint8_t rows[16];
 } __attribute__((packed)) tilecfg;
 
-/* weight columns [Kw][Npad] (bit t of word (kc, n) = w+[64 kc + t, n]) -> tiles [nblk][Kw][16 rows][64 bytes] of
- * the column blocks nb0.., row j of a tile = for each of its 16 columns the bytes w+[64 kc + 4 j + 0..3, n] */
-TAMX static void expand_weights(const uint64_t *b, ptrdiff_t Kw, ptrdiff_t Npad, ptrdiff_t nb0, ptrdiff_t nblk,
-                                uint8_t *wt) {
+/* weight words (bit t of word (kc, n) = w+[64 kc + t, n], at b[kc * ks + n * ns], columns n < nvalid; columns
+ * [Kw][Npad]: ks = Npad, ns = 1; rows [N][Kw]: ks = 1, ns = Kw) -> tiles [nblk][Kw][16 rows][64 bytes] of the
+ * column blocks nb0.., row j of a tile = for each of its 16 columns the bytes w+[64 kc + 4 j + 0..3, n] */
+TAMX void bk_amx_expand(const uint64_t *b, ptrdiff_t ks, ptrdiff_t ns, ptrdiff_t nvalid, ptrdiff_t Kw, ptrdiff_t nb0,
+                        ptrdiff_t nblk, uint8_t *wt) {
     const __m512i ones = _mm512_set1_epi8(1);
     const __m512i base = _mm512_set1_epi64(0x0706050403020100LL);
     const uint64_t even = 0x0F0F0F0F0F0F0F0FULL, odd = 0xF0F0F0F0F0F0F0F0ULL;
     for (ptrdiff_t nb = nb0; nb < nb0 + nblk; nb++)
         for (ptrdiff_t kc = 0; kc < Kw; kc++) {
-            const uint64_t *src = b + kc * Npad + nb * 16;
-            __mmask8 lo_k = 0, hi_k = 0;
-            ptrdiff_t left = Npad - nb * 16;
-            lo_k = left >= 8 ? 0xff : (left > 0 ? (__mmask8)((1u << left) - 1u) : 0);
-            hi_k = left >= 16 ? 0xff : (left > 8 ? (__mmask8)((1u << (left - 8)) - 1u) : 0);
-            __m512i lo = _mm512_maskz_loadu_epi64(lo_k, src), hi = _mm512_maskz_loadu_epi64(hi_k, src + 8);
+            const uint64_t *src = b + kc * ks + nb * 16 * ns;
+            ptrdiff_t left = nvalid - nb * 16;
+            __m512i lo, hi;
+            if (ns == 1) {
+                __mmask8 lo_k = left >= 8 ? 0xff : (left > 0 ? (__mmask8)((1u << left) - 1u) : 0);
+                __mmask8 hi_k = left >= 16 ? 0xff : (left > 8 ? (__mmask8)((1u << (left - 8)) - 1u) : 0);
+                lo = _mm512_maskz_loadu_epi64(lo_k, src);
+                hi = _mm512_maskz_loadu_epi64(hi_k, src + 8);
+            } else {
+                uint64_t w[16] __attribute__((aligned(64)));
+                for (ptrdiff_t t = 0; t < 16; t++) w[t] = t < left ? src[t * ns] : 0;
+                lo = _mm512_load_si512((const void *)w);
+                hi = _mm512_load_si512((const void *)(w + 8));
+            }
             uint8_t *tile = wt + ((nb - nb0) * Kw + kc) * 1024;
             for (int j = 0; j < 16; j += 2) {
                 __m512i ctl = _mm512_add_epi8(base, _mm512_set1_epi8((char)(4 * j)));
@@ -73,6 +82,12 @@ TAMX static void expand_weights(const uint64_t *b, ptrdiff_t Kw, ptrdiff_t Npad,
             }
         }
 }
+
+/* eight tiles of 16 rows x 64 bytes (0-3: sums, 4-5: activations, 6-7: weights) */
+static const tilecfg tiles8 = {1, 0, {0}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+
+/* (constant data: the compiler cannot see that LDTILECFG reads a local's stores and may drop them) */
+TAMX void bk_amx_tiles(void) { _tile_loadconfig(&tiles8); }
 
 /* the outputs of a 32 x 32 block (rows m0.., columns n0..) from its int32 sums: bk_finish's operations in its
  * order, 16 lanes at a time, the channel parameters loaded once per block */
@@ -112,18 +127,14 @@ TAMX int bk_amx_linear(const gemm_args *g, const uint8_t *q, ptrdiff_t kpad) {
     const ptrdiff_t Kw = g->Kw, nblk = (g->N + 31) / 32 * 2, mpad = (g->M + 31) / 32 * 32;
     uint8_t *wt = bk_scratch(3, (size_t)(2 * Kw * 1024));
     if (!wt) return -1;
-    tilecfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
-    _tile_loadconfig(&cfg);
+    bk_amx_tiles();
     /* two sum buffers: the epilogue of the previous block runs on the vector units while the matrix unit
      * multiplies the next one (the tile stores wait for it only after that) */
     int32_t cbuf[2][32 * 32] __attribute__((aligned(64)));
     ptrdiff_t pm = -1, pn = 0;
     int slot = 0;
     for (ptrdiff_t nb = 0; nb < nblk; nb += 2) {
-        expand_weights(g->b, Kw, g->Npad, nb, 2, wt);
+        bk_amx_expand(g->b, g->Npad, 1, g->Npad, Kw, nb, 2, wt);
         const uint8_t *b0 = wt, *b1 = wt + Kw * 1024;
         for (ptrdiff_t m0 = 0; m0 < mpad; m0 += 32) {
             _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);

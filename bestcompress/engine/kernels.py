@@ -14,7 +14,9 @@ their popcount variant at run time (`isa()`; `use_kernels(isa=...)` or BESTCOMPR
 on a CPU with int8 matrix units (x86 AMX) a linear layer's input of up to 8 bit planes is multiplied as bytes
 there (`use_kernels(int8='off'|'multi'|'all')` or BESTCOMPRESS_ENGINE_INT8; default 'all': on an AMX Xeon the
 tiles beat the popcounts on {0, 1} spikes too, and the popcount cost grows with the planes while the int8 cost
-does not; 'multi' keeps spikes on popcounts). Weights stay one bit each in RAM.
+does not; 'multi' keeps spikes on popcounts). With 'all', a convolution whose output rows are groups of 16
+columns runs there too (an implicit GEMM over an NHWC byte image, bk_amx_conv.c); 'multi' and 'off' keep
+convolutions on popcounts. Weights stay one bit each in RAM.
 """
 from __future__ import annotations
 
@@ -379,10 +381,12 @@ def linear(x: torch.Tensor, weight_cols: torch.Tensor, n: int, alpha: torch.Tens
 
 def conv_nchw(x: torch.Tensor, weight_rows: torch.Tensor, cout: int, kernel, stride, padding, dilation,
               alpha: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-              max_planes: int = MAX_PLANES, bn=None) -> tuple[torch.Tensor, int] | None:
+              max_planes: int = MAX_PLANES, bn=None) -> tuple[torch.Tensor, int, str] | None:
     """A ±1-weight convolution of a float32 NCHW input, compiled kernels only: the input is packed along C
     straight from NCHW, im2col writes the column layout, and out[n] = W · patches[n]ᵀ lands in NCHW order, so no
-    transposing copy is made. Returns (output, bit planes of x), or None when x does not pack.
+    transposing copy is made. With int8 'all' on an AMX CPU, an input of at most 8 planes whose output rows are
+    groups of 16 columns goes to the int8 matrix units instead (bk_amx_conv.c: an implicit GEMM over an NHWC byte
+    image). Returns (output, bit planes of x, 'popcount' or 'int8'), or None when x does not pack.
 
     Args:
         weight_rows: [1, Cout, kh·kw·Cw] words of w⁺ (channel groups padded to whole words).
@@ -394,7 +398,8 @@ def conv_nchw(x: torch.Tensor, weight_rows: torch.Tensor, cout: int, kernel, str
     wo = (w + 2 * pw - dw * (kw_ - 1) - 1) // sw + 1
     out = torch.empty((n, cout, ho, wo), dtype=torch.float32)
     planes = _ext.conv(x.data_ptr(), n, c, h, w, max_planes, weight_rows.data_ptr(), cout, kh, kw_, sh, sw, ph, pw,
-                       dh, dw, ho, wo, _ptr(alpha), _ptr(bias), *_bn_args(bn), out.data_ptr(), _isa_number())
+                       dh, dw, ho, wo, _ptr(alpha), _ptr(bias), *_bn_args(bn), out.data_ptr(), *_modes())
+    planes, kernel = planes
     if planes < 0:
         return None
-    return out, planes
+    return out, planes, "int8" if kernel else "popcount"

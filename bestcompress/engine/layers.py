@@ -173,8 +173,9 @@ class PackedConv(_PackedLayer):
                                      self.padding, self.dilation, self.alpha, self.bias, MAX_LAYER_PLANES, self.bn)
             if done is not None:
                 self.stats["packed"] += 1
-                y, self.last_planes = done
+                y, self.last_planes, self.last_kernel = done
                 return y if self.dims == 2 else y[:, :, 0]
+        self.last_kernel = "popcount"
         n, c, h, w = x4.shape
         pixels = kernels.pack_rows(x4.permute(0, 2, 3, 1).reshape(n * h * w, c), MAX_LAYER_PLANES)
         if pixels is None:

@@ -110,7 +110,12 @@ class Engine:
             rows = x.numel() // max(1, cin)
             kw = mod.weight_words.shape[-1 if mod.rows_layout else -2]
             operand = planes * rows * kw * 8  # bit planes of the input (convolutions: its bit im2col)
-            if mod.last_kernel == "int8":  # bytes for the matrix units, and one column block of weight bytes
+            if mod.last_kernel == "int8" and isinstance(mod, PackedConv):  # bk_amx_conv.c: the bordered byte
+                n, _, h, w = x.shape if x.dim() == 4 else (x.shape[0], 0, 1, x.shape[-1])  # image, its pixel sums,
+                (ph, pw), cw = mod.padding, mod.cw  # one output sum per pixel, one block of weight bytes
+                pixels = n * (h + 2 * ph) * (w + 2 * pw)
+                operand = pixels * (cw * 64 + 4) + out.numel() // mod.out_features * 8 + 2 * kw * 1024
+            elif mod.last_kernel == "int8":  # bytes for the matrix units, and one column block of weight bytes
                 operand = (rows + 31) // 32 * 32 * kw * 64 + 2 * kw * 1024
             peak[0] = max(peak[0], x.numel() * 4 + out.numel() * 4 + operand)
 

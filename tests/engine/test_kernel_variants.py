@@ -73,7 +73,7 @@ def test_convolution_and_two_operand_product_equal_float_on_every_variant(isa):
     with use_kernels(isa=isa):
         weight_rows = kernels.pack_rows(rows.reshape(cout, -1)).words
         for x in (_spikes(g, n, c, h, w_), _spikes(g, n, c, h, w_) + 0.25 * _spikes(g, n, c, h, w_)):
-            got, _ = kernels.conv_nchw(x, weight_rows, cout, (3, 3), (2, 2), (1, 1), (1, 1))
+            got, _, _ = kernels.conv_nchw(x, weight_rows, cout, (3, 3), (2, 2), (1, 1), (1, 1))
             assert torch.equal(got, F.conv2d(x, w, stride=2, padding=1))
         pa, pb = kernels.pack_rows(a.reshape(-1, 48)), kernels.pack_rows(b.reshape(-1, 48))
         out = kernels.gemm(pa, kernels.to_columns(pb.words, 6), 21, batch=6, b_planes=pb.planes, b_lsb=pb.lsb,
@@ -171,7 +171,7 @@ def test_a_fraction_among_spikes_leaves_the_convolution_spike_path():
     rows = torch.zeros(12, 3, 3, 128)
     rows[..., :70] = (w > 0).to(torch.float32).permute(0, 2, 3, 1)
     weight_rows = kernels.pack_rows(rows.reshape(12, -1)).words
-    got, planes = kernels.conv_nchw(x, weight_rows, 12, (3, 3), (1, 1), (1, 1), (1, 1))
+    got, planes, _ = kernels.conv_nchw(x, weight_rows, 12, (3, 3), (1, 1), (1, 1), (1, 1))
     assert planes == 2 and torch.equal(got, F.conv2d(x, w, padding=1))
 
 
@@ -183,3 +183,45 @@ def test_a_transposed_view_of_whole_and_partial_16_by_16_blocks_is_gathered_exac
     with use_kernels(int8="off"):
         out, planes, _ = kernels.linear(x, _cols(w), 20)
     assert planes == 2 and torch.equal(out.view(2, 37, 20), F.linear(x, w))
+
+
+@pytest.mark.skipif(not AMX, reason="no int8 matrix units (AMX) on this CPU")
+@pytest.mark.parametrize("n,c,h,w,cout,kernel,stride,padding,dilation", [
+    (2, 20, 16, 16, 40, (3, 3), (1, 1), (1, 1), (1, 1)),   # channels and outputs not whole tiles
+    (1, 70, 5, 16, 33, (3, 3), (1, 1), (1, 1), (1, 1)),    # 80 output pixels: a last block of 16
+    (1, 64, 9, 34, 32, (3, 3), (2, 2), (1, 0), (1, 1)),    # stride 2, padding on one axis only
+    (2, 48, 12, 16, 24, (3, 5), (1, 1), (2, 4), (2, 2)),   # dilation, a rectangular kernel
+    (1, 130, 4, 16, 64, (1, 1), (1, 1), (0, 0), (1, 1)),   # three channel words
+])
+def test_int8_convolution_equals_the_popcount_one_bit_for_bit(n, c, h, w, cout, kernel, stride, padding, dilation):
+    g = torch.Generator().manual_seed(c * cout)
+    wts = _signs(g, cout, c, *kernel)
+    cw = (c + 63) // 64
+    rows = torch.zeros(cout, kernel[0], kernel[1], 64 * cw)
+    rows[..., :c] = (wts > 0).to(torch.float32).permute(0, 2, 3, 1)
+    weight_rows = kernels.pack_rows(rows.reshape(cout, -1)).words
+    alpha, bias = torch.rand(cout, generator=g) + 0.5, torch.randn(cout, generator=g)
+    bn1 = (1, [torch.rand(cout, generator=g) + 0.5, torch.randn(cout, generator=g)])
+    bn2 = (2, [torch.randn(cout, generator=g), torch.rand(cout, generator=g) + 0.5, torch.rand(cout, generator=g),
+               torch.randn(cout, generator=g)])
+    s = _spikes(g, n, c, h, w)
+    multi = s + 4 * _spikes(g, n, c, h, w) + 0.5 * _spikes(g, n, c, h, w)
+    for x in (s, multi, s * 0.25):
+        for scale, shift, bn in ((None, None, None), (alpha, bias, bn1), (alpha, None, bn2)):
+            args = (x, weight_rows, cout, kernel, stride, padding, dilation, scale, shift)
+            with use_kernels(int8="off"):
+                ref, ref_planes, ref_kernel = kernels.conv_nchw(*args, bn=bn)
+            with use_kernels(int8="all"):
+                got, planes, kernel_used = kernels.conv_nchw(*args, bn=bn)
+            assert (ref_kernel, kernel_used, planes) == ("popcount", "int8", ref_planes)
+            assert torch.equal(got, ref)
+        want = F.conv2d(x, wts, None, stride, padding, dilation) * alpha.view(-1, 1, 1)
+        assert torch.equal(ref, kernels.apply_bn(want, bn2, 1))
+    shape = (weight_rows, cout, kernel, stride, padding, dilation)
+    with use_kernels(int8="all"):  # output rows that are not groups of 16 columns, zeros, 10 planes: popcounts
+        narrow = s[..., :w - stride[1]]  # one output column less
+        assert kernels.conv_nchw(narrow, *shape)[2] == "popcount"
+        assert torch.equal(kernels.conv_nchw(narrow, *shape)[0], F.conv2d(narrow, wts, None, stride, padding, dilation))
+        assert kernels.conv_nchw(s * 0, *shape)[2] == "popcount"
+        assert kernels.conv_nchw(s * 512 + s, *shape)[2] == "popcount"
+        assert kernels.conv_nchw(-s, *shape) is None

@@ -117,9 +117,9 @@ def test_nchw_convolution_without_transposing_copies_equals_conv2d(kernel, strid
         weight_rows = kernels.pack_rows(rows.reshape(cout, -1)).words
         bias = torch.randn(cout, generator=g)
         for x in (_spikes(g, n, c, h, w_), _spikes(g, n, c, h, w_) + 0.25 * _spikes(g, n, c, h, w_)):
-            got, planes = kernels.conv_nchw(x, weight_rows, cout, kernel, stride, padding, dilation)
+            got, planes, _ = kernels.conv_nchw(x, weight_rows, cout, kernel, stride, padding, dilation)
             assert torch.equal(got, F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation))
             alpha = torch.rand(cout, generator=g) + 0.5
-            scaled, _ = kernels.conv_nchw(x, weight_rows, cout, kernel, stride, padding, dilation, alpha, bias)
+            scaled, _, _ = kernels.conv_nchw(x, weight_rows, cout, kernel, stride, padding, dilation, alpha, bias)
             assert torch.equal(scaled, got * alpha.view(-1, 1, 1) + bias.view(-1, 1, 1))
         assert kernels.conv_nchw(x - 0.5, weight_rows, cout, kernel, stride, padding, dilation) is None
