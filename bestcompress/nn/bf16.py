@@ -1,22 +1,26 @@
-"""Binary layers computed in bf16 where that is exact (opt-in: recipe `train.precision: bf16`, or `binary_bf16()`).
+"""Binary layers on bf16 products where that is exact (opt-in: recipe `train.precision: bf16`, or `binary_bf16()`).
 
 A binary layer multiplies spikes (0 or 1) by ±1 weights: every product is 0 or ±1 and every partial sum an integer
 no larger in magnitude than the number of inputs, so bf16 operands with fp32 accumulation (oneDNN's AMX-BF16 /
-AVX512-BF16 kernels on this kind of CPU) give the exact sum, as float32 does. The result is rounded to bf16 on the
-way out (torch's CPU bf16 GEMM/convolution returns bf16), which keeps an integer exact while |y| <= 256: a layer
-that adds at most 256 inputs (in_features, or in_channels/groups × kernel size) is exact by construction, a larger
-one checks max|y| <= 255 and recomputes that call in float32 when it is not. The forward output (bias added in
-float32 afterwards) is therefore bit for bit the float32 layer's (tests).
+AVX512-BF16 kernels on this kind of CPU) give the exact sum, as float32 does. Linear layers run as float32 matmuls
+in oneDNN's bf16 fpmath mode (bf16 products, float32 accumulation and output). Convolutions run on bf16
+channels-last operands, whose output torch rounds to bf16: an integer stays exact while |y| <= 256, so a layer
+adding at most 256 inputs (in_channels/groups × kernel size) is exact by construction, a larger one checks
+max|y| <= 255 and recomputes that call in float32 when it is not. Without a bias the forward output is therefore
+bit for bit the float32 layer's; with one it is the exact sum plus the bias rounded once, where float32 (which
+accumulates onto the bias) can be an ulp or two away (tests).
 
 Backward is not exact: the incoming gradient is rounded to bf16 (8 significant bits), so the input and weight
 gradients carry a relative error of about 2^-8 per element (products are exact, sums are fp32); the bias gradient
 is summed in float32. This is what bf16 mixed precision does for every layer; here it touches only the binary
-layers' two GEMMs of backward.
+layers' GEMMs of backward.
 
-Where it applies (`applies`): inside `binary_bf16()`, a BinaryLinear / BinaryConv1d / BinaryConv2d with unscaled
-±1 weights, a CPU float32 input whose values are all 0 or 1 — known without a look when it views a bestcompress
-neuron's output (nn/memory.py's marks, which `binary_bf16` turns on), otherwise checked by value (one pass) — zero
-padding, and no graph being traced or exported. Anything else runs the layer's float32 path unchanged.
+Where it applies (`plan`): inside `binary_bf16()`, a BinaryLinear / BinaryConv1d / BinaryConv2d with unscaled ±1
+weights, zero padding, a CPU float32 input, no graph being traced or exported. An input whose values are all 0 or
+1 (known without a look when it views a bestcompress neuron's output, nn/memory.py's marks, which `binary_bf16`
+turns on; otherwise checked by value, a strided sample first) gets the bf16 forward; any other input (a real-valued
+residual stream) keeps the float32 forward and, when a gradient is wanted, the bf16 backward. Scaled weights and
+everything else run the layer's float32 path unchanged.
 """
 from __future__ import annotations
 
