@@ -34,6 +34,9 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
             [torch.linalg.vector_norm(g, dtype=torch.float64).cpu() for g in grads]))
     scale = float(max_norm) / (float(norm) + 1e-6)
     if scale < 1.0:
-        for g in grads:
-            g.mul_(scale)
+        try:
+            torch._foreach_mul_(grads, scale)
+        except (AttributeError, RuntimeError):  # an older torch, or mixed devices/dtypes
+            for g in grads:
+                g.mul_(scale)
     return norm
