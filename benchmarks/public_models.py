@@ -117,6 +117,11 @@ def find_entry(root: Path, row: Row) -> Path | None:
     return None
 
 
+FP_STATE = ("each FP checkpoint is put in the state of a trained network whose neurons fire: every BatchNorm weight "
+            "2, bias 0.5 (as bestcompress.nn.calibrate.make_it_fire), statistics estimated on 8 random batches of 8 "
+            "in training mode; a fresh network is silent, so the spike checks would be vacuous, and a silent neuron "
+            "before BatchNorms makes their backward multiply by 1/sqrt(eps) each")
+
 # The user's own training script, reduced to what matters here: build with the authors' code, save timm-style.
 SAVE_FP = r"""
 import importlib.util, json, os, sys, torch
@@ -342,7 +347,7 @@ def main(argv=None) -> int:
     write_shim(shim, missing)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(shim), str(ROOT)) if p),
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), BESTCOMPRESS_LIF="torch")
-    results = {"shim": {m: SHIM_SAYS[m] for m in missing}, "rows": {}}
+    results = {"shim": {m: SHIM_SAYS[m] for m in missing}, "fp_state": FP_STATE, "rows": {}}
     for row in rows:
         entry = find_entry(a.root, row)
         if entry is None:
@@ -362,6 +367,7 @@ def main(argv=None) -> int:
         old = json.loads(a.output.read_text())
         old["rows"].update(results["rows"])
         old["shim"].update(results["shim"])
+        old["fp_state"] = FP_STATE
         results = old
     print_table(results)
     a.output.parent.mkdir(parents=True, exist_ok=True)
