@@ -200,11 +200,13 @@ def _check_stage(model, graph, spikes, x, kind, tolerance, stage: str):
 
 
 def export_finn(model: nn.Module, example_input: torch.Tensor, path: str | Path, data=None, samples=None,
-                tolerance: float = 1e-4, seed: int = 0, qonnx_proto=None, progress=None):
+                tolerance: float = 1e-4, seed: int = 0, qonnx_proto=None, progress=None, strict: bool = True):
     """Export to QONNX and to the FINN-ready graph, run FINN+'s front-end, verify every stage, and write a folder.
 
     The folder holds model_qonnx.onnx, model_finn.onnx, model_streamlined.onnx, model_hw.onnx, report.json,
-    report.txt and folding_config.json. Nothing is left behind when a step or a verification fails.
+    report.txt and folding_config.json. Nothing is left behind when a step or a verification fails; without
+    `strict` (benchmarks: coverage and timings of a graph whose check fails), a FINN stage that does not compute
+    what PyTorch computes is recorded in the report's notes and 'verification' instead.
 
     Returns:
         (folder, report dict, VerifyReport of the hardware-layer graph); the report dict includes
@@ -242,7 +244,9 @@ def export_finn(model: nn.Module, example_input: torch.Tensor, path: str | Path,
             progress(f"FINN+: running the {stage} graph with FINN's Python executor on {len(x)} {kind} samples")
         checks[stage] = _check_stage(model, graph, spikes, x, kind, tolerance, stage)
         if not checks[stage].passed:
-            raise ExportError(checks[stage].message(f"The FINN {stage} graph"))
+            if strict:
+                raise ExportError(checks[stage].message(f"The FINN {stage} graph"))
+            notes.append(f"verification failed (not strict): {checks[stage].message(f'the FINN {stage} graph')}")
     report = coverage(stages["hw"])
     report["notes"] = notes
     report["stages"] = {name: len(m.graph.node) for name, m in stages.items()}
