@@ -93,6 +93,8 @@ VARIANTS = {
                 {**_CAL, "reversible.enabled": True, "reversible.form": "preserving", "distill.losses": ["soft"],
                  "distill.alpha": 0.5, "distill.temperature": 2.0, "distill.heads": "both", "train.fit_heads": True}),
     "default": ("the default `bestformer` recipe as shipped", None),
+    "default_bf16": ("the default `bestformer` recipe + train.precision bf16 (binary layers on bf16 products with "
+                     "fp32 accumulation, bf16-rounded gradients; nn/bf16.py)", {"train.precision": "bf16"}),
 }
 # the first default candidate (bestformer.yaml while the first part of the reduced plan ran), kept for the record
 DEFAULT_V1 = ("first default candidate: calibration + preserving couplings + soft KD (τ 2) + feature alignment",
