@@ -77,3 +77,27 @@ def test_binary_convolutions_before_and_after_maxpool_become_mvaus(tmp_path, tin
         assert report["verification"][stage]["passed"], stage
     steps = [line for line in lines if line.startswith("FINN+: ") and line.endswith(" nodes)")]
     assert any("Streamline[0] ConvertSubToAdd" in line for line in steps) and len(steps) > 40  # one per transform
+
+
+@pytest.mark.skipif(not HAVE_FINN, reason="FINN+ (the [finn] extra) is not installed")
+def test_a_failing_stage_check_raises_unless_not_strict(tmp_path, tiny_mlp_binary, monkeypatch):
+    import torch
+
+    from bestcompress.exporters import finn
+
+    real = finn._check_stage
+
+    def wrong_streamlined(model, graph, spikes, x, kind, tolerance, stage):
+        rep = real(model, graph, spikes, x, kind, tolerance, stage)
+        if stage == "streamlined":
+            rep.max_abs_diff = 1.0  # as if Streamline had changed the outputs
+        return rep
+    monkeypatch.setattr(finn, "_check_stage", wrong_streamlined)
+    x = torch.rand((1,) + tuple(tiny_mlp_binary.bc_input_shape))
+    with pytest.raises(ExportError, match="streamlined graph"):
+        finn.export_finn(tiny_mlp_binary, x, tmp_path / "strict")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+    out, report, _ = finn.export_finn(tiny_mlp_binary, x, tmp_path / "lenient", strict=False)
+    assert not report["verification"]["streamlined"]["passed"] and report["verification"]["hw"]["passed"]
+    assert any(n.startswith("verification failed (not strict)") and "streamlined" in n for n in report["notes"])
+    assert json.loads((out / "report.json").read_text())["verification"]["streamlined"]["passed"] is False
