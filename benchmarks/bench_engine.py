@@ -14,15 +14,18 @@ process CPU time, one torch thread; the engine's kernels are single-threaded too
     binary PyTorch model for reference, at batch 1 and 32;
   - weight memory: the engine's packed words vs the sign bits vs the fp32 weights of the binary layers.
 The engine is checked spike-exact against the binary PyTorch model first. Ratios are fp32 time ÷ engine time.
-The engine runs its default kernels (the popcount variant this CPU has; on a CPU with AMX, linear layers on the
-int8 matrix units, --int8 to choose); each layer is also timed on popcounts only
-(--int8 off) and, with AMX, with every linear layer on the int8 units, so the table says what each route gives.
+The engine runs its default kernels (the popcount variant this CPU has; on a CPU with AMX, linear layers and
+convolutions on the int8 matrix units, --int8 to choose); each layer is also timed on popcounts only
+(--int8 off) and, with AMX, with every layer they take on the int8 units (--int8 all: linear layers, and
+convolutions whose output rows are groups of 16 columns) and with --int8 multi, so the table says what each
+route gives.
 Results: benchmarks/results/engine.json (keys layer_speedup_median, model_speedup_b1, model_speedup_b32; also
 layer_speedup_median_spike_inputs: the same layers fed 0/1 spikes, what the kernels do on pure spike inputs,
 layer_speedup_median_after_other: A B A B without the warm-up pairs,
 layer_speedup_median_popcount_only, layer_speedup_median_int8_all, layer_speedup_median_int8_multi) and engine.md.
 
-    python benchmarks/bench_engine.py [--reps 7] [--reps-b32 3] [--arch spikformer_cifar] [--int8 all]
+    python benchmarks/bench_engine.py [--reps 7] [--layer-reps 25] [--reps-b32 3] [--arch spikformer_cifar]
+                                      [--int8 all]
 """
 from __future__ import annotations
 
@@ -128,7 +131,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="spikformer_cifar")
     parser.add_argument("--recipe", default="bestformer")
-    parser.add_argument("--reps", type=int, default=7, help="interleaved repetitions per layer and at batch 1")
+    parser.add_argument("--reps", type=int, default=7, help="interleaved repetitions of the whole model at batch 1")
+    parser.add_argument("--layer-reps", type=int, default=25,
+                        help="interleaved repetitions per layer and route (a layer call takes 0.05-10 ms: many reps "
+                             "keep the median steady on a shared CPU)")
     parser.add_argument("--reps-b32", type=int, default=3, help="interleaved repetitions at batch 32")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--int8", choices=kernels.INT8_MODES, default=None,
@@ -140,7 +146,7 @@ def main() -> None:
 
 
 def _route_speedups(twin, ours, x, reps: int) -> dict[str, float]:
-    """fp32 ÷ engine on x with popcounts only, and (with AMX) with every linear layer on the int8 units."""
+    """fp32 ÷ engine on x with popcounts only, and (with AMX) with int8 'all' and 'multi'."""
     out = {}
     amx = kernels.compiled_available() and bool(kernels._ext.amx_available())
     routes = [("popcount_only", "off")] + ([("int8_all", "all"), ("int8_multi", "multi")] if amx else [])
@@ -178,15 +184,15 @@ def run(args) -> None:
             twin, ours = fp32_twin(layers[name]), packed[name]
             if ours.bn is not None:  # compare like with like: the engine's layer includes its BatchNorm
                 twin = WithBatchNorm(twin, binary.get_submodule(folds[name]), ours.bn_transposed).eval()
-            t = interleaved({"fp32": lambda: twin(x), "engine": lambda: ours(x)}, args.reps, warm=True)
+            t = interleaved({"fp32": lambda: twin(x), "engine": lambda: ours(x)}, args.layer_reps, warm=True)
             planes = ours.last_planes
-            ta = interleaved({"fp32": lambda: twin(x), "engine": lambda: ours(x)}, args.reps)  # each after the other
+            ta = interleaved({"fp32": lambda: twin(x), "engine": lambda: ours(x)}, args.layer_reps)  # A B A B
             spikes = (torch.rand(x.shape, generator=g) < 0.2).to(torch.float32)  # what a spike-fed layer sees
-            ts = interleaved({"fp32": lambda: twin(spikes), "engine": lambda: ours(spikes)}, args.reps, warm=True)
+            ts = interleaved({"fp32": lambda: twin(spikes), "engine": lambda: ours(spikes)}, args.layer_reps, warm=True)
             kind = "conv" if isinstance(ours, PackedConv) else "linear"
             ours(x)
             route = ours.last_kernel
-            routes = _route_speedups(twin, ours, x, args.reps) if kernels.backend() == "compiled" else {}
+            routes = _route_speedups(twin, ours, x, args.layer_reps) if kernels.backend() == "compiled" else {}
             rows.append({"layer": name, "kind": kind, "input": list(x.shape), "planes": planes, "kernel": route,
                          "fp32_ms": 1e3 * t["fp32"], "engine_ms": 1e3 * t["engine"],
                          "speedup": t["fp32"] / t["engine"], "speedup_spike_input": ts["fp32"] / ts["engine"],
@@ -218,6 +224,7 @@ def run(args) -> None:
     speedups = sorted(r["speedup"] for r in rows)
     result = {
         "arch": args.arch, "recipe": args.recipe, "input_shape": list(shape), "threads": args.threads,
+        "reps": {"layer": args.layer_reps, "b1": args.reps, "b32": args.reps_b32},
         "backend": E.backend_description(), "machine": platform.processor() or platform.machine(), "cpu": cpu_name(),
         "cpu_count": os.cpu_count(), "load_average_before_after": [load_before[0], os.getloadavg()[0]],
         "spike_exact": report.passed, "verify": report.to_dict(),
@@ -257,8 +264,9 @@ def run(args) -> None:
              f"| binary layers, each side timed right after the other (A B A B, median) | | | "
              f"{result['layer_speedup_median_after_other']:.2f}× | |"]
     for key, label in (("popcount_only", "popcounts only (--int8 off)"),
-                       ("int8_all", "every linear layer on AMX int8 tiles (--int8 all)"),
-                       ("int8_multi", "spike-fed linears on popcounts, the others on AMX (--int8 multi)")):
+                       ("int8_all", "every layer the AMX int8 tiles take on them (--int8 all)"),
+                       ("int8_multi", "convolutions and spike-fed linears on popcounts, the other linears on AMX "
+                                      "(--int8 multi)")):
         if f"layer_speedup_median_{key}" in result:
             lines.append(f"| binary layers, {label} (median) | | | {result[f'layer_speedup_median_{key}']:.2f}× | |")
     for label in ("b1", "b32"):

@@ -87,7 +87,7 @@ def int8_units() -> str:
 def backend_description() -> str:
     if backend() == "compiled":
         extra = {"off": "", "multi": "; linear inputs of several bit planes on AMX int8 tiles",
-                 "all": "; linear layers on AMX int8 tiles"}[int8_units()]
+                 "all": "; linear layers and convolutions on AMX int8 tiles"}[int8_units()]
         return f"compiled popcount kernels ({_ext.isa_name(_isa_number())}{extra})"
     why = "the compiled kernels were not built (no compiler at install)" if _ext is None else "selected"
     return f"NumPy fallback ({why})"
