@@ -12,6 +12,7 @@ model, whatever the file says) or passed `--trust-checkpoint` (`trust=True`).
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import importlib.util
@@ -36,23 +37,7 @@ def load_factory(spec: str, option: str = "--model") -> Callable[..., nn.Module]
         file = Path(target)
         if not file.is_file():
             raise ModelError(f"Model file '{file}' does not exist.")
-        name = "bc_user_model_" + hashlib.sha1(str(file.resolve()).encode()).hexdigest()[:12]
-        module = sys.modules.get(name)
-        if module is None:
-            import_spec = importlib.util.spec_from_file_location(name, file)
-            module = importlib.util.module_from_spec(import_spec)
-            sys.modules[name] = module  # dataclasses and pickling look classes up here
-            # As for a script: the file's own folder is searched first, so `from sibling import X` works.
-            folder = str(file.resolve().parent)
-            sys.path.insert(0, folder)
-            try:
-                import_spec.loader.exec_module(module)
-            except Exception as e:
-                del sys.modules[name]
-                raise ModelError(f"Importing model file '{file}' failed ({type(e).__name__}: "
-                                 f"{short_reason(e)}).") from None
-            finally:
-                sys.path.remove(folder)
+        module = _import_file(file)
     else:
         try:
             module = importlib.import_module(target)
@@ -63,6 +48,64 @@ def load_factory(spec: str, option: str = "--model") -> Callable[..., nn.Module]
     if not callable(fn):
         raise ModelError(f"'{target}' has no function '{fn_name}' to build the model.")
     return fn
+
+
+def _relative_imports(file: Path) -> bool:
+    try:
+        tree = ast.parse(file.read_text())
+    except (SyntaxError, ValueError, OSError, UnicodeDecodeError):
+        return False  # the import itself says what is wrong
+    return any(isinstance(n, ast.ImportFrom) and n.level for n in ast.walk(tree))
+
+
+def _packages(file: Path) -> list[Path]:
+    """The package folders (with an __init__.py) that hold `file`, outermost first."""
+    chain, folder = [], file.parent
+    while (folder / "__init__.py").is_file() and folder.parent != folder:
+        chain.insert(0, folder)
+        folder = folder.parent
+    return chain
+
+
+def _import_file(file: Path):
+    """Import a --model file as a script would be, with its own folder searched first (`from sibling import X`).
+    A file inside a package that imports relatively (`from .layers import X`, as a repository's models/ package
+    does) is imported as part of that package, under a private name for its outermost package folder, so its
+    relative imports resolve and the package's __init__ files run as they do for the authors."""
+    shown, file = file, file.resolve()
+    digest = lambda p: hashlib.sha1(str(p).encode()).hexdigest()[:12]  # noqa: E731
+    chain = _packages(file) if _relative_imports(file) else []
+    if chain:
+        root = "bc_user_pkg_" + digest(chain[0])
+        name = ".".join([root, *file.relative_to(chain[0]).with_suffix("").parts])
+    else:
+        root = name = "bc_user_model_" + digest(file)
+    if name in sys.modules:
+        return sys.modules[name]
+    before = set(sys.modules)
+    folder = str(file.parent)
+    sys.path.insert(0, folder)
+    try:
+        if chain:
+            if root not in sys.modules:
+                spec = importlib.util.spec_from_file_location(root, chain[0] / "__init__.py",
+                                                              submodule_search_locations=[str(chain[0])])
+                sys.modules[root] = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(sys.modules[root])
+            return importlib.import_module(name)
+        spec = importlib.util.spec_from_file_location(name, file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses and pickling look classes up here
+        spec.loader.exec_module(module)
+        return module
+    except Exception as e:
+        for mod in set(sys.modules) - before:
+            if mod == root or mod.startswith(root + "."):
+                del sys.modules[mod]
+        raise ModelError(f"Importing model file '{shown}' failed ({type(e).__name__}: "
+                         f"{short_reason(e)}).") from None
+    finally:
+        sys.path.remove(folder)
 
 
 def factory_key(spec: str) -> str:

@@ -103,3 +103,35 @@ def test_a_model_file_imports_its_sibling_modules_as_a_script_would(tmp_path):
         assert sys.path == before
     finally:
         sys.modules.pop("bin_layers_sibling", None)
+
+
+def test_a_model_file_inside_a_package_imports_relatively_as_its_repository_does(tmp_path):
+    # A repository's models/ package (models/net.py: `from .parts.layers import ...`), the module's folder not
+    # on any path; the package's __init__ files run, the user's sys.path and sys.modules are left as they were.
+    import sys
+
+    from bestcompress.building import build_from_factory
+    from bestcompress.errors import ModelError
+
+    pkg = tmp_path / "models"
+    (pkg / "parts").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("LOADED = True\n")
+    (pkg / "parts" / "__init__.py").write_text("")
+    (pkg / "parts" / "layers.py").write_text(
+        "from torch import nn\n\nclass Conv1x1(nn.Conv2d):\n"
+        "    def __init__(self, cin, cout):\n        super().__init__(cin, cout, 1, bias=False)\n")
+    (pkg / "net.py").write_text(
+        "from torch import nn\nfrom .parts.layers import Conv1x1\nfrom . import LOADED\n\n"
+        "def build(width=4):\n    assert LOADED\n    return nn.Sequential(Conv1x1(3, width), nn.ReLU())\n")
+    before, mods = list(sys.path), set(sys.modules)
+    model = build_from_factory(f"{pkg / 'net.py'}:build", {"width": 5})
+    again = build_from_factory(f"{pkg / 'net.py'}:build")
+    assert type(model[0]) is type(again[0]) and type(model[0]).__name__ == "Conv1x1"  # imported once
+    x = torch.rand(2, 3, 4, 4)
+    assert torch.equal(model(x), torch.relu(torch.nn.functional.conv2d(x, model[0].weight)))
+    assert sys.path == before and "models" not in sys.modules
+    assert {m for m in set(sys.modules) - mods if not m.startswith("bc_user_pkg_")} == set()
+    (pkg / "broken.py").write_text("from .no_such_part import X\n\ndef build():\n    return None\n")
+    with pytest.raises(ModelError, match="no_such_part"):
+        build_from_factory(f"{pkg / 'broken.py'}:build")
+    assert sys.path == before
