@@ -1,6 +1,7 @@
 """Stand-ins for what the public spiking-transformer code imports and this machine may lack: timm's helpers,
 spikingjelly's legacy `clock_driven` package (spikingjelly <= 0.0.0.0.14; 2.0 renamed it `activation_based`),
-einops and torchinfo. One set of files (SHIM) serves both benchmark paths: `write(folder, names)` puts them in a
+einops and torchinfo, and the `backend=` argument of spikingjelly 0.0.0.0.14's activation_based neurons (2.0 has
+none). One set of files (SHIM) serves both benchmark paths: `write(folder, names)` puts them in a
 folder for child processes (on their PYTHONPATH; the clock_driven finder is a sitecustomize), and `installed(names)`
 makes them importable in this process for a `with` block, leaving nothing behind. SHIM_SAYS says what each
 replaces. Used by benchmarks/public_models.py and benchmarks/official_bestformer.py.
@@ -8,6 +9,7 @@ replaces. Used by benchmarks/public_models.py and benchmarks/official_bestformer
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import runpy
 import sys
 import tempfile
@@ -65,6 +67,40 @@ SHIM = {
         "_clock_driven/surrogate.py": "from spikingjelly.activation_based.surrogate import *  # noqa\n",
         "_clock_driven/functional.py": "from spikingjelly.activation_based.functional import *  # noqa\n",
     },
+    "spikingjelly backend=": {
+        # spikingjelly 0.0.0.0.14's activation_based neurons take backend='torch'|'cupy'; 2.0 has no such argument.
+        # When spikingjelly.activation_based.neuron is imported, each neuron class's own __init__ accepts and drops
+        # it (cupy is CUDA only; 2.0 runs its CPU path). A finder (sitecustomize) wraps that one module's loading.
+        "sitecustomize.py": (
+            "import importlib.abc, inspect, sys\n\n"
+            "class _DropBackend(importlib.abc.MetaPathFinder):\n"
+            "    NAME = 'spikingjelly.activation_based.neuron'\n\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name != self.NAME:\n            return None\n"
+            "        for f in sys.meta_path:\n"
+            "            if f is self or not hasattr(f, 'find_spec'):\n                continue\n"
+            "            spec = f.find_spec(name, path, target)\n"
+            "            if spec is not None:\n"
+            "                run = spec.loader.exec_module\n"
+            "                def exec_module(module, run=run):\n"
+            "                    run(module)\n"
+            "                    _patch(module)\n"
+            "                spec.loader.exec_module = exec_module\n"
+            "                return spec\n"
+            "        return None\n\n"
+            "def _patch(module):\n"
+            "    base = getattr(module, 'BaseNode', None)\n"
+            "    for cls in list(vars(module).values()):\n"
+            "        if not (isinstance(cls, type) and base and issubclass(cls, base) and '__init__' in vars(cls)):\n"
+            "            continue\n"
+            "        init = vars(cls)['__init__']\n"
+            "        if 'backend' in inspect.signature(init).parameters:\n            continue\n"
+            "        def __init__(self, *a, backend='torch', _init=init, **k):\n"
+            "            _init(self, *a, **k)\n"
+            "        __init__.__wrapped__ = init\n"
+            "        cls.__init__ = __init__\n\n"
+            "sys.meta_path.insert(0, _DropBackend())\n"),
+    },
     "einops": {
         "einops/__init__.py": "", "einops/layers/__init__.py": "",
         "einops/layers/torch.py": ("class Rearrange:\n    def __init__(self, *a, **k):\n"
@@ -78,15 +114,31 @@ SHIM_SAYS = {
     "spikingjelly.clock_driven": "MultiStepLIFNode / MultiStepParametricLIFNode = spikingjelly 2.0 LIFNode / "
                                  "ParametricLIFNode(step_mode='m'), backend='cupy' dropped; layer/surrogate/"
                                  "functional re-exported from activation_based",
+    "spikingjelly backend=": "spikingjelly.activation_based neurons accept backend= (0.0.0.0.14's argument, "
+                             "dropped: 2.0 has none and runs its CPU path)",
     "einops": "einops.layers.torch.Rearrange imported only (raises if built; none of the rows builds one)",
     "torchinfo": "torchinfo.summary imported only (raises if called)",
 }
 
 
+def _neurons_take_backend() -> bool:
+    """spikingjelly.activation_based's neurons take backend= (0.0.0.0.14), or there is no activation_based."""
+    try:
+        from spikingjelly.activation_based import neuron
+    except ImportError:
+        return True  # nothing to adapt (the clock_driven stand-in needs activation_based anyway)
+    return "backend" in inspect.signature(neuron.LIFNode.__init__).parameters
+
+
 def missing(names=tuple(SHIM)) -> list[str]:
-    """Which of `names` (keys of SHIM) cannot be imported here."""
+    """Which of `names` (keys of SHIM) cannot be imported here (or, for 'spikingjelly backend=', are unlike
+    what the public code expects)."""
     out = []
     for name in names:
+        if name == "spikingjelly backend=":
+            if not _neurons_take_backend():
+                out.append(name)
+            continue
         try:
             found = importlib.util.find_spec(name) is not None
         except ModuleNotFoundError:  # the parent package (spikingjelly) is absent
@@ -102,6 +154,8 @@ def write(folder: Path, names) -> None:
         for rel, text in SHIM[name].items():
             p = Path(folder) / rel
             p.parent.mkdir(parents=True, exist_ok=True)
+            if rel == "sitecustomize.py" and p.is_file():  # two stand-ins that hook imports: run both
+                text = p.read_text() + "\n" + text
             p.write_text(text)
 
 

@@ -39,3 +39,26 @@ def test_the_clock_driven_stand_in_gives_multi_step_spikingjelly_2_neurons(tmp_p
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "m", "0.5", "m", "(4,", "4)"]
+
+
+def test_the_backend_stand_in_lets_activation_based_neurons_take_backend_alongside_clock_driven(tmp_path):
+    # SpikingResformer's layers subclass activation_based neurons with backend='cupy' (spikingjelly 0.0.0.0.14);
+    # both import hooks are written into the one sitecustomize and both work.
+    pytest.importorskip("spikingjelly.activation_based")
+    public_models.write_shim(tmp_path, ["spikingjelly.clock_driven", "spikingjelly backend="])
+    code = ("import torch\nfrom spikingjelly.activation_based import neuron\n"
+            "from spikingjelly.clock_driven.neuron import MultiStepLIFNode\n"
+            "class LIF(neuron.LIFNode):\n"
+            "    def __init__(self):\n"
+            "        super().__init__(tau=2., v_threshold=1., detach_reset=True, step_mode='m', backend='cupy')\n"
+            "ref = neuron.LIFNode(tau=2., v_threshold=1., detach_reset=True, step_mode='m')\n"
+            "x = torch.rand(3, 2, 5) * 3\n"
+            "print(torch.equal(LIF()(x), ref(x)), MultiStepLIFNode(tau=2.0).step_mode)\n")
+    out = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(tmp_path), "PATH": ""},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "m"]
+    plain = code.replace("from spikingjelly.clock_driven.neuron import MultiStepLIFNode\n", "")
+    bare = subprocess.run([sys.executable, "-c", plain], env={"PATH": ""}, capture_output=True, text=True,
+                          timeout=120)
+    assert bare.returncode != 0 and "backend" in bare.stderr  # what the stand-in is for
