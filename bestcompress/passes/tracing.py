@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..graph_clones import drop_redundant_clones
+from ..multistep_layers import fold_multistep_convs
 from ..trace import TraceReport, graph_modules, is_neuron, trace_model
 from .base import Pass, PassContext, register_pass
 
@@ -16,7 +18,9 @@ class TraceModel(Pass):
     Requires: an nn.Module; `ctx.example_input` for shape-specialised branches (optional), `ctx.time_steps`
     to recognise a forward unrolled over time (optional).
     Ensures: the model is a GraphModule, or an eager root holding traced children; the model's declared
-    attributes (bc_spec, bc_input_shape, T) are kept; `ctx.trace_report` holds what could not be traced.
+    attributes (bc_spec, bc_input_shape, T) are kept; `ctx.trace_report` holds what could not be traced;
+    clones the graph does not need are its inputs (graph_clones.py); multi-step Conv subclasses are their plain
+    parent on the folded time axis (multistep_layers.py).
     Applying it to a traced model changes nothing.
     """
 
@@ -34,6 +38,13 @@ class TraceModel(Pass):
             traced.bc_input_shape = tuple(x.shape[1:])
         self.ctx.trace_report = self.report
         self.ctx.notes.extend(f"trace: {line}" for line in self.report.lines())
+        folded = [f"{p}.{n}" if p else n for p, gm in graph_modules(traced) for n in fold_multistep_convs(gm)]
+        if folded:  # [T, B, C, H, W] convolutions: the plain parent on the folded time and batch axes
+            self.ctx.notes.append(f"trace: {len(folded)} multi-step convolution(s) ({folded[0]}, ...) run as "
+                                  f"their plain parent on x.flatten(0, 1), reshaped back to [T, B, ...]")
+        clones = sum(drop_redundant_clones(gm) for _, gm in graph_modules(traced))
+        if clones:  # `skip = x.clone(); ...; out + skip` is then the residual x + F(x) it computes
+            self.ctx.notes.append(f"trace: {clones} clone(s) replaced by their input (no in-place write in the graph)")
         self.ctx.notes.append(f"trace: {_front_end_line(traced)}")
         return traced
 
