@@ -3,11 +3,15 @@
 Nothing of the public code is vendored. `--root DIR` points at a folder holding, per family, the repository's files
 at their repository paths (a `git clone` of each repository into DIR/<family> is fine):
 
-    spikformer/   github.com/ZK-Zhou/spikformer                 cifar10/model.py, imagenet/model.py, cifar10dvs/model.py
-    sdt_v1/       github.com/BICLab/Spike-Driven-Transformer    model/*.py, module/*.py
-    qkformer/     github.com/zhouchenlin2096/QKFormer           cifar10/model.py
-    sdt_v2/       github.com/BICLab/Spike-Driven-Transformer-V2 classification/models.py
-    bestformer/   github.com/CaoHLin/BESTFormer                 cifar/model.py, cifar/quantized_utils.py
+    spikformer/        github.com/ZK-Zhou/spikformer                 cifar10/model.py, imagenet/model.py, cifar10dvs/model.py
+    sdt_v1/            github.com/BICLab/Spike-Driven-Transformer    model/*.py, module/*.py
+    qkformer/          github.com/zhouchenlin2096/QKFormer           cifar10/model.py, imagenet/qkformer.py, cifar10-dvs/model.py
+    sdt_v2/            github.com/BICLab/Spike-Driven-Transformer-V2 classification/models.py
+    bestformer/        github.com/CaoHLin/BESTFormer                 cifar/model.py, cifar/quantized_utils.py
+    spikingformer/     github.com/zhouchenlin2096/Spikingformer      cifar10/model.py, imagenet/model.py, cifar10-dvs/model.py
+    spikingformer_cml/ github.com/zhouchenlin2096/Spikingformer-CML  cifar10/model.py, cifar10/CML_Spikformer.py
+    spikingresformer/  github.com/xyshi2000/SpikingResformer         models/spikingresformer.py, models/submodules/*.py,
+                                                                     models/__init__.py
 
 For every row found there it runs, as a user would, in a scratch folder (one `python -m bestcompress` child each):
 the authors' builder with a small config saves a timm-style checkpoint ({'state_dict': ...}, as their train.py
@@ -18,10 +22,11 @@ attention-map neuron emits only {0, 1}; `distill` one step on synthetic data at 
 qonnx and onnx (each verified against PyTorch by the CLI before it writes).
 
 The public code imports timm, spikingjelly's `clock_driven` package (spikingjelly <= 0.0.0.0.14; 2.0, installed
-here, renamed it `activation_based`), einops and torchinfo. `--shim` writes stand-ins for whichever of those are
-missing into a temporary folder put on the children's PYTHONPATH (benchmarks/stand_ins.py says what each stands
-in for, as does the JSON). The model files' own folders are not put on the path: a sibling import such as
-`from quantized_utils import ...` must work through bestcompress itself.
+here, renamed it `activation_based`; SpikingResformer passes 0.0.0.0.14's `backend=` to its neurons, which 2.0
+lacks), einops and torchinfo. `--shim` writes stand-ins for whichever of those are missing into a temporary folder
+put on the children's PYTHONPATH (benchmarks/stand_ins.py says what each stands in for, as does the JSON). The
+model files' own folders are not put on the path: a sibling import such as `from quantized_utils import ...`, or a
+package's relative `from .submodules.layers import ...`, must work through bestcompress itself.
 
     python benchmarks/public_models.py --root /tmp/public_models --shim [--only bestformer,sdt_v1] [--fast]
 
@@ -40,72 +45,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from public_model_rows import ROWS, Row
 from stand_ins import SHIM_SAYS
 from stand_ins import missing as _missing
 from stand_ins import write as write_shim
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "public_models.json"
-
-
-@dataclass(frozen=True)
-class Row:
-    name: str
-    family: str          # folder under --root
-    repo: str
-    entry: str           # repository path of the file that holds the builder
-    builder: str
-    kwargs: dict
-    recipe: str          # the family recipe
-    input_shape: str     # what a user would pass when the shape is not inferred
-    aliases: tuple = ()  # other folder names (the repository's own name)
-    notes: str = ""
-
-
-CIFAR = dict(img_size_h=32, img_size_w=32, in_channels=3, num_classes=10)
-SDT_V2_NOTES = (
-    "the class (its builders fix 224 px; it stores no image size, so --input-shape is asked for); T = 1 in the "
-    "class; mlp_ratios=4 (MS_ConvBlock hard-codes 4); num_heads=1: 64-80 channels per head, as the public configs "
-    "have 48-96 (8 heads of 8-10 channels and 2x2 tokens keep q.k^T.v below attn_lif's threshold: silent "
-    "attention feeds proj_conv's three BatchNorms a constant, each backward multiplies by 1/sqrt(eps) = 316, and "
-    "one training step of the authors' own FP model reached gradients of 1e30 (binary: Inf), with a fresh "
-    "network's BatchNorms at any batch size 2-32, 32-64 px, uniform or normal data)")
-ROWS = [
-    Row("spikformer_cifar", "spikformer", "ZK-Zhou/spikformer", "cifar10/model.py", "spikformer",
-        dict(CIFAR, patch_size=4, embed_dims=64, num_heads=2, mlp_ratios=4, depths=2, sr_ratios=1, T=2),
-        "spikformer_cifar", "3,32,32"),
-    Row("spikformer_imagenet", "spikformer", "ZK-Zhou/spikformer", "imagenet/model.py", "Spikformer",
-        dict(CIFAR, patch_size=16, embed_dims=64, num_heads=2, mlp_ratios=4, depths=2, sr_ratios=1),
-        "spikformer_imagenet", "3,32,32", notes="the class (its builder fixes 224 px, 8-512); T = 4 in forward"),
-    Row("spikformer_dvs", "spikformer", "ZK-Zhou/spikformer", "cifar10dvs/model.py", "Spikformer",
-        dict(img_size_h=128, img_size_w=128, patch_size=16, in_channels=2, num_classes=10, embed_dims=64,
-             num_heads=2, mlp_ratios=4, depths=2, sr_ratios=1),
-        "spikformer_cifar", "2,2,128,128",
-        notes="the class (its builder fixes 16-256); input [B, T, 2, H, W]; its SPS hard-codes 128 px"),
-    Row("sdt_v1", "sdt_v1", "BICLab/Spike-Driven-Transformer", "model/spikeformer.py", "sdt",
-        dict(CIFAR, patch_size=4, embed_dims=64, num_heads=2, mlp_ratios=4, depths=2, T=2, pooling_stat="0011",
-             spike_mode="lif"),
-        "sdt_v1", "3,32,32", aliases=("Spike-Driven-Transformer",)),
-    Row("qkformer", "qkformer", "zhouchenlin2096/QKFormer", "cifar10/model.py", "QKFormer",
-        dict(CIFAR, patch_size=4, embed_dims=64, mlp_ratios=2, depths=3, sr_ratios=1, T=2),
-        "qkformer", "3,32,32", aliases=("QKFormer",), notes="depths=3: one block in stage 3 (depths - 2)"),
-    Row("sdt_v2", "sdt_v2", "BICLab/Spike-Driven-Transformer-V2", "classification/models.py",
-        "Spiking_vit_MetaFormer",
-        dict(CIFAR, patch_size=16, embed_dim=[16, 32, 64, 80], num_heads=1, mlp_ratios=4, depths=8, sr_ratios=1),
-        "sdt_v2", "3,32,32", aliases=("Spike-Driven-Transformer-V2",), notes=SDT_V2_NOTES),
-    Row("sdt_v2_kd", "sdt_v2", "BICLab/Spike-Driven-Transformer-V2", "classification/models.py",
-        "Spiking_vit_MetaFormer",
-        dict(CIFAR, patch_size=16, embed_dim=[16, 32, 64, 80], num_heads=1, mlp_ratios=4, depths=8, sr_ratios=1,
-             kd=True),
-        "sdt_v2", "3,32,32", aliases=("Spike-Driven-Transformer-V2",),
-        notes="kd=True: (head, head_kd) in training, their mean in eval; " + SDT_V2_NOTES),
-    Row("bestformer", "bestformer", "CaoHLin/BESTFormer", "cifar/model.py", "BESTFormer",
-        dict(CIFAR, patch_size=4, embed_dims=64, num_heads=2, mlp_ratios=4, qkv_bias=False, depths=2,
-             sr_ratios=1, T=4, drop_rate=0.0, drop_path_rate=0.0),
-        "bestformer", "3,32,32", aliases=("BESTFormer",),
-        notes="two heads (head, head2); T=4 (its attention's lambda is built for T=4 whatever T is passed)"),
-]
-
 HOWTO = __doc__.split("For every row")[0].strip()
 
 
@@ -128,8 +74,17 @@ import importlib.util, json, os, sys, torch
 entry, fn, kwargs, out, shape = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4], sys.argv[5]
 # as the authors' train.py runs: from the repository root or next to the model file
 sys.path[:0] = [os.getcwd(), os.path.dirname(entry)]
-spec = importlib.util.spec_from_file_location("public_model", entry)
-mod = importlib.util.module_from_spec(spec); sys.modules["public_model"] = mod; spec.loader.exec_module(mod)
+import ast
+top = os.path.dirname(entry)  # a file that imports relatively is imported from its package (`import models.x`)
+if any(isinstance(n, ast.ImportFrom) and n.level for n in ast.walk(ast.parse(open(entry).read()))):
+    while os.path.isfile(os.path.join(top, "__init__.py")):
+        top = os.path.dirname(top)
+if top != os.path.dirname(entry):
+    sys.path.insert(0, top)
+    mod = importlib.import_module(os.path.relpath(entry, top)[:-3].replace(os.sep, "."))
+else:
+    spec = importlib.util.spec_from_file_location("public_model", entry)
+    mod = importlib.util.module_from_spec(spec); sys.modules["public_model"] = mod; spec.loader.exec_module(mod)
 torch.manual_seed(0)
 model = getattr(mod, fn)(**kwargs)
 # A fresh network is silent (no neuron fires, so every check downstream would be vacuous, and a silent neuron
