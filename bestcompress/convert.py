@@ -57,9 +57,38 @@ def binarize(model: nn.Module, recipe: str | Recipe | None = "bestformer", examp
     except PassError as e:
         if not inferred:
             raise
+        frames = _event_frames(model, example_input)
+        if frames is not None:  # [B, T, C, H, W]: the model refuses [B, C, H, W] and takes its declared T frames
+            result = _binarize_passes(model, recipe, frames)
+            result.notes.insert(0, f"input shape: {','.join(map(str, frames.shape[1:]))} (event frames: the model "
+                                   f"refuses {','.join(map(str, example_input.shape[1:]))} and declares "
+                                   f"T={frames.shape[1]})")
+            return result
         shape = ",".join(str(s) for s in example_input.shape[1:])
         raise PassError(f"{str(e).rstrip('. ')}; binarize ran the model on samples of shape {shape}, read from its "
                         "attributes: if it takes another shape (e.g. event frames T,C,H,W), pass --input-shape.") from e
+
+
+def _event_frames(model: nn.Module, example_input: torch.Tensor) -> torch.Tensor | None:
+    """[B, T, *shape] when a copy of the model (eval, no grad) fails on the inferred [B, *shape] batch but runs on
+    [B, T, *shape] with the T it declares (an event-camera model, e.g. CIFAR10-DVS); else None."""
+    t = model_time_steps(model)
+    if t is None or not isinstance(example_input, torch.Tensor) or isinstance(example_input, FakeTensor):
+        return None
+    frames = example_input.unsqueeze(1).expand(-1, t, *example_input.shape[1:]).contiguous()
+    probe = deepcopy_module(model).eval()
+    for x, wanted in ((example_input, False), (frames, True)):
+        try:
+            with torch.no_grad():
+                probe(x)
+        except Exception:  # noqa: BLE001 - the model refusing the input is the answer
+            if wanted:
+                return None
+            continue
+        if not wanted:
+            return None  # it takes the inferred shape: the pass failed for another reason
+        return frames
+    return None
 
 
 def _binarize_passes(model: nn.Module, recipe: Recipe, example_input: torch.Tensor) -> BinarizeResult:
