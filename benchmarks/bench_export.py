@@ -117,7 +117,9 @@ def _finn_child(spec, out: str, samples, queue) -> None:
                    "transforms_total_s": round(sum(finn_format.TIMES.values()), 1),
                    "max_abs_diff": verification.max_abs_diff,
                    "passed": all(v["passed"] for v in report["verification"].values()),
-                   "stage_checks": {k: {"passed": v["passed"], "max_abs_diff": v.get("max_abs_diff")}
+                   "stage_checks": {k: {"passed": v["passed"], "max_abs_diff": v.get("max_abs_diff"),
+                                        "stepwise": v.get("stepwise"), "ties": v.get("ties"),
+                                        **({"end_to_end": v["end_to_end"]} if "end_to_end" in v else {})}
                                     for k, v in report["verification"].items()},
                    "samples": verification.samples, "neurons_checked": len(verification.neurons),
                    "slowest_transforms_s": {k: round(v, 1) for k, v in slowest},

@@ -9,7 +9,8 @@ ConvertQONNXtoFINN, with a note.) Stages, as FINN's build steps run them without
 XNOR-popcount for bipolar×bipolar MatMuls) and 'hw' (MVAU, VVAU, Thresholding, ConvolutionInputGenerator,
 elementwise, pooling, DuplicateStreams, ...). A transform that fails is recorded and skipped. Every stage is
 executed with FINN's Python executor and compared with PyTorch (logits and, where the spike tensors survived
-the transforms, every neuron's spikes). finn_coverage.py writes the report.
+the transforms, every neuron's spikes; where that differs, again stepwise so that rounding ties are told from
+real differences, finn_check.py). finn_coverage.py writes the report.
 
 FINN+ is an optional extra (its pins conflict with torch 2.13): it is imported only when this format is used.
 Synthesis, C++/RTL simulation and bitfiles need Vivado/Vitis and are not attempted.
@@ -185,18 +186,27 @@ def _finn_ready(model, example_input, progress, notes: list[str]):
 
 
 def _check_stage(model, graph, spikes, x, kind, tolerance, stage: str):
-    from .finn_index import indexed_lookups
-    from .finn_ready import finn_runner
-    run = finn_runner(graph, spikes)
+    """finn_check.check_stage: end to end, then stepwise (PyTorch's spikes fed) where that differs, so a
+    rounding tie is told from a real difference; an executor failure is one sentence."""
+    from .finn_check import check_stage
     try:
-        with indexed_lookups():
-            rep = compare(model, run, x, 1, run.neurons, f"finn python executor, {stage}", tolerance, kind)
+        return check_stage(model, graph, spikes, x, kind, tolerance, stage)
     except ExportError:
         raise
     except Exception as e:
         raise ExportError(f"FINN's Python executor cannot run the {stage} graph ({type(e).__name__}: "
                           f"{short_reason(e, 200)}).") from None
-    return rep
+
+
+def _stage_dict(rep) -> dict:
+    """A stage's VerifyReport as report.json holds it; a verdict given stepwise keeps the end-to-end figures."""
+    d = rep.to_dict()
+    free = getattr(rep, "end_to_end", None)
+    if free is not None:
+        d["end_to_end"] = {"passed": free.passed, "max_abs_diff": float(free.max_abs_diff),
+                           "flipped_fraction": free.flipped_fraction,
+                           "message": free.message("The graph run end to end")}
+    return d
 
 
 def export_finn(model: nn.Module, example_input: torch.Tensor, path: str | Path, data=None, samples=None,
@@ -243,6 +253,10 @@ def export_finn(model: nn.Module, example_input: torch.Tensor, path: str | Path,
         if progress is not None:
             progress(f"FINN+: running the {stage} graph with FINN's Python executor on {len(x)} {kind} samples")
         checks[stage] = _check_stage(model, graph, spikes, x, kind, tolerance, stage)
+        free = getattr(checks[stage], "end_to_end", None)
+        if free is not None:
+            notes.append(f"{stage}: {free.message('the graph run end to end')} Stepwise: "
+                         f"{checks[stage].message('the graph')}")
         if not checks[stage].passed:
             if strict:
                 raise ExportError(checks[stage].message(f"The FINN {stage} graph"))
@@ -252,7 +266,7 @@ def export_finn(model: nn.Module, example_input: torch.Tensor, path: str | Path,
     report["stages"] = {name: len(m.graph.node) for name, m in stages.items()}
     report["seconds"] = {"finn_front_end": round(seconds, 2), "verification": round(time.perf_counter() - t0 - seconds, 2)}
     report["cpu_seconds"] = {"finn_front_end": round(cpu, 2), "verification": round(time.process_time() - c0 - cpu, 2)}
-    report["verification"] = {"qonnx": q_report.to_dict(), **{s: r.to_dict() for s, r in checks.items()}}
+    report["verification"] = {"qonnx": q_report.to_dict(), **{s: _stage_dict(r) for s, r in checks.items()}}
     report["spike_tensors"] = {k: {"steps": v[0], "kind": v[1]} for k, v in spikes.items()}
     report["finn_ready"] = ready is not None
 

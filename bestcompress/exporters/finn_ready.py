@@ -178,9 +178,13 @@ class Quiet:
         return False
 
 
-def finn_runner(model, spikes: dict[str, tuple[list[str], str]] | None = None):
-    """x -> ([logits], {neuron key: spikes}) with FINN's Python executor, one sample at a time (batch-1 graph)."""
+def finn_runner(model, spikes: dict[str, tuple[list[str], str]] | None = None, fed: dict | None = None):
+    """x -> ([logits], {neuron key: spikes}) with FINN's Python executor, one sample at a time (batch-1 graph);
+    with `fed` ({neuron key: ([graph input per step], kind)}, finn_check.cut_spike_tensors), PyTorch's spikes
+    (the runner's `feeds`) are fed to those inputs."""
     from finn.core.onnx_exec import execute_onnx
+
+    from .finn_check import step_feeds
 
     name = model.graph.input[0].name
     outs = [o.name for o in model.graph.output]
@@ -191,12 +195,15 @@ def finn_runner(model, spikes: dict[str, tuple[list[str], str]] | None = None):
     if dims:
         batch = int(dims[0])
 
+    shapes = {n: model.get_tensor_shape(n) for names, _ in (fed or {}).values() for n in names}
+
     def run(x, feeds):
         results: list[list[np.ndarray]] = [[] for _ in outs]
         got: dict[str, list[np.ndarray]] = {k: [] for k in found}
         for start in range(0, len(x), batch):
+            inputs = {name: x[start:start + batch], **step_feeds(fed or {}, feeds, start, batch, shapes)}
             with Quiet():
-                ctx = execute_onnx(model, {name: x[start:start + batch]}, return_full_exec_context=bool(found))
+                ctx = execute_onnx(model, inputs, return_full_exec_context=bool(found))
             for i, o in enumerate(outs):
                 results[i].append(ctx[o])
             for k, (names, kind) in found.items():
