@@ -49,22 +49,6 @@ def cut_spike_tensors(model, spikes: dict[str, tuple[list[str], str]]):
     return cut, fed
 
 
-def step_feeds(fed: dict, feeds: dict, start: int, batch: int, shapes: dict) -> dict[str, np.ndarray]:
-    """The graph inputs of one batch-`batch` run at sample `start`: each fed step tensor from PyTorch's spikes
-    ([T, B, ...] for 'tf' neurons, [T·B, ...] t-major for 'tb' ones)."""
-    out = {}
-    for key, (names, kind) in fed.items():
-        ref = feeds.get(key)
-        if ref is None:
-            continue
-        T = len(names)
-        per_step = ref if kind == "tf" else ref.reshape((T, -1) + ref.shape[1:])
-        for t, name in enumerate(names):
-            value = np.ascontiguousarray(per_step[t, start:start + batch], dtype=np.float32)
-            out[name] = value.reshape(shapes[name])
-    return out
-
-
 def check_stage(model, graph, spikes, x, kind, tolerance, stage: str, tie_eps: float = TIE_EPS) -> VerifyReport:
     """The VerifyReport of one FINN stage (end to end; stepwise where the end-to-end run differs), with
     `end_to_end` (the end-to-end report) set when the stepwise run gave the verdict."""

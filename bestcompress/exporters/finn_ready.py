@@ -184,8 +184,6 @@ def finn_runner(model, spikes: dict[str, tuple[list[str], str]] | None = None, f
     (the runner's `feeds`) are fed to those inputs."""
     from finn.core.onnx_exec import execute_onnx
 
-    from .finn_check import step_feeds
-
     name = model.graph.input[0].name
     outs = [o.name for o in model.graph.output]
     present = {n for node in model.graph.node for n in node.output}
@@ -214,6 +212,22 @@ def finn_runner(model, spikes: dict[str, tuple[list[str], str]] | None = None, f
         return [np.concatenate(r, 0) for r in results], spikes_out
     run.neurons = list(found)
     return run
+
+
+def step_feeds(fed: dict, feeds: dict, start: int, batch: int, shapes: dict) -> dict[str, np.ndarray]:
+    """The graph inputs of one batch-`batch` run at sample `start`: each fed step tensor from PyTorch's spikes
+    ([T, B, ...] for 'tf' neurons, [T·B, ...] t-major for 'tb' ones)."""
+    out = {}
+    for key, (names, kind) in fed.items():
+        ref = feeds.get(key)
+        if ref is None:
+            continue
+        T = len(names)
+        per_step = ref if kind == "tf" else ref.reshape((T, -1) + ref.shape[1:])
+        for t, name in enumerate(names):
+            value = np.ascontiguousarray(per_step[t, start:start + batch], dtype=np.float32)
+            out[name] = value.reshape(shapes[name])
+    return out
 
 
 def _merge_tb(chunks: list[np.ndarray], T: int) -> np.ndarray:
