@@ -14,16 +14,14 @@ from .layers import MATMUL_STATS, PackedConv, PackedLinear, _PackedLayer
 from .plan import Plan, compile_model
 
 
-def _logits(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    if isinstance(out, dict):
-        for key in ("logits", "out"):
-            if isinstance(out.get(key), torch.Tensor):
-                return out[key]
-    raise DataError(f"The model returned a {type(out).__name__}, not logits.")
+def _logits(out, model: nn.Module | None = None, batch: int | None = None) -> torch.Tensor:
+    """The logits by the rule of `training.outputs.select_logits` (per-time-step logits averaged over T)."""
+    from ..errors import ModelError
+    from ..training.outputs import select_logits
+    try:
+        return select_logits(out, False, model, batch)
+    except ModelError as e:
+        raise DataError(str(e)) from None
 
 
 class Engine:
@@ -63,7 +61,7 @@ class Engine:
         """Logits of a batch ([B, *input_shape], NumPy or torch)."""
         x = self._as_batch(batch)
         with torch.no_grad():
-            return _logits(self.model(x))
+            return _logits(self.model(x), self.model, len(x))
 
     def predict(self, batch) -> np.ndarray:
         """Top-1 class of every sample."""

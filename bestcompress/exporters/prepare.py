@@ -14,7 +14,8 @@ Three changes, all on a deep copy (the caller's model is never touched), none of
   graph tensors to PyTorch forward hooks after the exporter and qonnx have renamed everything.
 
 The copy returns only the logits of the model's output (`verify.logits_of`: a tensor; a tuple's first tensor,
-Nones dropped; a dict's 'logits' or 'out'), so `(logits, None)` and auxiliary outputs export as one tensor.
+Nones dropped; a dict's 'logits' or 'out'; per-time-step logits [T, B, K] averaged over T),
+so `(logits, None)`, auxiliary and per-step outputs export as one tensor.
 """
 from __future__ import annotations
 
@@ -96,11 +97,13 @@ def export_copy(model: nn.Module, bipolar_spikes: bool = True, taps: bool = True
             module.fire = types.MethodType(_bipolar_fire, module)
         if taps:
             module.forward = _tapped_forward(module.forward, name)
-    work.forward = _logits_forward(work.forward)
+    work.forward = _logits_forward(work.forward, work)
     return work
 
 
-def _logits_forward(forward):
+def _logits_forward(forward, model):
     def run(*args, **kwargs):
-        return logits_of(forward(*args, **kwargs))
+        x = args[0] if args else None
+        batch = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+        return logits_of(forward(*args, **kwargs), model, batch)
     return run

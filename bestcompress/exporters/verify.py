@@ -69,14 +69,15 @@ def verification_inputs(model: nn.Module | None, input_shape, batch: int, data=N
 
 # ------------------------------------------------------------------------------------------------ PyTorch
 
-def logits_of(out):
+def logits_of(out, model=None, batch: int | None = None):
     """The logits tensor in a model's output: a tensor; a tuple/list's first tensor (Nones dropped); a dict's
-    'logits' or 'out' entry (the rule `training.outputs.select_logits` applies everywhere)."""
+    'logits' or 'out' entry; per-time-step logits [T, B, K] averaged over T when `batch` is given (the rule
+    `training.outputs.select_logits` applies everywhere)."""
     from ..errors import ModelError
     from ..training.outputs import select_logits
 
     try:
-        return select_logits(out, two_heads=False)
+        return select_logits(out, False, model, batch)
     except ModelError as e:
         raise ExportError(str(e)) from None
 
@@ -161,7 +162,7 @@ def torch_forward(model: nn.Module, x: np.ndarray, paths: list[str], tie_eps: fl
     """(logits, {neuron path: spikes}, {neuron path: tie mask}) of the PyTorch model on x."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with torch.no_grad(), NeuronRecorder(model, paths, tie_eps) as rec:
-        out = logits_of(model(torch.from_numpy(np.ascontiguousarray(x)).to(device)))
+        out = logits_of(model(torch.from_numpy(np.ascontiguousarray(x)).to(device)), model, len(x))
     return (_as_list(out), {p: t.cpu().numpy() for p, t in rec.outputs.items()},
             {p: (t.cpu().numpy(), time_first) for p, (t, time_first) in rec.ties.items()})
 

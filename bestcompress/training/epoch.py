@@ -61,8 +61,8 @@ def train_epoch(run, epoch: int, taps) -> dict:
                     t_logits = run.teacher_cache.logits(sel)
                 elif run.uses_teacher:
                     with torch.no_grad():
-                        t_logits = mean_logits(run.teacher(x), run.two_heads_teacher)
-                out = select_logits(run.net(x), run.two_heads)
+                        t_logits = mean_logits(run.teacher(x), run.two_heads_teacher, run.teacher, len(y))
+                out = select_logits(run.net(x), run.two_heads, run.model, len(y))
                 loss, parts = run.loss_fn(out, y, teacher_logits=t_logits,
                                           student_features=taps.student if taps is not None else None,
                                           teacher_features=taps.teacher if taps is not None else None)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import DataError, ModelError, short_reason
 from .distributed import DistInfo, all_reduce_sum, unwrap
-from .outputs import mean_logits, two_headed
+from .outputs import mean_logits, time_note, two_headed
 
 EVAL_BATCH = 256
 SPLITS = ("test", "val")
@@ -41,15 +41,18 @@ def resolve_data(data, model: nn.Module, encoding: str, subset: int | None, seed
     return load_dataset(data, model, encoding=encoding, subset=subset, seed=seed)
 
 
-def check_model_fits(model: nn.Module, data, device: torch.device) -> None:
-    """Run the model once on two encoded training samples (eval mode) before training starts."""
+def check_model_fits(model: nn.Module, data, device: torch.device) -> str | None:
+    """Run the model once on two encoded training samples (eval mode) before training starts; returns a note
+    when its logits are per time step (averaged over time, `outputs.time_note`)."""
     x, y = data.train.tensors
     batch = data.encode(x[:2], torch.Generator().manual_seed(0)).to(device)
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = mean_logits(model(batch), two_headed(model))
+            raw = model(batch)
+            out = mean_logits(raw, two_headed(model), model, len(batch))
+            note = time_note(raw, model, len(batch))
     except (RuntimeError, ValueError, IndexError) as e:
         raise DataError(f"The model cannot run on '{data.name}' samples of shape {tuple(batch.shape[1:])} "
                         f"({short_reason(e, 200)}).") from None
@@ -63,6 +66,7 @@ def check_model_fits(model: nn.Module, data, device: torch.device) -> None:
     top = int(max(y.max(), data.test.tensors[1].max()))
     if top >= out.shape[1]:
         raise DataError(f"Label {top} in '{data.name}' is out of range for a model with {out.shape[1]} outputs.")
+    return note
 
 
 def has_unused_parameters(model: nn.Module, data, device: torch.device) -> bool:
@@ -75,7 +79,7 @@ def has_unused_parameters(model: nn.Module, data, device: torch.device) -> bool:
     was = model.training
     model.eval()
     try:
-        out = mean_logits(model(x), two_headed(model))
+        out = mean_logits(model(x), two_headed(model), model, len(x))
         grads = torch.autograd.grad(out.float().sum(), params, allow_unused=True)
     finally:
         model.train(was)
@@ -119,7 +123,7 @@ def evaluate_split(model: nn.Module, data, device: torch.device, info: DistInfo,
                 captured.clear()
                 ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
                 with ctx:
-                    out = mean_logits(model(x), two)
+                    out = mean_logits(model(x), two, model, len(y))
                 if reset:
                     reset()
                 bad += float((~torch.isfinite(out.float())).flatten(1).any(1).sum())

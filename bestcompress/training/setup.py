@@ -107,9 +107,10 @@ def prepare_run(model: nn.Module, loss_fn: nn.Module, data, recipe: Recipe, *, k
     model.to(dev)
     if teacher is not None:
         teacher.to(dev).eval()  # it runs under no_grad; its parameters are left as they are
-    check_model_fits(model, data, dev)
-    if teacher is not None:
-        check_model_fits(teacher, data, dev)
+    for who, net in (("student", model), ("teacher", teacher)):
+        note = check_model_fits(net, data, dev) if net is not None else None
+        if note:
+            say(f"note ({who}): {note}.")
 
     run_dir = Path(run_dir) if run_dir is not None else (Path(resume_path).parent if resume_path else None)
     if info.is_main and run_dir is not None:

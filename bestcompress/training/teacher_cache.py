@@ -40,7 +40,7 @@ class TeacherCache:
         x = self.data.encode(self.data.train.tensors[0][lo:hi]).to(self.device)
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
         with torch.no_grad(), ctx:
-            out = mean_logits(self.teacher(x), self.two_heads).float().cpu()
+            out = mean_logits(self.teacher(x), self.two_heads, self.teacher, hi - lo).float().cpu()
         if self.reset is not None:
             self.reset()
         if self.values is None:
