@@ -68,8 +68,7 @@ def check_stage(model, graph, spikes, x, kind, tolerance, stage: str, tie_eps: f
         return free
     stepwise = finn_runner(cut, found, fed=fed)
     with indexed_lookups():
-        rep = compare(model, stepwise, x, 1, run.neurons, runtime + ", each neuron fed PyTorch's input spikes",
-                      tolerance, kind, stepwise=True, tie_eps=tie_eps)
+        rep = compare(model, stepwise, x, 1, run.neurons, runtime, tolerance, kind, stepwise=True, tie_eps=tie_eps)
     if rep.passed and rep.ties == 0:  # the stepwise run matches but no tie explains the end-to-end difference
         return free
     rep.end_to_end = free
