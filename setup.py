@@ -40,6 +40,7 @@ if not os.environ.get("BESTCOMPRESS_NO_EXT"):
     extensions.append(Extension("bestcompress.engine._bitkernels",
                                 [f"bestcompress/engine/{name}.c" for name in ("_bitkernels", "bk_pack", "bk_fastpack",
                                                                               "bk_gemm", "bk_amx", "bk_amx_conv")],
-                                depends=["bestcompress/engine/bk.h"], extra_compile_args=BASE_FLAGS, optional=True))
+                                depends=["bestcompress/engine/bk.h", "bestcompress/engine/bk_amx.h"],
+                                extra_compile_args=BASE_FLAGS, optional=True))
 
 setup(ext_modules=extensions, cmdclass={"build_ext": OptionalNativeBuild})

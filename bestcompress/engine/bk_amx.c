@@ -19,7 +19,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define TAMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512dq,avx512vl,avx512bitalg,bmi2,fma")))
+#include "bk_amx.h"
 
 static int amx_state = -1; /* -1 unknown, 0 no, 1 yes */
 
@@ -140,14 +140,7 @@ TAMX int bk_amx_linear(const gemm_args *g, const uint8_t *q, ptrdiff_t kpad) {
             _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
             const uint8_t *a0 = q + m0 * kpad, *a1 = q + (m0 + 16) * kpad;
             for (ptrdiff_t kc = 0; kc < Kw; kc++) {
-                _tile_loadd(4, a0 + 64 * kc, kpad);
-                _tile_loadd(5, a1 + 64 * kc, kpad);
-                _tile_loadd(6, b0 + 1024 * kc, 64);
-                _tile_loadd(7, b1 + 1024 * kc, 64);
-                _tile_dpbusd(0, 4, 6);
-                _tile_dpbusd(1, 4, 7);
-                _tile_dpbusd(2, 5, 6);
-                _tile_dpbusd(3, 5, 7);
+                bk_amx_step(a0 + 64 * kc, a1 + 64 * kc, kpad, b0 + 1024 * kc, b1 + 1024 * kc);
             }
             if (pm >= 0) epilogue(g, pm, pn, cbuf[slot ^ 1]);
             int32_t *c = cbuf[slot];

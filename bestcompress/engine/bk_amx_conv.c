@@ -16,7 +16,7 @@
 #if defined(__x86_64__) && defined(__linux__) && !defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11
 #include <immintrin.h>
 
-#define TAMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512dq,avx512vl,avx512bitalg,bmi2,fma")))
+#include "bk_amx.h"
 
 /* a 16 x 16 block of 32-bit lanes transposed in registers (r[i] lane j -> r[j] lane i) */
 TAMX static inline void transpose16(__m512i r[16]) {
@@ -170,14 +170,8 @@ TAMX int bk_amx_conv(const float *x, ptrdiff_t C, const bk_conv *c, const uint64
                     const ptrdiff_t off = (i * c->dh * Wp + j * c->dw) * Cp;
                     for (ptrdiff_t cc = 0; cc < Cw; cc++) {
                         const ptrdiff_t kc = (i * kw + j) * Cw + cc;
-                        _tile_loadd(4, a[0] + off + 64 * cc, astride);
-                        _tile_loadd(5, a[1] + off + 64 * cc, astride);
-                        _tile_loadd(6, b0 + 1024 * kc, 64);
-                        _tile_loadd(7, b1 + 1024 * kc, 64);
-                        _tile_dpbusd(0, 4, 6);
-                        _tile_dpbusd(1, 4, 7);
-                        _tile_dpbusd(2, 5, 6);
-                        _tile_dpbusd(3, 5, 7);
+                        bk_amx_step(a[0] + off + 64 * cc, a[1] + off + 64 * cc, astride, b0 + 1024 * kc,
+                                    b1 + 1024 * kc);
                     }
                 }
             _tile_stored(0, cbuf, 128);
