@@ -5,10 +5,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch import nn
+from torch import fx, nn
 
 from .errors import ModelError
 from .model_facts import example_input_for, input_shape_hint, model_time_steps
+from .mode_branches import split_branches
 from .passes.base import PassContext, PassError, Pipeline
 from .passes.neuron_check import deepcopy_module
 from .recipe import Recipe, load_recipe
@@ -140,6 +141,8 @@ def _binarize_once(model: nn.Module, recipe: Recipe, example_input) -> BinarizeR
     work.eval()
     ctx = PassContext(recipe=recipe, example_input=example_input, time_steps=model_time_steps(model))
     result = build_pipeline(recipe, ctx).apply(work)
+    if isinstance(result, fx.GraphModule) and split_branches(result):  # after every pass: one branch a mode
+        ctx.notes.append("self.training branches: each mode computes only its own branch's nodes")
     result.train(was_training)
     result.bc_recipe = recipe.to_dict()
     return BinarizeResult(result, recipe, list(ctx.notes), ctx.trace_report or TraceReport())

@@ -8,6 +8,10 @@ hold the eval branch only and distill (which runs the student in training mode) 
 submodule, so model.train()/eval() reach it) that returns the training outputs in training mode and the eval
 outputs in eval mode. When the training output is a pair that the eval output is computed from both of (two heads
 that compute the logits together), the graph says `bc_two_heads = True`, so distill trains both heads.
+
+After the passes (which read both branches: couplings, weight swaps), `split_branches` moves the nodes only one
+mode needs into that mode's branch GraphModule behind a `BranchSwitch`, so a forward computes one branch (and
+steps each stateful neuron once); the nodes both modes need stay in the graph, computed once.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ import inspect
 import torch
 from torch import fx, nn
 
-__all__ = ["ModeSwitch", "both_modes", "merge_modes", "reads_training", "switch_of", "trace_in_mode"]
+__all__ = ["BranchSwitch", "ModeSwitch", "both_modes", "merge_modes", "reads_training", "split_branches", "switch_of",
+           "trace_in_mode"]
 
 
 class ModeSwitch(nn.Module):
@@ -185,3 +190,90 @@ def both_modes(model: nn.Module, gm: fx.GraphModule, is_leaf, trace_once, notes:
     notes.append(f"{where} branches on self.training: both branches traced into one graph (the training outputs "
                  f"in training mode, the eval outputs in eval mode){pair}")
     return merged
+
+
+# ------------------------------------------------------------------------------------------------ one branch a mode
+
+class BranchSwitch(nn.Module):
+    """The final form of a ModeSwitch (`split_branches`): the nodes only the training outputs need and those only
+    the eval outputs need, each in a GraphModule of its own, and only the one of the current mode is called.
+
+    The branch GraphModules call the owner's modules (the same objects) but are not submodules: the parameters
+    and state_dict keys stay the owner's. Its arguments are the training branch's inputs, then the eval branch's.
+    """
+
+    def __init__(self, train_branch: fx.GraphModule, eval_branch: fx.GraphModule, n_train: int, n_eval: int) -> None:
+        super().__init__()
+        self.branches = (train_branch, eval_branch)  # a tuple: not registered as submodules
+        self.n_train, self.n_eval = n_train, n_eval
+
+    def forward(self, *args):
+        # the arguments after both branches' inputs are the modules the branches call, passed only so that the
+        # owner's graph refers to them (a GraphModule copied or rebuilt keeps just the modules its graph names)
+        if self.training:
+            return self.branches[0](*args[:self.n_train])
+        return self.branches[1](*args[self.n_train:self.n_train + self.n_eval])
+
+
+def _exclusive(graph: fx.Graph, switch: fx.Node, which: int) -> list[fx.Node]:
+    """The nodes that only argument `which` of `switch` needs (every use of them leads there), in graph order."""
+    mine = set()
+    other: set[fx.Node] = set()
+    fx.node.map_arg(switch.args[1 - which], lambda n: other.add(n))
+    for n in reversed(graph.nodes):
+        if n.op in ("placeholder", "get_attr", "output") or n is switch or n in other or not n.users:
+            continue
+        if all(u in mine or u is switch for u in n.users):
+            mine.add(n)
+    return [n for n in graph.nodes if n in mine]
+
+
+def _branch_module(gm: fx.GraphModule, nodes: list[fx.Node], out) -> tuple[fx.GraphModule, list[fx.Node]]:
+    """A GraphModule computing `out` from `nodes` (copied), and the outer nodes it takes as inputs."""
+    inside, inputs, env = set(nodes), [], {}
+    g = fx.Graph()
+
+    def outer(a: fx.Node) -> fx.Node:
+        if a in inside:
+            return env[a]
+        if a not in env:
+            inputs.append(a)
+            env[a] = g.placeholder(f"in_{len(inputs)}")
+        return env[a]
+    for n in nodes:
+        env[n] = g.node_copy(n, outer)
+    g.output(fx.node.map_arg(out, outer))
+    sub = fx.GraphModule(gm, g, f"{type(gm).__name__}Branch")
+    return sub, inputs
+
+
+def split_branches(gm: fx.GraphModule) -> int:
+    """Every ModeSwitch in `gm` becomes a BranchSwitch that computes only its mode's branch; returns how many.
+
+    Run after the passes that read both branches (couplings, weight swaps): the nodes only one mode needs leave
+    the graph for that mode's branch module, so a forward computes (and steps stateful neurons in) one branch.
+    """
+    graph, count = gm.graph, 0
+    for node in list(graph.nodes):
+        if switch_of(gm, node) is None:
+            continue
+        parts = [_exclusive(graph, node, k) for k in (0, 1)]
+        subs = [_branch_module(gm, parts[k], node.args[k]) for k in (0, 1)]
+        name = _free_name(gm, "bc_branch_switch")
+        switch = BranchSwitch(subs[0][0], subs[1][0], len(subs[0][1]), len(subs[1][1]))
+        gm.add_submodule(name, switch.train(gm.training))
+        called = sorted({n.target for n in parts[0] + parts[1] if n.op == "call_module"})
+        with graph.inserting_before(node):
+            anchors = tuple(graph.get_attr(t) for t in called)
+            new = graph.call_module(name, tuple(subs[0][1]) + tuple(subs[1][1]) + anchors)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for n in sorted(parts[0] + parts[1], key=order.__getitem__, reverse=True):  # users first
+            graph.erase_node(n)
+        gm.delete_submodule(node.target)
+        count += 1
+    if count:
+        graph.lint()
+        gm.recompile()
+    return count
