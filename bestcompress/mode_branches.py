@@ -202,17 +202,24 @@ class BranchSwitch(nn.Module):
     and state_dict keys stay the owner's. Its arguments are the training branch's inputs, then the eval branch's.
     """
 
-    def __init__(self, train_branch: fx.GraphModule, eval_branch: fx.GraphModule, n_train: int, n_eval: int) -> None:
+    def __init__(self, train_branch: fx.GraphModule, eval_branch: fx.GraphModule, n_train: int, n_eval: int,
+                 targets: list[str]) -> None:
         super().__init__()
         self.branches = (train_branch, eval_branch)  # a tuple: not registered as submodules
-        self.n_train, self.n_eval = n_train, n_eval
+        self.n_train, self.n_eval, self.targets = n_train, n_eval, list(targets)
 
     def forward(self, *args):
-        # the arguments after both branches' inputs are the modules the branches call, passed only so that the
-        # owner's graph refers to them (a GraphModule copied or rebuilt keeps just the modules its graph names)
-        if self.training:
-            return self.branches[0](*args[:self.n_train])
-        return self.branches[1](*args[self.n_train:self.n_train + self.n_eval])
+        # after both branches' inputs come the modules the branches call, as the owner holds them now: so the
+        # owner's graph names them (a GraphModule copied or rebuilt keeps just those), and a module the owner
+        # swapped since (the engine's packed layers, an exporter's) is the one the branch calls
+        n = self.n_train + self.n_eval
+        branch = self.branches[0] if self.training else self.branches[1]
+        for target, module in zip(self.targets, args[n:]):
+            parent, _, leaf = target.rpartition(".")
+            holder = branch.get_submodule(parent) if parent else branch
+            if holder._modules.get(leaf, module) is not module:
+                holder._modules[leaf] = module
+        return branch(*(args[:self.n_train] if self.training else args[self.n_train:n]))
 
 
 def _exclusive(graph: fx.Graph, switch: fx.Node, which: int) -> list[fx.Node]:
@@ -260,9 +267,9 @@ def split_branches(gm: fx.GraphModule) -> int:
         parts = [_exclusive(graph, node, k) for k in (0, 1)]
         subs = [_branch_module(gm, parts[k], node.args[k]) for k in (0, 1)]
         name = _free_name(gm, "bc_branch_switch")
-        switch = BranchSwitch(subs[0][0], subs[1][0], len(subs[0][1]), len(subs[1][1]))
-        gm.add_submodule(name, switch.train(gm.training))
         called = sorted({n.target for n in parts[0] + parts[1] if n.op == "call_module"})
+        switch = BranchSwitch(subs[0][0], subs[1][0], len(subs[0][1]), len(subs[1][1]), called)
+        gm.add_submodule(name, switch.train(gm.training))
         with graph.inserting_before(node):
             anchors = tuple(graph.get_attr(t) for t in called)
             new = graph.call_module(name, tuple(subs[0][1]) + tuple(subs[1][1]) + anchors)

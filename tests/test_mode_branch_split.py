@@ -95,6 +95,12 @@ def test_split_graph_computes_one_branch_with_the_original_outputs():
         assert set(calls.values()) == {1} and set(calls) == set(calls_m)  # each module once
     with torch.no_grad():
         assert not torch.equal(split.train()(x), split.eval()(x))  # the branches differ: the check is not vacuous
+    mlp = twin.get_submodule("blocks.2.mlp")  # a module the owner swaps later (the engine's packed layers do)
+    mlp.fc2, seen = copy.deepcopy(mlp.fc2), []
+    mlp.fc2.register_forward_hook(lambda m, a, o: seen.append(m.training))
+    with torch.no_grad():
+        twin.eval()(x), twin.train()(x)
+    assert seen == [False, True]  # the branch of each mode calls the owner's module of now
 
 
 def test_binarize_splits_the_branches_macs_equal_fp_and_distill_and_export_work(tmp_path):
