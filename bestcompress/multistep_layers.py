@@ -13,33 +13,29 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from .plain_layers import plain_layer, random_input
+
 _CONVS = (nn.Conv1d, nn.Conv2d)
 
 
 def _plain(module: nn.Module, parent: type) -> nn.Module:
-    plain = parent(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
-                   padding=module.padding, dilation=module.dilation, groups=module.groups,
-                   bias=module.bias is not None, padding_mode=module.padding_mode)
-    plain = plain.to(module.weight.device, module.weight.dtype)
+    plain = plain_layer(module, parent)
     plain.weight, plain.bias = module.weight, module.bias  # the same parameters (names and state_dict keys)
-    return plain.train(module.training)
+    return plain
 
 
 def _multistep(module: nn.Module, parent: type, seed: int = 0) -> nn.Module | None:
     """The plain parent layer when `module` refuses a plain batch but convolves each step of [T, B, ...] as the
     parent does (checked on seeded random input), else None."""
     g = torch.Generator().manual_seed(seed)
-    dims = 1 if parent is nn.Conv1d else 2
-    size = max(8, *(k * d + 2 for k, d in zip(module.kernel_size, module.dilation)))
-    w = module.weight
-    x = torch.randn((2, module.in_channels) + (size,) * dims, generator=g).to(w.device, w.dtype)
+    x = random_input(module, parent, g)
     try:
         with torch.no_grad():
             module(x)
         return None  # takes a plain batch: not a multi-step layer
     except Exception:  # noqa: BLE001 - refusing the plain batch is what a multi-step layer does
         pass
-    xs = torch.randn((3, 2, module.in_channels) + (size,) * dims, generator=g).to(w.device, w.dtype)
+    xs = random_input(module, parent, g, lead=(3, 2))
     plain = _plain(module, parent)
     try:
         with torch.no_grad():

@@ -9,6 +9,7 @@ from torch import fx, nn
 from ..errors import ModelError
 from ..nn.binary import BINARY_SWAP_RULES, is_binary_layer
 from ..nn.fast_norm import use_channel_last_batchnorm
+from ..plain_layers import plain_layer, random_input
 from .base import Pass, PassContext, PassError, register_pass
 from .shapes import record_calls
 
@@ -18,28 +19,13 @@ def _plain_parent(module: nn.Module, rules: dict[type, type]) -> type | None:
     return next((base for base in type(module).__mro__ if base in rules), None)
 
 
-def _random_input(module: nn.Module, parent: type, g: torch.Generator) -> torch.Tensor:
-    if parent is nn.Linear:
-        return torch.randn(3, module.in_features, generator=g)
-    dims = 1 if parent is nn.Conv1d else 2
-    size = max(8, *(k * d + 2 for k, d in zip(module.kernel_size, module.dilation)))
-    return torch.randn((2, module.in_channels) + (size,) * dims, generator=g)
-
-
 def _plain_copy(module: nn.Module, parent: type) -> nn.Module:
-    w = module.weight
-    if parent is nn.Linear:
-        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-    else:
-        plain = parent(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
-                       padding=module.padding, dilation=module.dilation, groups=module.groups,
-                       bias=module.bias is not None, padding_mode=module.padding_mode)
-    plain = plain.to(w.device, w.dtype)
+    plain = plain_layer(module, parent)
     with torch.no_grad():
-        plain.weight.copy_(w)
+        plain.weight.copy_(module.weight)
         if module.bias is not None:
             plain.bias.copy_(module.bias)
-    return plain.train(module.training)
+    return plain
 
 
 def subclass_mismatch(module: nn.Module, parent: type, seed: int = 0,
@@ -49,7 +35,7 @@ def subclass_mismatch(module: nn.Module, parent: type, seed: int = 0,
     `reference`: compare with this layer instead of the parent (the binary layer, for already 1-bit code)."""
     g = torch.Generator().manual_seed(seed)
     try:
-        x = _random_input(module, parent, g).to(module.weight.device, module.weight.dtype)
+        x = random_input(module, parent, g)
         with torch.no_grad():
             got = module(x)
             # the parent's computation with this module's parameters
