@@ -335,7 +335,8 @@ def _export_front_end(model: nn.Module, example_args: tuple, report: TraceReport
         return None
     # a branch on self.training: the other mode is exported too and joined, as the fx front-end does
     single, notes = gm, []
-    gm = both_modes(model, gm, lambda m, n: SNNTracer(set(dict(cap.leaves_added))).is_leaf_module(m, n),
+    leaf_tracer = SNNTracer(set(dict(cap.leaves_added)))  # one tracer answers is_leaf for every module
+    gm = both_modes(model, gm, leaf_tracer.is_leaf_module,
                     lambda: capture_module(model, example_args, _make_graph_module), notes, prefix)
     gm.train(model.training)  # built while the model was in the other mode
     if gm is not single and not model.training and outputs_differ(model, gm, example_args):
