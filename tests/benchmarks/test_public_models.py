@@ -10,6 +10,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import public_models  # noqa: E402
 
 
+def _run_in_child(shim: Path, code: str) -> list[str]:
+    """Run `code` in a child Python whose only path entry is the stand-ins' folder; its stdout words."""
+    out = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(shim), "PATH": ""},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
 def test_without_root_it_prints_where_the_files_come_from_and_exits_0(capsys):
     assert public_models.main([]) == 0
     out = capsys.readouterr().out
@@ -35,10 +43,7 @@ def test_the_clock_driven_stand_in_gives_multi_step_spikingjelly_2_neurons(tmp_p
             "n = MultiStepLIFNode(tau=2.0, v_threshold=0.5, detach_reset=True, backend='cupy')\n"
             "p = MultiStepParametricLIFNode(init_tau=2.0, detach_reset=True, backend='cupy')\n"
             "print(isinstance(n, LIFNode), n.step_mode, n.v_threshold, p.step_mode, to_2tuple(4))\n")
-    out = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(tmp_path), "PATH": ""},
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["True", "m", "0.5", "m", "(4,", "4)"]
+    assert _run_in_child(tmp_path, code) == ["True", "m", "0.5", "m", "(4,", "4)"]
 
 
 def test_the_backend_stand_in_lets_activation_based_neurons_take_backend_alongside_clock_driven(tmp_path):
@@ -54,10 +59,7 @@ def test_the_backend_stand_in_lets_activation_based_neurons_take_backend_alongsi
             "ref = neuron.LIFNode(tau=2., v_threshold=1., detach_reset=True, step_mode='m')\n"
             "x = torch.rand(3, 2, 5) * 3\n"
             "print(torch.equal(LIF()(x), ref(x)), MultiStepLIFNode(tau=2.0).step_mode)\n")
-    out = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(tmp_path), "PATH": ""},
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["True", "m"]
+    assert _run_in_child(tmp_path, code) == ["True", "m"]
     plain = code.replace("from spikingjelly.clock_driven.neuron import MultiStepLIFNode\n", "")
     bare = subprocess.run([sys.executable, "-c", plain], env={"PATH": ""}, capture_output=True, text=True,
                           timeout=120)
