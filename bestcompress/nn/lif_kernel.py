@@ -10,7 +10,9 @@ with the same surrogate. Two backends, equal in spikes (bit for bit) and gradien
   torch's thread pool. The kernels are compiled once per instruction set (baseline, AVX2, AVX-512) and picked at
   run time by what the CPU reports, so a cached build never runs instructions a machine lacks;
 - 'torch': the same algorithm in torch ops under no_grad (used when the C++ kernel cannot be built; `lif_backend()`
-  says which one runs and why).
+  says which one runs and why);
+- 'triton': for CUDA float32 tensors, Triton kernels (nn/lif_triton.py) when triton imports and a probe launch
+  works (`lif_backend("cuda")` says); otherwise CUDA tensors keep the plain loop. CPU tensors never use it.
 
 What backward needs is H alone: the surrogate is a function of H − V_th and a hard reset's spike is H >= V_th, so
 no spike tensor is saved here; the spikes it returns are marked (nn/memory.py) so that the layers consuming them
@@ -20,11 +22,12 @@ writes the input gradient over H when autograd will not keep the graph (H is dea
 from a small pool of freed blocks (csrc/lif.cpp; BESTCOMPRESS_LIF_POOL_MB, default 256) instead of fresh pages,
 whose first-touch faults cost more than the kernels.
 
-`BESTCOMPRESS_LIF=reference|torch|cpp|auto` (default auto) selects the backend; 'reference' keeps the plain loop.
+`BESTCOMPRESS_LIF=reference|torch|cpp|auto` (default auto) selects the CPU backend; 'reference' keeps the plain
+loop on every device, any other value lets CUDA tensors run the Triton kernel.
 The fused path serves LIF, IF and the attention-map neuron with their own charge/fire/reset (`LIF.kernel_params`
 says when: subclasses that change them, such as ParametricLIF whose tau is learnable, keep the plain loop), CPU
-float tensors, and never runs while a graph is being traced or exported (those record the plain ops). This module
-knows nothing of the neuron classes (a leaf below nn/lif.py).
+float tensors and CUDA float32 tensors, and never runs while a graph is being traced or exported (those record the
+plain ops). This module knows nothing of the neuron classes (a leaf below nn/lif.py).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from pathlib import Path
 import torch
 
 from ..errors import short_reason
+from . import lif_triton
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCE, _BODY = _CSRC / "lif.cpp", _CSRC / "lif_body.h"
@@ -73,11 +77,15 @@ def requested_backend() -> str:
     return value
 
 
-def lif_backend() -> tuple[str, str]:
-    """(backend that runs, why): 'cpp', 'torch' or 'reference'."""
+def lif_backend(device: str = "cpu") -> tuple[str, str]:
+    """(backend that runs for tensors on `device` ('cpu' or 'cuda'), why): 'cpp', 'torch', 'triton' or
+    'reference'."""
     want = requested_backend()
     if want == "reference":
         return "reference", "BESTCOMPRESS_LIF=reference"
+    if torch.device(device).type == "cuda":
+        ok, why = lif_triton.available()
+        return ("triton" if ok else "reference"), why
     if want == "torch":
         return "torch", "BESTCOMPRESS_LIF=torch"
     if _cpp() is not None:
@@ -148,6 +156,8 @@ class _FusedLIF(torch.autograd.Function):
     def forward(ctx, x, backend: str, params: tuple):
         if backend == "cpp":
             s, h = _cpp().lif_forward(x, *params, True)
+        elif backend == "triton":
+            s, h = lif_triton.forward(x, params, True)
         else:
             with torch.no_grad():
                 s, h = _torch_forward(x, *params)
@@ -160,15 +170,21 @@ class _FusedLIF(torch.autograd.Function):
         (h,) = ctx.saved_tensors
         if ctx.backend == "cpp":  # H is dead after this backward unless the graph is kept: the gradient goes over it
             gx = _cpp().lif_backward(grad_s, h, *ctx.params, not _graph_kept())
+        elif ctx.backend == "triton":
+            gx = lif_triton.backward(grad_s, h, ctx.params, not _graph_kept())
         else:
             with torch.no_grad():
                 gx = _torch_backward(grad_s.contiguous(), h, *ctx.params)
         return gx, None, None
 
 
+_FUSED_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)}
+
+
 def can_fuse(x: torch.Tensor) -> bool:
-    """True when x is a plain CPU float tensor outside any tracing/export (which must record the plain ops)."""
-    if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+    """True when x is a plain CPU float tensor (or CUDA float32) outside any tracing/export (which must record the
+    plain ops)."""
+    if type(x) is not torch.Tensor or x.dtype not in _FUSED_DTYPES.get(x.device.type, ()):
         return False
     if x.dim() < 1 or x.shape[0] == 0:
         return False
@@ -181,13 +197,15 @@ def fused_lif(x: torch.Tensor, params: tuple) -> torch.Tensor | None:
     """Spikes of a neuron with kernel `params` for time-first x by the fused kernel, or None when the plain loop
     must run. params = (tau, v_threshold, v_reset, hard, decay_input, detach_reset, alpha, atan, integrate), as
     `LIF.kernel_params()` gives them."""
-    backend, _ = lif_backend()
+    backend, _ = lif_backend(x.device.type)
     if backend == "reference" or not can_fuse(x):
         return None
     x = x.contiguous()
     if not (torch.is_grad_enabled() and x.requires_grad):  # inference: no graph, and H is not even written
         if backend == "cpp":
             return _cpp().lif_forward(x, *params, False)[0]
+        if backend == "triton":
+            return lif_triton.forward(x, params, False)[0]
         with torch.no_grad():
             return _torch_forward(x, *params)[0]
     return _FusedLIF.apply(x, backend, params)
