@@ -3,12 +3,16 @@
 Every ratio is ours ÷ theirs (lower is better; memory: plain ÷ ours, higher is better), measured interleaved
 (A B A B ...) in process CPU time with one torch thread, so that other load on a shared machine hits both alike.
 
-    python benchmarks/bench_speed.py [--repeats 5] [--official DIR [--official-shim]] [--quick] [--only step|memory]
+    python benchmarks/bench_speed.py [--repeats 5] [--official DIR [--official-shim]] [--quick]
+                                     [--only step|memory|lif_gpu]
 
 Rows:
 - lif_vs_spikingjelly: LIF forward+backward, bestcompress (fused kernel) vs spikingjelly 2.0 LIFNode(step_mode='m',
   torch backend), at [T=4, B=64, 384, 64] and [T=16, B=16, 384, 64] (the JSON keeps the worse of the two);
 - lif_fused_vs_plain: the same neuron through the fused kernel vs the plain per-step loop (BESTCOMPRESS_LIF=reference);
+- lif_gpu (CUDA only; "skipped: no CUDA device" in details.lif_gpu otherwise): the same LIF forward+backward on the
+  GPU at [T=4, B=64, 384, 64], ours (the Triton kernel, nn/lif_triton.py) vs spikingjelly's LIFNode (its torch
+  loop), interleaved in GPU time by CUDA events; `--only lif_gpu` re-measures this row alone and keeps the others;
 - student_vs_fp: one training step of the binary student vs the full-precision model of the same architecture
   (spikformer_cifar, dims 128, depth 2, 4 heads, T=4, batch 64; --quick: batch 16); student_bf16_vs_fp: the
   student under the opt-in train.precision bf16 (nn/bf16.py), the FP model still float32;
@@ -107,6 +111,81 @@ def bench_lif(repeats: int) -> list[dict]:
                      "lif_vs_spikingjelly": t["ours"] / t["spikingjelly"],
                      "lif_fused_vs_plain": t["ours"] / t["plain"]})
     return rows
+
+
+def interleaved_cuda(fns: dict, repeats: int, inner: int = 10) -> dict[str, float]:
+    """GPU milliseconds per call of each function, measured A B A B ... with CUDA events (each sample `inner`
+    calls) after three warm-up calls each (the first compiles and probes the Triton kernel)."""
+    for f in fns.values():
+        for _ in range(3):
+            f()
+    torch.cuda.synchronize()
+    total = dict.fromkeys(fns, 0.0)
+    for _ in range(repeats):
+        for name, f in fns.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                f()
+            end.record()
+            end.synchronize()
+            total[name] += start.elapsed_time(end)
+    return {k: v / (repeats * inner) for k, v in total.items()}
+
+
+def bench_lif_gpu(repeats: int) -> dict:
+    """LIF forward+backward on the GPU at [T=4, B=64, 384, 64]: ours (the Triton kernel when lif_backend('cuda')
+    says so) vs spikingjelly 2.0's LIFNode (step_mode='m', its torch loop) and vs our plain loop."""
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    from spikingjelly.activation_based import neuron, surrogate
+    from bestcompress.nn.lif import LIF
+    from bestcompress.nn.lif_kernel import lif_backend
+
+    x = torch.randn(4, 64, 384, 64, generator=torch.Generator().manual_seed(0)).cuda()
+    ours = LIF(tau=2.0, v_threshold=1.0, v_reset=0.0, detach_reset=True)
+    sj = neuron.LIFNode(tau=2.0, step_mode="m", surrogate_function=surrogate.Sigmoid(alpha=4.0), detach_reset=True)
+    os.environ["BESTCOMPRESS_LIF"] = "auto"
+    backend, why = lif_backend("cuda")
+    with torch.no_grad():
+        sj.reset()
+        same = bool(torch.equal(ours(x), sj(x)))
+
+    def plain():
+        os.environ["BESTCOMPRESS_LIF"] = "reference"
+        try:
+            _lif_step(ours, x)()
+        finally:
+            os.environ["BESTCOMPRESS_LIF"] = "auto"
+
+    t = interleaved_cuda({"ours": _lif_step(ours, x), "spikingjelly": _lif_step(sj, x, sj.reset), "plain": plain},
+                         repeats)
+    return {"shape": list(x.shape), "backend": backend, "why": why, "device": torch.cuda.get_device_name(x.device),
+            "ms_per_call": t, "spikes_equal_spikingjelly": same, "lif_gpu": t["ours"] / t["spikingjelly"],
+            "lif_gpu_fused_vs_plain": t["ours"] / t["plain"]}
+
+
+def _print_lif_gpu(row: dict) -> None:
+    if "skipped" in row:
+        print(f"lif_gpu: skipped: {row['skipped']}")
+        return
+    ms = row["ms_per_call"]
+    print(f"lif_gpu {row['shape']} on {row['device']}: ours/spikingjelly {row['lif_gpu']:.3f}, fused/plain "
+          f"{row['lif_gpu_fused_vs_plain']:.3f} (ms per fwd+bwd: ours {ms['ours']:.3f}, spikingjelly "
+          f"{ms['spikingjelly']:.3f}, plain {ms['plain']:.3f}; {row['backend']} backend: {row['why']}; spikes "
+          f"equal spikingjelly's: {row['spikes_equal_spikingjelly']})")
+
+
+def main_lif_gpu(repeats: int) -> None:
+    """Re-measure only the lif_gpu row and merge it into speed.json (left as it is without a CUDA device)."""
+    row = bench_lif_gpu(repeats)
+    _print_lif_gpu(row)
+    if "skipped" in row:
+        return
+    result = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    result["lif_gpu"] = row["lif_gpu"]
+    result.setdefault("details", {})["lif_gpu"] = row
+    _write(result)
 
 
 def _spikformer(**kw):
@@ -364,7 +443,9 @@ NOTES = ["memory_plain_over_best: saved-tensor bytes, plain autograd / the best 
          "CPU runs (training/alloc.py; process-wide, so the public code shares it); details.official."
          "step_vs_official_malloc_default is the same step measured before that setting",
          "binary students normalise [B, N, C] tokens with ChannelLastBatchNorm1d (nn/fast_norm.py, set by "
-         "BinarizeWeights); the FP models and the public code keep nn.BatchNorm1d"]
+         "BinarizeWeights); the FP models and the public code keep nn.BatchNorm1d",
+         "lif_gpu (only where a CUDA device is present): GPU time by CUDA events, interleaved, float32; ours is the "
+         "Triton kernel when details.lif_gpu.backend says 'triton'"]
 
 
 def _print_steps(result: dict, off: dict) -> None:
@@ -398,17 +479,20 @@ def main() -> None:
                    help="stand in for what the public code imports and is not installed (timm helpers, "
                         "spikingjelly.clock_driven's MultiStepLIFNode; see official_bestformer.py)")
     p.add_argument("--quick", action="store_true", help="smaller student batch and fewer repeats")
-    p.add_argument("--only", choices=("memory", "step"), default=None,
-                   help="re-measure one row (memory) or the training-step rows (step), keep the others")
+    p.add_argument("--only", choices=("memory", "step", "lif_gpu"), default=None,
+                   help="re-measure one row (memory, lif_gpu) or the training-step rows (step), keep the others")
     p.add_argument("--memory-small", action="store_true", help="memory row at depth 4, batch 4")
     args = p.parse_args()
     if args.only == "memory":
         return main_memory(args.memory_small)
     if args.only == "step":
         return main_steps(args)
+    if args.only == "lif_gpu":
+        return main_lif_gpu(args.repeats)
     torch.set_num_threads(1)
     repeats = 2 if args.quick else args.repeats
     lif = bench_lif(repeats)
+    lif_gpu = bench_lif_gpu(repeats)
     infer = bench_inference(repeats)
     infer32 = bench_inference(max(1, repeats // 2), 32)
     mem = bench_memory(args.memory_small)
@@ -416,12 +500,13 @@ def main() -> None:
     result = {
         "lif_vs_spikingjelly": max(r["lif_vs_spikingjelly"] for r in lif),
         "lif_fused_vs_plain": max(r["lif_fused_vs_plain"] for r in lif),
+        "lif_gpu": lif_gpu.get("lif_gpu"),
         **_step_keys(student, off),
         "memory_plain_over_best": mem["memory_plain_over_best"],
         "infer_binary_vs_fp_b1": infer["infer_binary_vs_fp_b1"],
         "infer_binary_vs_fp_b32": infer32["infer_binary_vs_fp_b32"],
-        "details": {"lif": lif, "student": student, "inference": infer, "inference_b32": infer32, "memory": mem,
-                    "official": off},
+        "details": {"lif": lif, "lif_gpu": lif_gpu, "student": student, "inference": infer, "inference_b32": infer32,
+                    "memory": mem, "official": off},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "threads": 1, "load_average_1m": os.getloadavg()[0]},
         "notes": NOTES,
@@ -436,6 +521,7 @@ def main() -> None:
     for r in lif:
         print(f"  LIF {r['shape']}: ours/spikingjelly {r['lif_vs_spikingjelly']:.3f}, fused/plain "
               f"{r['lif_fused_vs_plain']:.3f} ({r['backend']} backend: {r['why']})")
+    _print_lif_gpu(lif_gpu)
     _print_memory(mem)
     _write(result)
 

@@ -136,9 +136,11 @@ def _kernels(interpret: bool):
             if missing:
                 raise RuntimeError(missing)
             import triton
-            with triton.knobs.runtime.scope():  # the knob TRITON_INTERPRET sets, read when jit decorates
-                if interpret:  # (compiled: whatever TRITON_INTERPRET says, as for any Triton kernel)
+            if interpret:  # the knob TRITON_INTERPRET sets, read when jit decorates
+                with triton.knobs.runtime.scope():
                     triton.knobs.runtime.interpret = True
+                    _state[key] = (triton.jit(_forward_body), triton.jit(_backward_body))
+            else:  # compiled, or interpreted where TRITON_INTERPRET=1 says so, as for any Triton kernel
                 _state[key] = (triton.jit(_forward_body), triton.jit(_backward_body))
     return _state[key]
 
