@@ -138,7 +138,10 @@ def bench_lif_gpu(repeats: int) -> dict:
     says so) vs spikingjelly 2.0's LIFNode (step_mode='m', its torch loop) and vs our plain loop."""
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
-    from spikingjelly.activation_based import neuron, surrogate
+    try:
+        from spikingjelly.activation_based import neuron, surrogate
+    except ImportError as e:  # a GPU machine without it (benchmarks/gpu_check.sh installs it from .whl/)
+        return {"skipped": f"spikingjelly not importable ({e})"}
     from bestcompress.nn.lif import LIF
     from bestcompress.nn.lif_kernel import lif_backend
 

@@ -5,6 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="python -m pip --disable-pip-version-check -q"
 $PIP install torch==2.13.0
+# triton: the Triton LIF kernels (nn/lif_triton.py, for CUDA tensors) are tested in its CPU interpreter. Its wheel
+# needs no other package; a CUDA torch brings its own triton, which is kept. Without a wheel for this Python or
+# platform those tests skip.
+python -c "import triton" 2>/dev/null || $PIP install --no-deps triton==3.9.0 \
+  || echo "triton not installed: the Triton kernel tests will skip"
 $PIP install -e ".[test,neurons,finn]"
 # spikingjelly 2.0.0 declares torchvision/torchaudio (broken beside CPU torch) and mnist1d declares nothing it
 # needs here: install both without dependencies, then the few they import.
