@@ -16,6 +16,7 @@ from brevitas.quant import SignedBinaryWeightPerTensorConst
 from torch import nn
 
 from .bf16 import bf16_active, bf16_conv, bf16_linear, plan
+from .int_forward import int_conv2d
 
 EPS = 1e-8
 
@@ -83,6 +84,10 @@ class _BinaryWeightMixin:
             how = plan(self, x, wq)
             if how is not None:
                 return self._bf16_with(x, wq, how)
+        if w is None and isinstance(self, QuantConv2d):  # exact int8 products on spikes (nn/int_forward.py)
+            y = int_conv2d(self, x)
+            if y is not None:
+                return y
         if w is None or type(x) is not torch.Tensor:
             return super().forward(x)
         return self._forward_with(x, w)
