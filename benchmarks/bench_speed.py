@@ -24,7 +24,9 @@ Rows:
   two heads trained on the sum of their losses, neurons reset every step). That code needs timm and spikingjelly's
   old clock_driven package (with the CUDA-only cupy backend): when missing the row is skipped with a message,
   unless `--official-shim` stands in for them (recorded under details.official.stand_ins);
-  step_vs_official_bf16: the same with our student under the opt-in train.precision bf16 (the public code float32).
+  step_vs_official_bf16: the same with our student under the opt-in train.precision bf16 (the public code float32);
+  step_vs_official_both_bf16: our bf16 opt-in vs the public code under torch.autocast('cpu', dtype=torch.bfloat16),
+  like for like (step_vs_official stays float32 vs float32).
   The step rows run last, with large freed blocks reused as the trainer sets for CPU runs (training/alloc.py,
   process-wide: the public code shares it); the official row's figure before that setting is kept in details;
   `--only step` re-measures the step rows alone and keeps the others;
@@ -249,6 +251,14 @@ def _bf16(step):
     return run
 
 
+def _autocast_bf16(step):
+    """The same step under torch.autocast('cpu', bfloat16): the public code's own bf16 mixed precision."""
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            step()
+    return run
+
+
 def bench_official(folder: Path, shim: bool, repeats: int, batch: int) -> dict:
     """One training step of our binary student vs the public BESTformer code, same configuration (dims 128,
     depth 2, 4 heads, T=4, CIFAR 32 px, 10 classes): {'skipped': reason} when that code cannot run here.
@@ -274,15 +284,18 @@ def bench_official(folder: Path, shim: bool, repeats: int, batch: int) -> dict:
     faults_before, faults = {}, {}
     before = interleaved({"binary": ours, "official": theirs}, repeats, faults_before)  # malloc as found
     malloc = reuse_freed_memory()  # what the trainer does for CPU runs (training/alloc.py): both sides share it
-    t = interleaved({"binary": ours, "binary_bf16": _bf16(ours), "official": theirs}, repeats, faults)
+    t = interleaved({"binary": ours, "binary_bf16": _bf16(ours), "official": theirs,
+                     "official_bf16": _autocast_bf16(theirs)}, repeats, faults)
     params = {"binary": sum(p.numel() for p in student.parameters()),
               "official": sum(p.numel() for p in official.parameters())}
     return dict(info, batch=batch, seconds=t, parameters=params, step_vs_official=t["binary"] / t["official"],
                 step_vs_official_bf16=t["binary_bf16"] / t["official"],
+                step_vs_official_both_bf16=t["binary_bf16"] / t["official_bf16"],
                 precision={"binary": "float32 (default recipe)",
                            "binary_bf16": "train.precision bf16: binary layers on bf16 products (nn/bf16.py; "
                                           f"native bf16 on this CPU: {bf16_supported()})",
-                           "official": "float32"},
+                           "official": "float32",
+                           "official_bf16": "the public code under torch.autocast('cpu', dtype=torch.bfloat16)"},
                 allocator=malloc, seconds_malloc_default=before, page_faults_per_step=faults,
                 page_faults_per_step_malloc_default=faults_before,
                 step_vs_official_malloc_default=before["binary"] / before["official"],
@@ -435,13 +448,17 @@ def _step_rows(args, repeats: int) -> tuple[dict, dict]:
 
 def _step_keys(student: dict, off: dict) -> dict:
     return {"step_vs_official": off.get("step_vs_official"), "step_vs_official_bf16": off.get("step_vs_official_bf16"),
+            "step_vs_official_both_bf16": off.get("step_vs_official_both_bf16"),
             "student_vs_fp": student["student_vs_fp"], "student_bf16_vs_fp": student["student_bf16_vs_fp"]}
 
 
 NOTES = ["memory_plain_over_best: saved-tensor bytes, plain autograd / the best train.memory mode's peak",
          "ratios are ours / theirs in process CPU time, interleaved, one thread; float32 throughout except the "
          "*_bf16 keys: our student under the opt-in train.precision bf16 (binary layers on bf16 products, exact "
-         "forward on spikes; nn/bf16.py), the public code and the FP model still float32",
+         "forward on spikes; nn/bf16.py), the public code and the FP model still float32; step_vs_official_both_bf16: "
+         "the same bf16 student vs the public code under torch.autocast('cpu', bfloat16)",
+         "float32 binary convolutions on spikes run their forward as exact int8 sums (nn/int_forward.py: bit for "
+         "bit the float32 output; backward float32)",
          "step rows (student_vs_fp, step_vs_official*) run with large freed blocks reused, as the trainer sets for "
          "CPU runs (training/alloc.py; process-wide, so the public code shares it); details.official."
          "step_vs_official_malloc_default is the same step measured before that setting",
@@ -453,7 +470,8 @@ NOTES = ["memory_plain_over_best: saved-tensor bytes, plain autograd / the best 
 
 def _print_steps(result: dict, off: dict) -> None:
     for key, goal in (("student_vs_fp", "<= 1.1"), ("student_bf16_vs_fp", "(opt-in bf16)"),
-                      ("step_vs_official", "<= 0.5"), ("step_vs_official_bf16", "<= 0.5 (opt-in bf16)")):
+                      ("step_vs_official", "<= 0.5"), ("step_vs_official_bf16", "<= 0.5 (opt-in bf16)"),
+                      ("step_vs_official_both_bf16", "(both bf16)")):
         v = result.get(key)
         print(f"{key:<28}{('%.3f' % v) if v is not None else 'n/a':>10}   {goal}")
     if "step_vs_official" in off:
