@@ -82,12 +82,12 @@ def build(depths: int = 4, T: int = 4, **kwargs):
     return source, binary, seconds
 
 
-def build_tiny(arch: str, default: bool = False):
-    """The zoo's tiny (or, with `default`, default) configuration of `arch`, binarized and made to fire like a
-    trained model."""
+def build_tiny(arch: str, default: bool = False, recipe: str = "bestformer"):
+    """The zoo's tiny (or, with `default`, default) configuration of `arch`, binarized with `recipe` and made to
+    fire like a trained model (make_it_fire also sets quantized streams' grids, recipe bestformer_finn)."""
     torch.manual_seed(0)
     source = create_model(arch, **({} if default else get_entry(arch).tiny_cfg)).eval()
-    binary = binarize(source, "bestformer").model
+    binary = binarize(source, recipe).model
     make_it_fire(binary, binary.bc_input_shape)
     trained_like(binary)
     return binary
@@ -96,8 +96,9 @@ def build_tiny(arch: str, default: bool = False):
 def _finn_child(spec, out: str, samples, queue) -> None:
     torch.set_num_threads(1)
     try:
-        if isinstance(spec, str):  # a zoo name: its tiny config; "<name>@default": its default config
-            binary = build_tiny(spec.split("@")[0], default=spec.endswith("@default"))
+        if isinstance(spec, str):  # a zoo name: its tiny config; "<name>@default": its default config; "#recipe"
+            spec, _, recipe = spec.partition("#")
+            binary = build_tiny(spec.split("@")[0], default=spec.endswith("@default"), recipe=recipe or "bestformer")
         else:
             binary = build(*spec)[1]
         from bestcompress.exporters import finn as finn_format
@@ -133,7 +134,7 @@ def run_finn(spec, timeout: float, tmp: Path, samples=None) -> dict:
     """FINN export of `spec` (a zoo name: its tiny config; or (depths, T) of Spikformer-384) in a child process."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    tag = spec.replace("@", "_") if isinstance(spec, str) else f"d{spec[0]}_t{spec[1]}"
+    tag = spec.replace("@", "_").replace("#", "_") if isinstance(spec, str) else f"d{spec[0]}_t{spec[1]}"
     proc = ctx.Process(target=_finn_child, args=(spec, str(tmp / f"finn_{tag}"), samples, queue))
     t0 = time.perf_counter()
     proc.start()
@@ -193,6 +194,9 @@ def main() -> None:
     ap.add_argument("--finn-archs", default="spikformer_seq,spikformer_cifar",
                     help="the zoo models of --finn-tiny / --finn-default")
     ap.add_argument("--finn-samples", type=int, default=None, help="verification samples for FINN (default 4)")
+    ap.add_argument("--recipe", default="bestformer",
+                    help="the recipe of the --finn-tiny / --finn-default models (e.g. bestformer_finn: quantized "
+                         "coupled streams); rows of another recipe are keyed '<model> <config> (<recipe>)'")
     args = ap.parse_args()
     torch.set_num_threads(1)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
@@ -223,9 +227,10 @@ def main() -> None:
             rows += deep_rows
         if "finn" in formats:
             archs = [a.strip() for a in args.finn_archs.split(",") if a.strip()]
-            specs = {f"{a} tiny": a for a in archs} if args.finn_tiny else {}
+            label, suffix = ("", "") if args.recipe == "bestformer" else (f" ({args.recipe})", f"#{args.recipe}")
+            specs = {f"{a} tiny{label}": a + suffix for a in archs} if args.finn_tiny else {}
             if args.finn_default:
-                specs.update({f"{a} default": f"{a}@default" for a in archs})
+                specs.update({f"{a} default{label}": f"{a}@default{suffix}" for a in archs})
             if not specs:
                 specs = {"1 block, T=2": (1, 2)}
             if args.finn_full:

@@ -49,6 +49,7 @@ class ReversibleConfig:
     eval_heads: Literal["mean", "head", "head2"] = "mean"
     form: Literal["preserving", "paper"] = "preserving"  # learnable a, b from (0, 1) | the paper's fixed ½, ½
     stages: tuple[str, ...] = ()  # trunk stages to couple, by index or module prefix; empty: all
+    stream_bits: Optional[int] = None  # None: float streams | n: each coupling's output on a signed n-bit 2^e grid
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,13 @@ def validate(recipe: "Recipe", source: str) -> "Recipe":
         ok = (value >= lo if lo_in else value > lo) and (hi is None or (value <= hi if hi_in else value < hi))
         if not ok:
             raise RecipeError(f"{source}: key '{key}' must be {_limit_text(lo, lo_in, hi, hi_in)}, got {value!r}.")
+    bits = recipe.reversible.stream_bits
+    if bits is not None and not 2 <= bits <= 16:
+        raise RecipeError(f"{source}: key 'reversible.stream_bits' must be null (a float stream) or an integer "
+                          f"from 2 to 16, got {bits!r}.")
+    if bits is not None and recipe.train.memory == "reversible":
+        raise RecipeError(f"{source}: reversible.stream_bits quantizes the coupled streams, so train.memory "
+                          "reversible cannot rebuild them exactly; use train.memory plain or checkpoint.")
     return recipe
 
 

@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-epochs", type=int, default=10)
     p.add_argument("--student-epochs", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe", default="bestformer",
+                   help="the binarization recipe (e.g. bestformer_finn: coupled streams as 8-bit integers, for FINN)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1: this small model's ops are too small to split, and more "
                         "threads are far slower when other processes share the cores)")
@@ -78,8 +80,8 @@ def main(argv=None) -> int:
           run_dir=out / "runs" / "teacher", seed=args.seed)
     fp_scores = evaluate(teacher, data)
 
-    step("2/4 binarizing with the bestformer recipe")
-    result = binarize(teacher, "bestformer")
+    step(f"2/4 binarizing with the {args.recipe} recipe")
+    result = binarize(teacher, args.recipe)
     for note in result.notes:
         if not note.startswith("trace:"):
             print(f"  - {note}")
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
     before = evaluate(student, data)
     print(f"  binary model, 0 epochs: top-1 {before['top1']:.2f}%")
     # the validation split distill will use (so calibration, like training, never sees a validation digit)
-    split = validation_split(data, load_recipe("bestformer").train.val_fraction, args.seed)
+    split = validation_split(data, load_recipe(args.recipe).train.val_fraction, args.seed)
     done = calibrate(student, split, batches=CALIBRATE_BATCHES, batch_size=TEACHER["train.batch_size"],
                      seed=args.seed, teacher=teacher)  # as `binarize --calibrate`: the heads fitted too
     calibrated = evaluate(student, data)

@@ -78,6 +78,7 @@ def _streamline(Streamline, model, notes: list[str]):
     from qonnx.transformation.lower_convs_to_matmul import LowerConvsToMatMul
 
     from .finn_fast import streamline_steps
+    from .finn_stream import SplitStreamScale
 
     lower = [LowerConvsToMatMul(), MakeMaxPoolNHWC(), absorb.AbsorbTransposeIntoMultiThreshold(), MakeMaxPoolNHWC(),
              absorb.AbsorbConsecutiveTransposes()]
@@ -87,7 +88,8 @@ def _streamline(Streamline, model, notes: list[str]):
                      "needs batch 1, so convolutions stay ONNX Conv")
         lower = []
     # FINN's Streamline, step by step (finn_fast.py: the same transforms, bookkeeping only after a change)
-    return ([absorb.AbsorbScalarBiasIntoMultiThreshold()] + streamline_steps() + lower
+    # SplitStreamScale: each reader of a quantized stream (reversible.stream_bits) gets its own 2^e Mul to move
+    return ([SplitStreamScale(), absorb.AbsorbScalarBiasIntoMultiThreshold()] + streamline_steps() + lower
             + [ConvertBipolarMatMulToXnorPopcount()] + streamline_steps() + [InferDataLayouts(), RemoveUnusedTensors()])
 
 
@@ -176,8 +178,11 @@ def _finn_ready(model, example_input, progress, notes: list[str]):
 
     if progress is not None:
         progress("FINN+: building the FINN-ready graph (time steps unrolled, BINARY spikes, BIPOLAR weights)")
+    from ..nn.stream_quant import finn_lowering
+
     try:
-        wrapper, spikes, more = finn_ready_graph(model, example_input)
+        with finn_lowering():  # quantized coupled streams (reversible.stream_bits): MultiThreshold(INTn) -> Mul(2^e)
+            wrapper, spikes, more = finn_ready_graph(model, example_input)
     except ExportError as e:
         notes.append(f"FINN-ready graph not built ({e}); the QONNX graph goes through ConvertQONNXtoFINN instead")
         return None, {}

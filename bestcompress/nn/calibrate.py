@@ -160,7 +160,8 @@ def calibrate_attention_scales(model: nn.Module, batches: Iterable[torch.Tensor]
 
 def make_it_fire(model: nn.Module, input_shape, batches: int = 1) -> nn.Module:
     """Make a freshly initialised network fire: every BatchNorm gets weight 2 and bias 0.5 and statistics
-    re-estimated on seeded random inputs, so that roughly a fifth of the neurons fire (a freshly initialised
+    re-estimated on seeded random inputs (and quantized coupled streams their power-of-two grids, then the
+    statistics again), so that roughly a fifth of the neurons fire (a freshly initialised
     network is silent, which makes checks on its spikes vacuous).
 
     Args:
@@ -177,4 +178,9 @@ def make_it_fire(model: nn.Module, input_shape, batches: int = 1) -> nn.Module:
                 bn.bias.fill_(0.5)
     g = torch.Generator().manual_seed(0)
     recalibrate_batchnorm(model, (torch.rand((8,) + tuple(input_shape), generator=g) for _ in range(batches)))
+    from .stream_quant import calibrate_stream_scales
+    g = torch.Generator().manual_seed(0)  # quantized coupled streams (reversible.stream_bits): their grids too
+    if calibrate_stream_scales(model, (torch.rand((8,) + tuple(input_shape), generator=g) for _ in range(batches))):
+        g = torch.Generator().manual_seed(0)
+        recalibrate_batchnorm(model, (torch.rand((8,) + tuple(input_shape), generator=g) for _ in range(batches)))
     return model

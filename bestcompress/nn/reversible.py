@@ -19,6 +19,10 @@ Two forms (recipe key `reversible.form`):
   exists once training has moved a_k away from 0 and `inverse` raises otherwise. We chose the exact start over
   a small ε (invertible from step 0 but not function-preserving, and ill-conditioned: errors grow by 1/ε).
 
+With `reversible.stream_bits` = n, a coupling's output z_k is put on a signed n-bit power-of-two grid
+(nn/stream_quant.py: StreamQuant, its `quant` submodule), so that the 1-bit layers reading the stream read
+integers times a scale (for FINN/FPGA); the inverse is then no longer exact and `inverse` raises.
+
 Both modules are tracer leaves (`bc_leaf = True`): a second trace keeps them as single call_module nodes, so passes
 can find them again (idempotence) and feature taps can hook them.
 """
@@ -26,6 +30,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .stream_quant import StreamQuant
 
 EVAL_HEADS = ("mean", "head", "head2")
 FORMS = ("preserving", "paper")
@@ -42,11 +48,13 @@ class ReversibleCoupling(nn.Module):
         where: the model part the sub-block belongs to (e.g. 'block.0.mlp'), for messages and summaries.
         form: 'preserving' (learnable a_k, b_k from 0 and 1) or 'paper' (fixed ½, ½).
         stage: the index of the trunk stage (0 for a single-stage model; stages are separated by downsampling).
+        stream_bits: None (the float stream) or n: the output quantized by a StreamQuant(n) (module docstring).
     """
 
     bc_leaf = True
 
-    def __init__(self, index: int, kind: str, where: str = "", form: str = "paper", stage: int = 0) -> None:
+    def __init__(self, index: int, kind: str, where: str = "", form: str = "paper", stage: int = 0,
+                 stream_bits: int | None = None) -> None:
         super().__init__()
         if form not in FORMS:
             raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
@@ -61,6 +69,8 @@ class ReversibleCoupling(nn.Module):
         else:  # plain attributes: no state_dict entries, the form is rebuilt from the recipe
             self.a = 0.5
             self.b = 0.5
+        if stream_bits is not None:  # no submodule otherwise: the float stream's state_dict is unchanged
+            self.quant = StreamQuant(stream_bits)
 
     def coefficients(self) -> tuple[float, float]:
         """(a_k, b_k) as Python floats."""
@@ -68,15 +78,22 @@ class ReversibleCoupling(nn.Module):
 
     def forward(self, f: torch.Tensor, z_km2: torch.Tensor, z_km1: torch.Tensor) -> torch.Tensor:
         if self.form == "paper":
-            return f + 0.5 * (z_km2 + z_km1)
-        return f + self.a.to(f.dtype) * z_km2 + self.b.to(f.dtype) * z_km1
+            z = f + 0.5 * (z_km2 + z_km1)
+        else:
+            z = f + self.a.to(f.dtype) * z_km2 + self.b.to(f.dtype) * z_km1
+        quant = self._modules.get("quant")
+        return z if quant is None else quant(z)
 
     def inverse(self, z_k: torch.Tensor, z_km1: torch.Tensor, f_k_of_zkm1: torch.Tensor) -> torch.Tensor:
         """z_{k-2} from z_k, z_{k-1} and F_k(z_{k-1}).
 
         Raises:
-            ValueError: when |a_k| < 1e-6 (a plain residual: z_{k-2} does not enter z_k).
+            ValueError: when |a_k| < 1e-6 (a plain residual: z_{k-2} does not enter z_k), or when the stream is
+                quantized (rounding lost what the inverse needs).
         """
+        if "quant" in self._modules:
+            raise ValueError(f"coupling k={self.index} quantizes its stream (reversible.stream_bits), so z_(k-2) "
+                             "cannot be reconstructed exactly; use train.memory plain or checkpoint.")
         a, b = self.coefficients()
         return reconstruct_previous(z_k, z_km1, f_k_of_zkm1, a, b)
 
@@ -84,6 +101,7 @@ class ReversibleCoupling(nn.Module):
         a, b = self.coefficients()
         text = f"k={self.index}, kind={self.kind}, form={self.form}, a={a:.4g}, b={b:.4g}"
         text += f", stage={self.stage}" if self.stage else ""
+        text += f", stream_bits={self.quant.bits}" if "quant" in self._modules else ""
         return text + (f", where={self.where}" if self.where else "")
 
 

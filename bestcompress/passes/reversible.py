@@ -147,17 +147,19 @@ class InsertReversibleCouplings(Pass):
     switch = "reversible.enabled"  # the recipe switch the Pipeline reads (passes/base.py)
 
     def __init__(self, ctx: PassContext | None = None, eval_heads: str | None = None, form: str | None = None,
-                 stages: tuple[str, ...] | None = None) -> None:
+                 stages: tuple[str, ...] | None = None, stream_bits: int | None = None) -> None:
         super().__init__(ctx)
         cfg = getattr(self.ctx.recipe, "reversible", None)
         eval_heads = eval_heads if eval_heads is not None else getattr(cfg, "eval_heads", "mean")
         form = form if form is not None else getattr(cfg, "form", "preserving")
         stages = stages if stages is not None else getattr(cfg, "stages", ())
+        stream_bits = stream_bits if stream_bits is not None else getattr(cfg, "stream_bits", None)
         if eval_heads not in ("mean", "head", "head2"):
             raise ModelError(f"reversible.eval_heads must be mean, head or head2, got {eval_heads!r}.")
         if form not in FORMS:
             raise ModelError(f"reversible.form must be {' or '.join(FORMS)}, got {form!r}.")
         self.eval_heads, self.form, self.stages = eval_heads, form, tuple(stages)
+        self.stream_bits = stream_bits  # None: the float stream; n: each coupling's output on an n-bit grid
 
     def apply(self, model: nn.Module) -> nn.Module:
         if not isinstance(model, fx.GraphModule):
@@ -198,8 +200,9 @@ class InsertReversibleCouplings(Pass):
             n = len(stages[s].blocks) - 1
             T = len(stages[s].steps)
             shared = f", each shared by the {T} steps of the time loop" if T else ""
+            quant = f", streams on a {self.stream_bits}-bit power-of-two grid" if self.stream_bits else ""
             notes.append(f"{label}{n} {self.form} coupling{'s' if n != 1 else ''} over {len(stages[s].blocks)} "
-                         f"sub-blocks ({where}){shared}{skipped}")
+                         f"sub-blocks ({where}){shared}{quant}{skipped}")
         left = [str(i) for i in range(len(stages)) if i not in chosen]
         if left:
             notes.append(f"stage(s) {', '.join(left)} left uncoupled (reversible.stages)")
@@ -221,7 +224,8 @@ class InsertReversibleCouplings(Pass):
             kind = "mlp" if k % 2 == 0 else "attention"
             base = f"reversible.s{stage}_z{k}" if n_stages > 1 else f"reversible.z{k}"
             names[k] = free_module_name(gm, base)
-            gm.add_submodule(names[k], ReversibleCoupling(k, kind, sb.where, form=self.form, stage=stage))
+            gm.add_submodule(names[k], ReversibleCoupling(k, kind, sb.where, form=self.form, stage=stage,
+                                                          stream_bits=self.stream_bits))
         loop = bool(trunk.steps)
         return [self._couple_step(gm, copy, names, t if loop else None) for t, copy in enumerate(trunk.per_step())]
 

@@ -1,7 +1,8 @@
 """Calibration on a data set's training samples: what `binarize --calibrate DATA` and the start of `distill` run.
 
 BatchNorm statistics are re-estimated, then the binary attention maps' scales λ are set from the real maps'
-mass, then the BatchNorm statistics again (the maps' new scale changes what the later layers see); the mechanisms
+mass, then (recipe `reversible.stream_bits`) the coupled streams' power-of-two grids from their largest |value|
+(nn/stream_quant.py), then the BatchNorm statistics again (the maps' new scale changes what the later layers see); the mechanisms
 are bestcompress.nn.calibrate's recalibrate_batchnorm and calibrate_attention_scales. The same batches serve
 every pass.
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from ..nn.calibrate import batchnorms, calibrate_attention_scales, recalibrate_batchnorm
 from ..nn.head_fit import fit_heads
+from ..nn.stream_quant import calibrate_stream_scales
 from .evaluation import neuron_reset_fn, resolve_data
 
 
@@ -45,6 +47,7 @@ class Calibrated(NamedTuple):
     batchnorms: int         # BatchNorm layers whose statistics were re-estimated
     attention_scales: int   # binary attention maps whose λ was set
     heads: int = 0          # full-precision heads fitted to the full-precision model's
+    streams: int = 0        # coupled streams whose power-of-two grid was set (reversible.stream_bits)
 
     def note(self, what: str = "training samples") -> str:
         """'BatchNorm statistics of N layers[, the scales of M binary attention maps][ and K heads fitted to the
@@ -52,6 +55,8 @@ class Calibrated(NamedTuple):
         parts = [f"BatchNorm statistics of {self.batchnorms} layers"]
         if self.attention_scales:
             parts.append(f"the scales of {self.attention_scales} binary attention maps")
+        if self.streams:
+            parts.append(f"the power-of-two grids of {self.streams} coupled streams")
         if self.heads:
             parts.append(f"{self.heads} head{'s' if self.heads > 1 else ''} fitted to the full-precision model's")
         return f"{', '.join(parts[:-1])}{' and ' if len(parts) > 1 else ''}{parts[-1]} on {self.samples} {what}"
@@ -85,13 +90,14 @@ def calibrate(model: nn.Module, data, *, batches: int = 8, batch_size: int = 64,
     if not seen:
         return Calibrated(0, 0, 0)
     scales = calibrate_attention_scales(model, calibration_batches(data, **same), reset=neuron_reset_fn(model))
-    if scales:
+    streams = calibrate_stream_scales(model, calibration_batches(data, **same), reset=neuron_reset_fn(model))
+    if scales or streams:
         refresh_batchnorm(model, data, **same)
     heads = 0
     if teacher is not None:
         heads = fit_heads(model, teacher, calibration_batches(data, **same), ridge=ridge,
                           reset=neuron_reset_fn(model), teacher_reset=neuron_reset_fn(teacher))
-    return Calibrated(seen, len(batchnorms(model)), scales, heads)
+    return Calibrated(seen, len(batchnorms(model)), scales, heads, streams)
 
 
 def refresh_batchnorm(model: nn.Module, data, *, batches: int, batch_size: int, seed: int = 0, device=None) -> int:
