@@ -25,9 +25,9 @@ def test_calibration_raises_zero_epoch_accuracy_and_changes_no_weight(teacher_an
     before = evaluate(student, data)["top1"]
     weights = _weights(student)
     momenta = [m.momentum for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    seen, layers, scales, heads = calibrate(student, data, batches=4, batch_size=64)
+    seen, layers, scales, heads, streams = calibrate(student, data, batches=4, batch_size=64)
     after = evaluate(student, data)["top1"]
-    assert seen == 256 and layers == len(momenta) > 0 and scales == SEQ["depths"] and heads == 0
+    assert seen == 256 and layers == len(momenta) > 0 and scales == SEQ["depths"] and heads == 0 and streams == 0
     assert fp > 40.0  # the teacher learnt something, so the comparison means something
     assert after >= before + 10.0, (before, after, fp)
     assert after >= 0.5 * fp
