@@ -115,6 +115,7 @@ def finn_ready_graph(model: nn.Module, example_input: torch.Tensor):
 
     from .finn_graph import FactorConvWeights
     from .finn_index import indexed_lookups
+    from .finn_lif import lif_notes, mark_layouts, type_integer_constants
     from .finn_unroll import UnrolledModel
 
     T = model_time_steps(model)
@@ -148,6 +149,9 @@ def finn_ready_graph(model: nn.Module, example_input: torch.Tensor):
         for name in bipolar_initializers(m.model):
             m.set_tensor_datatype(name, DataType["BIPOLAR"])
         m = m.transform(InferDataTypes())
+        type_integer_constants(m)  # the integer membranes' constants (finn_lif.py): INT-typed arithmetic
+        mark_layouts(m, spikes, unrolled.log.lifs)
+    notes += lif_notes(unrolled.log.lifs)
     return m, spikes, notes
 
 

@@ -52,9 +52,11 @@ class SpikeThreshold(torch.autograd.Function):
 class Steps(list):
     """T per-step tensors of one time-dependent value: kind 'tf' ([T, B, ...]) or 'tb' ([T·B, ...])."""
 
-    def __init__(self, items, kind: str) -> None:
+    def __init__(self, items, kind: str, integer: bool = False, affine=None) -> None:
         super().__init__(items)
         self.kind = kind
+        self.integer = integer  # every value an integer (spikes, their sums, ±1 products of them)
+        self.affine = affine  # finn_lif.AffineSteps: these values are α·A_t + β of integer steps A_t
 
     def fake_shape(self) -> tuple[int, ...]:
         s = tuple(self[0].shape)
@@ -82,6 +84,7 @@ class UnrollLog:
     spikes: list[tuple[str, int, str]] = field(default_factory=list)  # (neuron key, step, kind)
     fallbacks: list[str] = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=dict)
+    lifs: dict[str, str] = field(default_factory=dict)  # neuron key -> 'integer' or why its membrane is float
 
 
 def _power_of_two(c) -> bool:
@@ -155,24 +158,40 @@ class StepInterpreter(fx.Interpreter):
             if isinstance(x, Steps) and len(args) == 1 and not kwargs and getattr(module, "step_mode", "m") == "m":
                 return self._lif(module, x, key)
         if is_binary_layer(module) and isinstance(x, Steps) and len(args) == 1:
-            return Steps([_binary_layer(module, self.weights[target], s) for s in x], x.kind)
+            return self._binary(module, self.weights[target], x)
         if type(module) is nn.Conv1d and isinstance(x, Steps) and x.kind == "tb" and len(args) == 1:
             return Steps([_float_conv(module, s) for s in x], "tb")
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.MaxPool1d, nn.MaxPool2d,
                                nn.AvgPool2d, nn.Identity, nn.Dropout)) and isinstance(x, Steps) \
                 and x.kind == "tb" and len(args) == 1:
-            return Steps([module(s) for s in x], "tb")
+            return self._keep_forms(module, Steps([module(s) for s in x], "tb"), x)
         if isinstance(module, (nn.Linear, nn.Identity, nn.Dropout, nn.LayerNorm)) and len(args) == 1:
             return Steps([module(s) for s in x], x.kind)
         from ..nn.attention import AttentionScale
         from ..nn.reversible import ReversibleCoupling
         if isinstance(module, AttentionScale) and type(module).forward is AttentionScale.forward:
-            return Steps([s * module.lam[t] for t, s in enumerate(x)], x.kind)
+            out = Steps([s * module.lam[t] for t, s in enumerate(x)], x.kind)
+            if x.affine is not None:
+                from .finn_lif import scaled_per_step
+                out.affine = scaled_per_step(x.affine, [module.lam[t] for t in range(len(x))])
+            return out
         if isinstance(module, ReversibleCoupling) and all(isinstance(a, Steps) for a in args):
             return self._per_step(module, args, kwargs, args[0].kind)
         return self._fallback(f"module {key} ({type(module).__name__})", module, args, kwargs)
 
     def _lif(self, module: LIF, x: Steps, key: str) -> Steps:
+        from .finn_lif import AffineSteps, integer_lif, full
+        aff = x.affine
+        if aff is None and x.integer:
+            aff = AffineSteps(list(x), [full(1.0, s) for s in x], [full(0.0, s) for s in x])
+        if aff is not None:
+            spikes, how = integer_lif(module, aff, lambda z: SpikeThreshold.apply(z, 0.0))
+        else:
+            spikes, how = None, "its input is not α·A + β of a 1-bit layer's integer accumulator A"
+        self.log.lifs[key] = how
+        if spikes is not None:
+            self.log.spikes.extend((key, t, x.kind) for t in range(len(spikes)))
+            return Steps(spikes, x.kind, integer=True)
         v = module.initial_membrane(x[0])
         out = []
         for t, xt in enumerate(x):
@@ -181,7 +200,29 @@ class StepInterpreter(fx.Interpreter):
             self.log.spikes.append((key, t, x.kind))
             v = module.reset_membrane(h, s)
             out.append(s)
-        return Steps(out, x.kind)
+        return Steps(out, x.kind, integer=True)
+
+    def _binary(self, module, weights: tuple, x: Steps) -> Steps:
+        """The 1-bit layer per step; on integer input, its output also as α·A + b of the accumulators A."""
+        from .finn_lif import affine_of_layer
+        outs = [_binary_layer(module, weights, s) for s in x]
+        y = Steps([o for o, _ in outs], x.kind)
+        if x.integer:
+            acc = [a for _, a in outs]
+            shape = (-1,) if isinstance(module, nn.Linear) else (-1,) + (1,) * (acc[0].dim() - 2)
+            y.affine = affine_of_layer(acc, weights[1], module.bias, shape)
+        return y
+
+    @staticmethod
+    def _keep_forms(module, out: Steps, x: Steps) -> Steps:
+        """Integer values stay integer through max-pooling / identities; an affine form passes an eval BatchNorm."""
+        from .finn_lif import through_batchnorm
+        if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.Identity, nn.Dropout)):
+            out.integer = x.integer
+            out.affine = x.affine
+        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and x.affine is not None:
+            out.affine = through_batchnorm(x.affine, module)
+        return out
 
     def call_function(self, target, args, kwargs):
         if target is operator.mul and not kwargs:
@@ -198,7 +239,12 @@ class StepInterpreter(fx.Interpreter):
                 a = a.steps if isinstance(a, Scaled) else a
                 b = b.steps if isinstance(b, Scaled) else b
                 prod = self.call_function(target, (a, b), {})
-                return Steps([p * (fa * fb) for p in prod], prod.kind)
+                out = Steps([p * (fa * fb) for p in prod], prod.kind)
+                if prod.integer:
+                    from .finn_lif import AffineSteps, full
+                    out.affine = AffineSteps(list(prod), [full(fa * fb, p) for p in prod],
+                                             [full(0.0, p) for p in prod])
+                return out
         args, kwargs = _tree_map(self._value, args, kwargs)
         if target is getattr and isinstance(args[0], Steps):
             if args[1] == "shape":
@@ -210,7 +256,10 @@ class StepInterpreter(fx.Interpreter):
         if target in _POINTWISE:
             kinds = {s.kind for s in steps}
             if len(kinds) == 1:
-                return self._per_step(target, args, kwargs, steps[0].kind)
+                out = self._per_step(target, args, kwargs, steps[0].kind)
+                out.integer = target in _INTEGER_OPS and all(
+                    a.integer if isinstance(a, Steps) else _is_int(a) for a in _flat(args, kwargs))
+                return out
         return self._fallback(f"function {getattr(target, '__name__', target)}", target, args, kwargs)
 
     def call_method(self, target, args, kwargs):
@@ -225,8 +274,23 @@ class StepInterpreter(fx.Interpreter):
             return getattr(this, target)(*args[1:], **kwargs)
         done = self._method(this, target, list(args[1:]), kwargs)
         if done is not None:
+            if isinstance(done, Steps) and target in _SHAPE_METHODS:
+                done.integer = this.integer
+                if this.affine is not None:
+                    done.affine = self._affine_method(this.affine, this.kind, target, list(args[1:]), kwargs)
             return done
         return self._fallback(f"method {target}", lambda s, *a, **k: getattr(s, target)(*a, **k), args, kwargs)
+
+    def _affine_method(self, aff, kind: str, target: str, rest: list, kwargs: dict):
+        """The same shape op on an affine form's accumulators and on its (untraced) α and β."""
+        from .finn_lif import AffineSteps, untraced
+        acc = self._method(Steps(list(aff), kind), target, rest, kwargs)
+        with untraced():
+            alpha = self._method(Steps(aff.alpha, kind), target, rest, kwargs)
+            beta = self._method(Steps(aff.beta, kind), target, rest, kwargs)
+        if acc is None or alpha is None or beta is None or len(acc) != len(alpha):
+            return None
+        return AffineSteps(list(acc), list(alpha), list(beta))
 
     def _method(self, x: Steps, target: str, rest: list, kwargs: dict):
         T, kind = self.T, x.kind
@@ -290,7 +354,14 @@ class StepInterpreter(fx.Interpreter):
 
 _POINTWISE = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.matmul,
               torch.add, torch.sub, torch.mul, torch.div, torch.matmul, torch.sigmoid, torch.relu, torch.neg}
+_INTEGER_OPS = {operator.add, operator.sub, operator.mul, operator.neg, operator.matmul, torch.add, torch.sub,
+                torch.mul, torch.neg, torch.matmul}  # integer operands (Python ints included) give integers
+_SHAPE_METHODS = {"contiguous", "float", "clone", "detach", "flatten", "reshape", "view", "transpose", "permute"}
 _POINTWISE_METHODS = {"add", "sub", "mul", "div", "neg", "__add__", "__mul__", "__sub__", "__truediv__"}
+
+
+def _is_int(a) -> bool:
+    return isinstance(a, int) and not isinstance(a, bool)
 
 
 def _is_step_lif(module) -> bool:
@@ -315,20 +386,21 @@ def sign_and_scale(module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return sign, (None if torch.all(alpha == 1.0) else alpha)
 
 
-def _binary_layer(module, weights: tuple, x: torch.Tensor) -> torch.Tensor:
-    """sign-matrix product (±1 constant), then α_c and bias: the product itself is integer × binary."""
+def _binary_layer(module, weights: tuple, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, accumulator): the sign-matrix product (±1 constant; integer × binary), then α_c and bias."""
     sign, alpha = weights
     if isinstance(module, nn.Linear):
-        y = torch.matmul(x, sign.t().contiguous())
+        acc = torch.matmul(x, sign.t().contiguous())
         shape = (-1,)
     else:
-        y = _conv(module, x, sign)
+        acc = _conv(module, x, sign)
         shape = (-1,) + (1,) * (x.dim() - 2)
+    y = acc
     if alpha is not None:
         y = y * alpha.view(shape)
     if module.bias is not None:
         y = y + module.bias.detach().view(shape)
-    return y
+    return y, acc
 
 
 def _conv(module, x, weight, bias=None):

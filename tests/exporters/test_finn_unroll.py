@@ -65,7 +65,7 @@ def test_finn_ready_graph_is_binary_bipolar_and_executes_equal(binary_models):
     binary, _ = binary_models("spikformer_seq")
     x = torch.rand((1,) + tuple(binary.bc_input_shape))
     model, spikes, notes = finn_ready_graph(binary, x)
-    assert notes == []
+    assert [n for n in notes if not n.startswith("membranes:")] == []  # (finn_lif.py says which are integer)
     ops = [n.op_type for n in model.graph.node]
     assert "BipolarQuant" not in ops and ops.count("MultiThreshold") == sum(len(v[0]) for v in spikes.values())
     for node in model.graph.node:
