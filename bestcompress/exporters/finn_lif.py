@@ -224,7 +224,7 @@ def type_integer_constants(model) -> int:
                 if w.size == 0 or not np.all(np.isfinite(w)) or not np.all(w == np.round(w)):
                     continue
                 lo, hi = float(w.min()), float(w.max())
-                mag = hi if lo >= 0 else (lo if abs(lo) > hi else -hi - 1)
+                mag = hi if lo >= 0 else min(lo, -hi - 1, -2.0)  # -2: INT2, never BIPOLAR (which has no 0)
                 model.set_tensor_datatype(node.input[k], DataType.get_smallest_possible(mag))
                 changed += 1
         if not changed:

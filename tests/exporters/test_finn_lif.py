@@ -106,3 +106,25 @@ def test_finn_ready_graph_integer_membrane_is_int_typed_and_spike_exact():
             if node.op_type != "MatMul":
                 todo.extend(node.input)
         assert len(seen) > 1
+
+
+@pytest.mark.skipif(not HAVE_QONNX, reason="qonnx / FINN+ are not installed")
+@pytest.mark.parametrize("values, allowed", [([-1.0, 0.0], "INT2"), ([-1.0, 1.0], "INT2"), ([0.0, 1.0], "BINARY"),
+                                             ([-3.0, 2.0], "INT3"), ([-1.0, -1.0], "INT2")])
+def test_integer_constants_get_a_datatype_that_holds_every_value(values, allowed):
+    """A threshold step of {-1, 0} must not be typed BIPOLAR ({-1, +1}: get_smallest_possible(-1))."""
+    from onnx import TensorProto, helper
+    from qonnx.core.datatype import DataType
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.util.basic import qonnx_make_model
+
+    from bestcompress.exporters.finn_lif import type_integer_constants
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    m = ModelWrapper(qonnx_make_model(helper.make_graph([helper.make_node("Mul", ["x", "c"], ["y"])], "g", [x], [y])))
+    m.set_initializer("c", np.array([values], dtype=np.float32))
+    m.set_tensor_datatype("x", DataType["INT8"])
+    assert type_integer_constants(m) == 1
+    dt = m.get_tensor_datatype("c")
+    assert all(dt.allowed(v) for v in values) and dt.name == allowed
