@@ -26,7 +26,8 @@ Rows:
   unless `--official-shim` stands in for them (recorded under details.official.stand_ins);
   step_vs_official_bf16: the same with our student under the opt-in train.precision bf16 (the public code float32);
   step_vs_official_both_bf16: our bf16 opt-in vs the public code under torch.autocast('cpu', dtype=torch.bfloat16),
-  like for like (step_vs_official stays float32 vs float32).
+  like for like (step_vs_official stays float32 vs float32); details.official.step_vs_official_no_int_forward: our
+  float32 step with nn/int_forward.py switched off, in the same interleaved run.
   The step rows run last, with large freed blocks reused as the trainer sets for CPU runs (training/alloc.py,
   process-wide: the public code shares it); the official row's figure before that setting is kept in details;
   `--only step` re-measures the step rows alone and keeps the others;
@@ -259,6 +260,16 @@ def _autocast_bf16(step):
     return run
 
 
+def _no_int_forward(step):
+    """The same float32 step with the binary convolutions' int8 forward switched off (nn/int_forward.py)."""
+    from bestcompress.nn.int_forward import disabled
+
+    def run():
+        with disabled():
+            step()
+    return run
+
+
 def bench_official(folder: Path, shim: bool, repeats: int, batch: int) -> dict:
     """One training step of our binary student vs the public BESTformer code, same configuration (dims 128,
     depth 2, 4 heads, T=4, CIFAR 32 px, 10 classes): {'skipped': reason} when that code cannot run here.
@@ -285,17 +296,21 @@ def bench_official(folder: Path, shim: bool, repeats: int, batch: int) -> dict:
     before = interleaved({"binary": ours, "official": theirs}, repeats, faults_before)  # malloc as found
     malloc = reuse_freed_memory()  # what the trainer does for CPU runs (training/alloc.py): both sides share it
     t = interleaved({"binary": ours, "binary_bf16": _bf16(ours), "official": theirs,
-                     "official_bf16": _autocast_bf16(theirs)}, repeats, faults)
+                     "official_bf16": _autocast_bf16(theirs), "binary_no_int_forward": _no_int_forward(ours)},
+                    repeats, faults)
     params = {"binary": sum(p.numel() for p in student.parameters()),
               "official": sum(p.numel() for p in official.parameters())}
     return dict(info, batch=batch, seconds=t, parameters=params, step_vs_official=t["binary"] / t["official"],
                 step_vs_official_bf16=t["binary_bf16"] / t["official"],
                 step_vs_official_both_bf16=t["binary_bf16"] / t["official_bf16"],
+                step_vs_official_no_int_forward=t["binary_no_int_forward"] / t["official"],
                 precision={"binary": "float32 (default recipe)",
                            "binary_bf16": "train.precision bf16: binary layers on bf16 products (nn/bf16.py; "
                                           f"native bf16 on this CPU: {bf16_supported()})",
                            "official": "float32",
-                           "official_bf16": "the public code under torch.autocast('cpu', dtype=torch.bfloat16)"},
+                           "official_bf16": "the public code under torch.autocast('cpu', dtype=torch.bfloat16)",
+                           "binary_no_int_forward": "float32 with nn/int_forward.py switched off (the step before "
+                                                    "it: every convolution forward in float32)"},
                 allocator=malloc, seconds_malloc_default=before, page_faults_per_step=faults,
                 page_faults_per_step_malloc_default=faults_before,
                 step_vs_official_malloc_default=before["binary"] / before["official"],

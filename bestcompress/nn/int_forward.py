@@ -13,18 +13,32 @@ training (no cached weight) on a contiguous CPU float32 4-d input, zero padding,
 values are all ±1, no graph being traced/exported/compiled, and an input that is 0/1 by bits (checked while it is
 converted to uint8 in one pass: csrc/spike_u8.cpp, built on first use like the LIF kernel; without a compiler or
 with BESTCOMPRESS_INT_FORWARD=off, or where oneDNN's quantized convolution is missing, every call keeps the
-float32 path). Anything else (the image fed to the first convolution, a residual sum of spikes) returns None and
-the layer runs its own float32 forward.
+float32 path; `disabled()` switches it off within a block). Anything else (the image fed to the first convolution,
+a residual sum of spikes) returns None and the layer runs its own float32 forward.
 """
 from __future__ import annotations
 
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 _CSRC = Path(__file__).resolve().parent / "csrc" / "spike_u8.cpp"
 _state: dict = {}
+_local = threading.local()
+
+
+@contextmanager
+def disabled():
+    """Within the block, binary convolutions keep their float32 forward (benchmarks compare the two paths)."""
+    outer = getattr(_local, "off", False)
+    _local.off = True
+    try:
+        yield
+    finally:
+        _local.off = outer
 
 
 def _kernel():
@@ -91,7 +105,7 @@ def _applies(layer, x) -> bool:
 
 def int_conv2d(layer, x: torch.Tensor) -> torch.Tensor | None:
     """`layer(x)` (a BinaryConv2d) computed by the exact integer forward, or None where it does not apply."""
-    if not _applies(layer, x) or _kernel() is None:
+    if getattr(_local, "off", False) or not _applies(layer, x) or _kernel() is None:
         return None
     w = layer.quant_weight().value
     if type(w) is not torch.Tensor or w.dtype != torch.float32 or not bool((w.detach().abs() == 1).all()):
