@@ -104,3 +104,20 @@ def test_structure_changes_lists_only_structure_keys():
                                                         "train.lr=1e-3", "distill.alpha=0.2"]))
     assert sorted(structure_changes(built, asked)) == ["attention.map", "reversible.enabled"]
     assert structure_changes(built.to_dict(), built) == []
+
+
+def test_stream_bits_is_null_or_an_integer_from_2_to_16():
+    assert load_recipe("bestformer").reversible.stream_bits is None
+    finn = load_recipe("bestformer_finn")
+    assert finn.reversible.stream_bits == 8 and "FINN" in finn.description
+    assert finn.replace(**{"reversible.stream_bits": None}).to_dict() == \
+        load_recipe("bestformer").replace(**{"description": finn.description, "name": finn.name}).to_dict()
+    assert load_recipe("bestformer", {"reversible.stream_bits": 2}).reversible.stream_bits == 2
+    for bad in (1, 17, 0, -8):
+        with pytest.raises(RecipeError, match="'reversible.stream_bits' must be null"):
+            load_recipe("bestformer", {"reversible.stream_bits": bad})
+    with pytest.raises(RecipeError, match="must be an integer"):
+        load_recipe("bestformer", {"reversible.stream_bits": 8.5})
+    msg = one_sentence(pytest.raises(RecipeError, load_recipe, "bestformer_finn",
+                                     {"train.memory": "reversible"}).value)
+    assert "train.memory" in msg and "stream_bits" in msg
