@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .coupling_kernel import coupled_sum
 from .stream_quant import StreamQuant
 
 EVAL_HEADS = ("mean", "head", "head2")
@@ -80,7 +81,7 @@ class ReversibleCoupling(nn.Module):
         if self.form == "paper":
             z = f + 0.5 * (z_km2 + z_km1)
         else:
-            z = f + self.a.to(f.dtype) * z_km2 + self.b.to(f.dtype) * z_km1
+            z = coupled_sum(f, z_km2, z_km1, self.a, self.b)  # one pass each way where it applies (coupling_kernel)
         quant = self._modules.get("quant")
         return z if quant is None else quant(z)
 
