@@ -242,14 +242,21 @@ def _merge_tb(chunks: list[np.ndarray], T: int) -> np.ndarray:
 
 
 def _spike_producers(model) -> list:
-    """Nodes that output spikes, in graph order: MultiThresholds, Thresholding layers, MVAUs with thresholds."""
+    """Nodes that output spikes, in graph order: MultiThresholds, Thresholding layers, MVAUs with thresholds, and
+    the Transpose back to NCHW that FINN's Thresholding conversion puts after a channels-last threshold layer."""
     out = []
+    spiking = set()
     for node in model.graph.node:
         op = node.op_type
         if op == "MultiThreshold" or op.startswith("Thresholding"):
             out.append(node)
         elif op.startswith("MVAU") and all(not (a.name == "noActivation" and a.i == 1) for a in node.attribute):
             out.append(node)
+        elif op == "Transpose" and node.input[0] in spiking:
+            out.append(node)
+        else:
+            continue
+        spiking.add(node.output[0])
     return out
 
 
