@@ -95,6 +95,9 @@ VARIANTS = {
     "default": ("the default `bestformer` recipe as shipped", None),
     "default_bf16": ("the default `bestformer` recipe + train.precision bf16 (binary layers on bf16 products with "
                      "fp32 accumulation, bf16-rounded gradients; nn/bf16.py)", {"train.precision": "bf16"}),
+    "default_stream8": ("the default `bestformer` recipe + reversible.stream_bits 8 (= recipe bestformer_finn: coupled "
+                        "streams as 8-bit integers times a calibrated power of two, straight-through gradient; "
+                        "nn/stream_quant.py)", {"reversible.stream_bits": 8}),
 }
 # the first default candidate (bestformer.yaml while the first part of the reduced plan ran), kept for the record
 DEFAULT_V1 = ("first default candidate: calibration + preserving couplings + soft KD (τ 2) + feature alignment",
