@@ -2,10 +2,11 @@
 
 `finn_ready_graph` exports `UnrolledModel` with the TorchScript ONNX exporter at batch 1, turns constants into
 initializers, marks every ±1 weight BIPOLAR, and names every spike tensor `spike/<neuron>/t<step>` (the
-MultiThresholds appear in the graph in the order the interpreter fired them). `finn_runner` executes a FINN
-graph with FINN's Python executor and returns, besides the logits, every neuron whose spike tensors of all
-steps are still present under those names (FINN's transforms keep a MultiThreshold's output name when they
-absorb it into an MVAU or a Thresholding layer), stacked as PyTorch's neuron returns them.
+BINARY MultiThresholds appear in the graph in the order the interpreter fired them; a quantized coupled stream's
+INTn MultiThreshold is not a spike). `finn_runner` executes a FINN graph with FINN's Python executor and returns,
+besides the logits, every neuron whose spike tensors of all steps are still present under those names (FINN's
+transforms keep a MultiThreshold's output name when they absorb it into an MVAU or a Thresholding layer), stacked
+as PyTorch's neuron returns them.
 """
 from __future__ import annotations
 
@@ -81,9 +82,16 @@ def _fold_shapes(model) -> bool:
     return folded
 
 
+def _fires_spikes(node) -> bool:
+    """A neuron's MultiThreshold: out_dtype BINARY (a quantized coupled stream's, nn/stream_quant.py, is INTn)."""
+    dtype = next((a.s.decode() for a in node.attribute if a.name == "out_dtype"), "FLOAT32")
+    return node.op_type == "MultiThreshold" and dtype == "BINARY"
+
+
 def _name_spikes(proto, spikes: list[tuple[str, int, str]]) -> dict[str, tuple[list[str], str]]:
-    """Rename the MultiThreshold outputs to spike names; {neuron key: ([tensor per step], kind)}."""
-    mts = [n for n in proto.graph.node if n.op_type == "MultiThreshold"]
+    """Rename the neurons' (BINARY) MultiThreshold outputs to spike names; {neuron key: ([tensor per step],
+    kind)}. The INTn MultiThresholds of quantized coupled streams are not spikes and keep their names."""
+    mts = [n for n in proto.graph.node if _fires_spikes(n)]
     if len(mts) != len(spikes):
         return {}
     rename = {}

@@ -64,3 +64,26 @@ def test_every_1bit_layer_reaches_an_mvau_with_int8_stream_inputs(tmp_path, quan
     in_types = [dict((a.name, a.s) for a in n.attribute)["inputDataType"] for n in hw.graph.node
                 if n.op_type == "MVAU"]
     assert b"INT8" in in_types  # block 1's q/k/v and fc1 read the 8-bit stream
+
+
+@pytest.mark.skipif(importlib.util.find_spec("qonnx") is None, reason="qonnx is not installed")
+def test_finn_ready_graph_names_every_neurons_spikes_beside_the_int8_streams(quantized_seq):
+    from bestcompress.exporters.finn_ready import finn_ready_graph
+    from bestcompress.nn.lif import LIF
+    from bestcompress.nn.stream_quant import finn_lowering
+
+    x = torch.rand((1,) + tuple(quantized_seq.bc_input_shape))
+    with finn_lowering():
+        m, spikes, notes = finn_ready_graph(quantized_seq, x)
+    neurons = {n for n, mod in quantized_seq.named_modules() if isinstance(mod, LIF)}
+    assert neurons and set(spikes) == neurons, notes
+    present = {n.output[0]: n for n in m.graph.node}
+    for key, (steps, _) in spikes.items():
+        assert len(steps) == quantized_seq.T
+        for name in steps:
+            attrs = {a.name: a.s for a in present[name].attribute}
+            assert present[name].op_type == "MultiThreshold" and attrs["out_dtype"] == b"BINARY", name
+    ints = [n for n in m.graph.node if n.op_type == "MultiThreshold" and n.output[0] not in
+            {s for steps, _ in spikes.values() for s in steps}]
+    assert len(ints) == 3 * quantized_seq.T  # the streams' INT8 MultiThresholds are not named as spikes
+    assert not any("could not be matched" in n for n in notes)
