@@ -131,12 +131,16 @@ def is_marked(x: torch.Tensor) -> bool:
 
 
 class SavedTally:
-    """Bytes autograd keeps for backward, each storage counted once (what the memory benchmark reports)."""
+    """Bytes autograd keeps for backward, each storage counted once (what the memory benchmark reports).
+
+    The tally holds every storage it counted until it is dropped: a tensor saved for a graph that is freed during
+    the forward (an inner graph of a recomputed segment) would otherwise give its address to a later saved tensor,
+    which would then not be counted (the figure varied from run to run with the allocator)."""
 
     def __init__(self) -> None:
         self.bytes = 0
         self.tensors = 0
-        self._seen: set[int] = set()
+        self._seen: dict[int, torch.UntypedStorage] = {}
 
     def add(self, obj) -> None:
         if isinstance(obj, PackedBits):
@@ -148,8 +152,8 @@ class SavedTally:
         storage = obj.untyped_storage()
         key = storage.data_ptr()
         self.tensors += 1
-        if key not in self._seen:  # saved tensors stay alive until backward: an address is never reused here
-            self._seen.add(key)
+        if key not in self._seen:  # held here, so no other storage can take this address during the tally
+            self._seen[key] = storage
             self.bytes += storage.nbytes()
 
 
