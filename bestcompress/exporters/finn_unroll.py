@@ -30,6 +30,8 @@ from torch import fx, nn
 
 from ..nn.binary import is_binary_layer
 from ..nn.lif import LIF
+from .finn_layer_ops import binary_layer, float_conv, sign_and_scale
+from .finn_steps import Scaled, Steps, flat_args, map_steps
 
 SPIKE_DOMAIN = "qonnx.custom_op.general"
 
@@ -47,34 +49,6 @@ class SpikeThreshold(torch.autograd.Function):
         out = g.op(f"{SPIKE_DOMAIN}::MultiThreshold", h, thr, out_dtype_s="BINARY")
         out.setType(h.type())
         return out
-
-
-class Steps(list):
-    """T per-step tensors of one time-dependent value: kind 'tf' ([T, B, ...]) or 'tb' ([T·B, ...])."""
-
-    def __init__(self, items, kind: str, integer: bool = False, affine=None) -> None:
-        super().__init__(items)
-        self.kind = kind
-        self.integer = integer  # every value an integer (spikes, their sums, ±1 products of them)
-        self.affine = affine  # finn_lif.AffineSteps: these values are α·A_t + β of integer steps A_t
-
-    def fake_shape(self) -> tuple[int, ...]:
-        s = tuple(self[0].shape)
-        return (len(self),) + s if self.kind == "tf" else (len(self) * s[0],) + s[1:]
-
-    def stacked(self) -> torch.Tensor:
-        return torch.stack(list(self), 0) if self.kind == "tf" else torch.cat(list(self), 0)
-
-
-@dataclass
-class Scaled:
-    """Steps times a power-of-two scalar, kept apart until a MatMul has consumed the unscaled steps."""
-
-    steps: Steps
-    factor: float
-
-    def value(self) -> Steps:
-        return Steps([s * self.factor for s in self.steps], self.steps.kind)
 
 
 @dataclass
@@ -119,9 +93,9 @@ class StepInterpreter(fx.Interpreter):
 
     def _fallback(self, what: str, fn, args, kwargs):
         """Run fn on stacked tensors; split the result again when its leading axis is the time axis."""
-        kinds = [a.kind for a in _flat(args, kwargs) if isinstance(a, Steps)]
+        kinds = [a.kind for a in flat_args(args, kwargs) if isinstance(a, Steps)]
         self.log.fallbacks.append(what)
-        args, kwargs = _tree_map(lambda a: a.stacked() if isinstance(a, Steps) else a, args, kwargs)
+        args, kwargs = map_steps(lambda a: a.stacked() if isinstance(a, Steps) else a, args, kwargs)
         out = fn(*args, **kwargs)
         if isinstance(out, torch.Tensor) and kinds and out.dim() > 0:
             kind = kinds[0]
@@ -138,16 +112,16 @@ class StepInterpreter(fx.Interpreter):
             if isinstance(a, torch.Tensor) and kind == "tf" and a.dim() > 0 and a.dim() == ref_dim + 1:
                 return a[0] if a.shape[0] == 1 else a[t]
             return a
-        ref = next(a for a in _flat(args, kwargs) if isinstance(a, Steps))
+        ref = next(a for a in flat_args(args, kwargs) if isinstance(a, Steps))
         ref_dim = ref[0].dim()
-        return Steps([fn(*_tree_map(lambda a: pick(a, t), args, kwargs)[0],
-                         **_tree_map(lambda a: pick(a, t), args, kwargs)[1]) for t in range(self.T)], kind)
+        return Steps([fn(*map_steps(lambda a: pick(a, t), args, kwargs)[0],
+                         **map_steps(lambda a: pick(a, t), args, kwargs)[1]) for t in range(self.T)], kind)
 
     # ------------------------------------------------------------------------------- fx hooks
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
-        args, kwargs = _tree_map(self._value, args, kwargs)
-        steps = [a for a in _flat(args, kwargs) if isinstance(a, Steps)]
+        args, kwargs = map_steps(self._value, args, kwargs)
+        steps = [a for a in flat_args(args, kwargs) if isinstance(a, Steps)]
         if not steps:
             return module(*args, **kwargs)
         k = self.log.calls.get(target, 0)
@@ -160,7 +134,7 @@ class StepInterpreter(fx.Interpreter):
         if is_binary_layer(module) and isinstance(x, Steps) and len(args) == 1:
             return self._binary(module, self.weights[target], x)
         if type(module) is nn.Conv1d and isinstance(x, Steps) and x.kind == "tb" and len(args) == 1:
-            return Steps([_float_conv(module, s) for s in x], "tb")
+            return Steps([float_conv(module, s) for s in x], "tb")
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.MaxPool1d, nn.MaxPool2d,
                                nn.AvgPool2d, nn.Identity, nn.Dropout)) and isinstance(x, Steps) \
                 and x.kind == "tb" and len(args) == 1:
@@ -205,7 +179,7 @@ class StepInterpreter(fx.Interpreter):
     def _binary(self, module, weights: tuple, x: Steps) -> Steps:
         """The 1-bit layer per step; on integer input, its output also as α·A + b of the accumulators A."""
         from .finn_lif import affine_of_layer
-        outs = [_binary_layer(module, weights, s) for s in x]
+        outs = [binary_layer(module, weights, s) for s in x]
         y = Steps([o for o, _ in outs], x.kind)
         if x.integer:
             acc = [a for _, a in outs]
@@ -245,12 +219,12 @@ class StepInterpreter(fx.Interpreter):
                     out.affine = AffineSteps(list(prod), [full(fa * fb, p) for p in prod],
                                              [full(0.0, p) for p in prod])
                 return out
-        args, kwargs = _tree_map(self._value, args, kwargs)
+        args, kwargs = map_steps(self._value, args, kwargs)
         if target is getattr and isinstance(args[0], Steps):
             if args[1] == "shape":
                 return torch.Size(args[0].fake_shape())
             return getattr(args[0][0], args[1])
-        steps = [a for a in _flat(args, kwargs) if isinstance(a, Steps)]
+        steps = [a for a in flat_args(args, kwargs) if isinstance(a, Steps)]
         if not steps:
             return target(*args, **kwargs)
         if target in _POINTWISE:
@@ -258,17 +232,17 @@ class StepInterpreter(fx.Interpreter):
             if len(kinds) == 1:
                 out = self._per_step(target, args, kwargs, steps[0].kind)
                 out.integer = target in _INTEGER_OPS and all(
-                    a.integer if isinstance(a, Steps) else _is_int(a) for a in _flat(args, kwargs))
+                    a.integer if isinstance(a, Steps) else _is_int(a) for a in flat_args(args, kwargs))
                 return out
         return self._fallback(f"function {getattr(target, '__name__', target)}", target, args, kwargs)
 
     def call_method(self, target, args, kwargs):
-        args, kwargs = _tree_map(self._value, args, kwargs)
+        args, kwargs = map_steps(self._value, args, kwargs)
         this = args[0]
         if not isinstance(this, Steps):
             if target == "unsqueeze" and isinstance(this, torch.Tensor) and _arg(args, kwargs, 1, "dim") == 0:
                 return Steps([this], "tf")
-            if any(isinstance(a, Steps) for a in _flat(args, kwargs)):
+            if any(isinstance(a, Steps) for a in flat_args(args, kwargs)):
                 return self._fallback(f"method {target}", lambda s, *a, **k: getattr(s, target)(*a, **k),
                                       args, kwargs)
             return getattr(this, target)(*args[1:], **kwargs)
@@ -377,84 +351,10 @@ def _is_step_lif(module) -> bool:
     return cls.forward in (LIF.forward, AttentionMapNeuron.forward)
 
 
-def sign_and_scale(module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A 1-bit layer's weight as (±1 sign matrix, per-channel α_c or None when every α_c is 1)."""
-    with torch.no_grad():
-        w = module.binary_weight().float()
-    alpha = w.abs().flatten(1).amax(1)
-    sign = torch.where(w >= 0, 1.0, -1.0)
-    return sign, (None if torch.all(alpha == 1.0) else alpha)
-
-
-def _binary_layer(module, weights: tuple, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output, accumulator): the sign-matrix product (±1 constant; integer × binary), then α_c and bias."""
-    sign, alpha = weights
-    if isinstance(module, nn.Linear):
-        acc = torch.matmul(x, sign.t().contiguous())
-        shape = (-1,)
-    else:
-        acc = _conv(module, x, sign)
-        shape = (-1,) + (1,) * (x.dim() - 2)
-    y = acc
-    if alpha is not None:
-        y = y * alpha.view(shape)
-    if module.bias is not None:
-        y = y + module.bias.detach().view(shape)
-    return y, acc
-
-
-def _conv(module, x, weight, bias=None):
-    """The module's convolution with `weight`; a 1-D one as a 2-D one over a height of 1 (FINN lowers only those)."""
-    import torch.nn.functional as F
-    if weight.dim() == 3:
-        y = F.conv2d(x.unsqueeze(2), weight.unsqueeze(2), None, (1,) + tuple(module.stride),
-                     (0,) + tuple(module.padding), (1,) + tuple(module.dilation), module.groups).squeeze(2)
-    else:
-        y = F.conv2d(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
-    return y if bias is None else y + bias.view((-1,) + (1,) * (y.dim() - 2))
-
-
-def _float_conv(module: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
-    if module.padding_mode != "zeros" or isinstance(module.padding, str):
-        return module(x)
-    return _conv(module, x, module.weight.detach(), None if module.bias is None else module.bias.detach())
-
-
 def _arg(args, kwargs, i: int, name: str, default=None):
     if name in kwargs:
         return kwargs[name]
     return args[i] if len(args) > i else default
-
-
-def _flat(args, kwargs):
-    out = []
-
-    def walk(a):
-        if isinstance(a, (tuple, list)) and not isinstance(a, Steps):
-            for b in a:
-                walk(b)
-        elif isinstance(a, dict):
-            for b in a.values():
-                walk(b)
-        else:
-            out.append(a)
-    walk(args)
-    walk(kwargs)
-    return out
-
-
-def _tree_map(fn, args, kwargs):
-    def m(a):
-        if isinstance(a, Steps):
-            return fn(a)
-        if isinstance(a, tuple) and not isinstance(a, torch.Size):
-            return tuple(m(b) for b in a)
-        if isinstance(a, list):
-            return [m(b) for b in a]
-        if isinstance(a, dict):
-            return {k: m(v) for k, v in a.items()}
-        return fn(a)
-    return m(args), m(kwargs)
 
 
 class UnrolledModel(nn.Module):
