@@ -24,6 +24,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .state import forward_batches
+
 
 def batchnorms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -132,15 +134,8 @@ def calibrate_attention_scales(model: nn.Module, batches: Iterable[torch.Tensor]
         return record
 
     handles = [neuron.register_forward_hook(hook(scale)) for scale, neuron in pairs]
-    model.eval()
-    seen = 0
     try:
-        with torch.no_grad():
-            for x in batches:
-                model(x)
-                seen += 1
-                if reset is not None:
-                    reset()
+        seen = forward_batches(model, batches, reset)
     finally:
         for h in handles:
             h.remove()
@@ -184,3 +179,4 @@ def make_it_fire(model: nn.Module, input_shape, batches: int = 1) -> nn.Module:
         g = torch.Generator().manual_seed(0)
         recalibrate_batchnorm(model, (torch.rand((8,) + tuple(input_shape), generator=g) for _ in range(batches)))
     return model
+

@@ -9,6 +9,8 @@ keep none). `reset_state(model)` clears all of them; the trainer calls it before
 """
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 import torch
 from torch import nn
 from torch.fx.node import has_side_effect
@@ -88,3 +90,17 @@ def reset_module(module: nn.Module) -> None:
 
 # Library functions a forward may call to reset its own neurons, as (module, function name).
 LIBRARY_RESETS = (("snntorch.utils", "reset"), ("spikingjelly.activation_based.functional", "reset_net"))
+
+
+def forward_batches(model: nn.Module, batches: Iterable[torch.Tensor], reset: Callable[[], None] | None) -> int:
+    """Run the model in eval mode without gradients over the batches (the hooks the caller registered record what
+    they need), calling `reset` (e.g. a model's state reset) after each; returns how many batches ran."""
+    model.eval()
+    seen = 0
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+            seen += 1
+            if reset is not None:
+                reset()
+    return seen

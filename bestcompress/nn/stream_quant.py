@@ -28,6 +28,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .state import forward_batches
+
 MIN_BITS, MAX_BITS = 2, 16
 _FINN = {"on": False}
 SPIKE_DOMAIN = "qonnx.custom_op.general"
@@ -157,15 +159,9 @@ def calibrate_stream_scales(model: nn.Module, batches: Iterable[torch.Tensor],
     was = [bool(q.calibrated) for q in quants]
     for q in quants:
         q.calibrated.fill_(False)
-    model.eval()
     seen = 0
     try:
-        with torch.no_grad():
-            for x in batches:
-                model(x)
-                seen += 1
-                if reset is not None:
-                    reset()
+        seen = forward_batches(model, batches, reset)
     finally:
         for h in handles:
             h.remove()
