@@ -13,28 +13,17 @@ expression.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 
-_CSRC = Path(__file__).resolve().parent / "csrc" / "coupling.cpp"
+from .extensions import compiled_once
+
 _state: dict = {}
 
 
 def _cpp():
     """The compiled kernels, or None (no compiler / headers, or BESTCOMPRESS_COUPLING=torch)."""
-    if "mod" not in _state:
-        mod = None
-        if os.environ.get("BESTCOMPRESS_COUPLING", "auto").strip().lower() != "torch":
-            try:
-                from torch.utils.cpp_extension import load
-                mod = load(name="bestcompress_coupling", sources=[str(_CSRC)], verbose=False,
-                           extra_cflags=["-O3", "-ffp-contract=off"])
-            except Exception:  # noqa: BLE001 - no compiler: the plain expression
-                mod = None
-        _state["mod"] = mod
-    return _state["mod"]
+    return compiled_once(_state, "mod", "bestcompress_coupling", "coupling.cpp", "BESTCOMPRESS_COUPLING",
+                         flags=("-O3", "-ffp-contract=off"))
 
 
 class _Coupling(torch.autograd.Function):

@@ -14,34 +14,22 @@ graph being traced/exported, `momentum=None` or no affine/running statistics use
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 from torch import nn
 
+from .extensions import compiled_once
 
 _MAX_MEAN2_OVER_VAR = 1e3  # beyond this E[x²]-E[x]² loses digits: use var_mean (slower on this layout)
 _MAX_MEAN2_OVER_VAR_64 = 1e8  # float64 sums (csrc/norm.cpp): their error, ~1e-16 mean², stays far below float32's
 #                               resolution of var + eps up to this ratio (a constant column no longer falls back)
-_CSRC = Path(__file__).resolve().parent / "csrc" / "norm.cpp"
 _kernel: dict = {}
 
 
 def _cpp():
     """The compiled column-sum kernels (csrc/norm.cpp: each pair of sums and the gradient in one pass, sums in
     float64), or None where they cannot be built or BESTCOMPRESS_NORM=torch (torch ops then compute the same)."""
-    if "cpp" not in _kernel:
-        mod = None
-        if os.environ.get("BESTCOMPRESS_NORM", "auto").strip().lower() != "torch":
-            try:
-                from torch.utils.cpp_extension import load
-                mod = load(name="bestcompress_norm", sources=[str(_CSRC)], verbose=False,
-                           extra_cflags=["-O3", "-ffp-contract=off"])
-            except Exception:  # noqa: BLE001 - no compiler / headers: the torch ops below
-                mod = None
-        _kernel["cpp"] = mod
-    return _kernel["cpp"]
+    return compiled_once(_kernel, "cpp", "bestcompress_norm", "norm.cpp", "BESTCOMPRESS_NORM",
+                         flags=("-O3", "-ffp-contract=off"))
 
 
 def _fused(x2) -> bool:

@@ -18,14 +18,13 @@ a residual sum of spikes) returns None and the layer runs its own float32 forwar
 """
 from __future__ import annotations
 
-import os
 import threading
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
-_CSRC = Path(__file__).resolve().parent / "csrc" / "spike_u8.cpp"
+from .extensions import compiled_once
+
 _state: dict = {}
 _local = threading.local()
 
@@ -43,19 +42,14 @@ def disabled():
 
 def _kernel():
     """The compiled spikes→uint8 converter, or None (no compiler, no oneDNN quantized conv, or switched off)."""
-    if "mod" not in _state:
-        mod = None
-        if os.environ.get("BESTCOMPRESS_INT_FORWARD", "auto").strip().lower() not in ("off", "0", "false", "no"):
-            try:
-                torch.ops.onednn.qconv_prepack  # noqa: B018 - present in oneDNN-enabled CPU builds
-                torch.ops.onednn.qconv2d_pointwise  # noqa: B018
-                from torch.utils.cpp_extension import load
-                mod = load(name="bestcompress_spike_u8", sources=[str(_CSRC)], verbose=False,
-                           extra_cflags=["-O3"])
-            except Exception:  # noqa: BLE001 - no compiler / headers / oneDNN: the float32 path
-                mod = None
-        _state["mod"] = mod
-    return _state["mod"]
+    return compiled_once(_state, "mod", "bestcompress_spike_u8", "spike_u8.cpp", "BESTCOMPRESS_INT_FORWARD",
+                         off=("off", "0", "false", "no"), requires=_onednn_qconv)
+
+
+def _onednn_qconv() -> None:
+    """Raises where this torch build has no oneDNN quantized convolution (present in oneDNN-enabled CPU builds)."""
+    torch.ops.onednn.qconv_prepack  # noqa: B018
+    torch.ops.onednn.qconv2d_pointwise  # noqa: B018
 
 
 def _int8_conv(xu: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups) -> torch.Tensor:
