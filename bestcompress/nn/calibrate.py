@@ -134,12 +134,7 @@ def calibrate_attention_scales(model: nn.Module, batches: Iterable[torch.Tensor]
         return record
 
     handles = [neuron.register_forward_hook(hook(scale)) for scale, neuron in pairs]
-    try:
-        seen = forward_batches(model, batches, reset)
-    finally:
-        for h in handles:
-            h.remove()
-    if seen == 0:
+    if forward_batches(model, batches, reset, handles) == 0:
         return 0
     done = 0
     for scale, _ in pairs:
@@ -171,12 +166,13 @@ def make_it_fire(model: nn.Module, input_shape, batches: int = 1) -> nn.Module:
             with torch.no_grad():
                 bn.weight.fill_(2.0)
                 bn.bias.fill_(0.5)
-    g = torch.Generator().manual_seed(0)
-    recalibrate_batchnorm(model, (torch.rand((8,) + tuple(input_shape), generator=g) for _ in range(batches)))
-    from .stream_quant import calibrate_stream_scales
-    g = torch.Generator().manual_seed(0)  # quantized coupled streams (reversible.stream_bits): their grids too
-    if calibrate_stream_scales(model, (torch.rand((8,) + tuple(input_shape), generator=g) for _ in range(batches))):
-        g = torch.Generator().manual_seed(0)
-        recalibrate_batchnorm(model, (torch.rand((8,) + tuple(input_shape), generator=g) for _ in range(batches)))
-    return model
 
+    def seeded_inputs():  # the same random batches for every pass
+        g = torch.Generator().manual_seed(0)
+        return (torch.rand((8,) + tuple(input_shape), generator=g) for _ in range(batches))
+
+    recalibrate_batchnorm(model, seeded_inputs())
+    from .stream_quant import calibrate_stream_scales
+    if calibrate_stream_scales(model, seeded_inputs()):  # quantized coupled streams (reversible.stream_bits)
+        recalibrate_batchnorm(model, seeded_inputs())
+    return model

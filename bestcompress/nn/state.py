@@ -92,15 +92,21 @@ def reset_module(module: nn.Module) -> None:
 LIBRARY_RESETS = (("snntorch.utils", "reset"), ("spikingjelly.activation_based.functional", "reset_net"))
 
 
-def forward_batches(model: nn.Module, batches: Iterable[torch.Tensor], reset: Callable[[], None] | None) -> int:
-    """Run the model in eval mode without gradients over the batches (the hooks the caller registered record what
-    they need), calling `reset` (e.g. a model's state reset) after each; returns how many batches ran."""
+def forward_batches(model: nn.Module, batches: Iterable[torch.Tensor], reset: Callable[[], None] | None,
+                    hooks=()) -> int:
+    """Run the model in eval mode without gradients over the batches (the `hooks` the caller registered record
+    what they need; they are removed at the end, also on an error), calling `reset` (e.g. a model's state reset)
+    after each; returns how many batches ran."""
     model.eval()
     seen = 0
-    with torch.no_grad():
-        for x in batches:
-            model(x)
-            seen += 1
-            if reset is not None:
-                reset()
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+                seen += 1
+                if reset is not None:
+                    reset()
+    finally:
+        for h in hooks:
+            h.remove()
     return seen

@@ -161,10 +161,8 @@ def calibrate_stream_scales(model: nn.Module, batches: Iterable[torch.Tensor],
         q.calibrated.fill_(False)
     seen = 0
     try:
-        seen = forward_batches(model, batches, reset)
+        seen = forward_batches(model, batches, reset, handles)
     finally:
-        for h in handles:
-            h.remove()
         if seen == 0:
             for q, c in zip(quants, was):
                 q.calibrated.fill_(c)
