@@ -18,18 +18,19 @@ def sign_and_scale(module) -> tuple[torch.Tensor, torch.Tensor | None]:
 def binary_layer(module, weights: tuple, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(output, accumulator): the sign-matrix product (±1 constant; integer × binary), then α_c and bias."""
     sign, alpha = weights
-    if isinstance(module, nn.Linear):
-        acc = torch.matmul(x, sign.t().contiguous())
-        shape = (-1,)
-    else:
-        acc = conv_2d_form(module, x, sign)
-        shape = (-1,) + (1,) * (x.dim() - 2)
+    acc = torch.matmul(x, sign.t().contiguous()) if isinstance(module, nn.Linear) else conv_2d_form(module, x, sign)
+    shape = channel_shape(module, acc.dim())
     y = acc
     if alpha is not None:
         y = y * alpha.view(shape)
     if module.bias is not None:
         y = y + module.bias.detach().view(shape)
     return y, acc
+
+
+def channel_shape(module, dim: int) -> tuple[int, ...]:
+    """How a per-output-channel vector is viewed against the layer's `dim`-d output (last axis for a Linear)."""
+    return (-1,) if isinstance(module, nn.Linear) else (-1,) + (1,) * (dim - 2)
 
 
 def conv_2d_form(module, x, weight, bias=None):

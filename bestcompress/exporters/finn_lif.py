@@ -69,6 +69,11 @@ def affine_of_layer(acc: list, alpha: torch.Tensor | None, bias: torch.Tensor | 
     return AffineSteps(acc, a, b)
 
 
+def scaled_integers(acc: list, factor: float) -> AffineSteps:
+    """Integer steps times a constant: α = factor, β = 0 everywhere."""
+    return AffineSteps(acc, [full(factor, s) for s in acc], [full(0.0, s) for s in acc])
+
+
 def through_batchnorm(aff: AffineSteps, bn) -> AffineSteps | None:
     """The affine form after an eval BatchNorm over dim 1 of each step (None when BN is not a fixed affine)."""
     if bn.training or bn.running_mean is None or bn.running_var is None or aff[0].dim() < 2 \

@@ -30,7 +30,7 @@ from torch import fx, nn
 
 from ..nn.binary import is_binary_layer
 from ..nn.lif import LIF
-from .finn_layer_ops import binary_layer, float_conv, sign_and_scale
+from .finn_layer_ops import binary_layer, channel_shape, float_conv, sign_and_scale
 from .finn_steps import Scaled, Steps, flat_args, map_steps
 
 SPIKE_DOMAIN = "qonnx.custom_op.general"
@@ -154,10 +154,10 @@ class StepInterpreter(fx.Interpreter):
         return self._fallback(f"module {key} ({type(module).__name__})", module, args, kwargs)
 
     def _lif(self, module: LIF, x: Steps, key: str) -> Steps:
-        from .finn_lif import AffineSteps, integer_lif, full
+        from .finn_lif import integer_lif, scaled_integers
         aff = x.affine
         if aff is None and x.integer:
-            aff = AffineSteps(list(x), [full(1.0, s) for s in x], [full(0.0, s) for s in x])
+            aff = scaled_integers(list(x), 1.0)
         if aff is not None:
             spikes, how = integer_lif(module, aff, lambda z: SpikeThreshold.apply(z, 0.0))
         else:
@@ -183,8 +183,7 @@ class StepInterpreter(fx.Interpreter):
         y = Steps([o for o, _ in outs], x.kind)
         if x.integer:
             acc = [a for _, a in outs]
-            shape = (-1,) if isinstance(module, nn.Linear) else (-1,) + (1,) * (acc[0].dim() - 2)
-            y.affine = affine_of_layer(acc, weights[1], module.bias, shape)
+            y.affine = affine_of_layer(acc, weights[1], module.bias, channel_shape(module, acc[0].dim()))
         return y
 
     @staticmethod
@@ -215,9 +214,8 @@ class StepInterpreter(fx.Interpreter):
                 prod = self.call_function(target, (a, b), {})
                 out = Steps([p * (fa * fb) for p in prod], prod.kind)
                 if prod.integer:
-                    from .finn_lif import AffineSteps, full
-                    out.affine = AffineSteps(list(prod), [full(fa * fb, p) for p in prod],
-                                             [full(0.0, p) for p in prod])
+                    from .finn_lif import scaled_integers
+                    out.affine = scaled_integers(list(prod), fa * fb)
                 return out
         args, kwargs = map_steps(self._value, args, kwargs)
         if target is getattr and isinstance(args[0], Steps):
