@@ -87,28 +87,38 @@ def _lif_step(neuron, x, reset=None):
     return run
 
 
-def bench_lif(repeats: int) -> list[dict]:
+def _lif_pair():
+    """(our LIF, spikingjelly 2.0's LIFNode in step_mode 'm'), the same neuron: tau 2, V_th 1, hard reset to 0,
+    detached reset, sigmoid surrogate (alpha 4)."""
     from spikingjelly.activation_based import neuron, surrogate
     from bestcompress.nn.lif import LIF
+
+    ours = LIF(tau=2.0, v_threshold=1.0, v_reset=0.0, detach_reset=True)
+    sj = neuron.LIFNode(tau=2.0, step_mode="m", surrogate_function=surrogate.Sigmoid(alpha=4.0), detach_reset=True)
+    return ours, sj
+
+
+def _plain_lif_step(ours, x):
+    """`_lif_step(ours, x)` with our plain per-step loop (BESTCOMPRESS_LIF=reference for the call)."""
+    def run():
+        os.environ["BESTCOMPRESS_LIF"] = "reference"
+        try:
+            _lif_step(ours, x)()
+        finally:
+            os.environ["BESTCOMPRESS_LIF"] = "auto"
+    return run
+
+
+def bench_lif(repeats: int) -> list[dict]:
     from bestcompress.nn.lif_kernel import lif_backend
 
     rows = []
     for shape in ((4, 64, 384, 64), (16, 16, 384, 64)):
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-        ours = LIF(tau=2.0, v_threshold=1.0, v_reset=0.0, detach_reset=True)
-        sj = neuron.LIFNode(tau=2.0, step_mode="m", surrogate_function=surrogate.Sigmoid(alpha=4.0),
-                            detach_reset=True)
-
-        def plain():
-            os.environ["BESTCOMPRESS_LIF"] = "reference"
-            try:
-                _lif_step(ours, x)()
-            finally:
-                os.environ["BESTCOMPRESS_LIF"] = "auto"
-
+        ours, sj = _lif_pair()
         faults = {}
         t = interleaved({"ours": _lif_step(ours, x), "spikingjelly": _lif_step(sj, x, sj.reset),
-                         "plain": plain}, repeats, faults)
+                         "plain": _plain_lif_step(ours, x)}, repeats, faults)
         rows.append({"shape": list(shape), "backend": lif_backend()[0], "why": lif_backend()[1], "seconds": t,
                      "page_faults_per_call": faults,
                      "lif_vs_spikingjelly": t["ours"] / t["spikingjelly"],
@@ -142,30 +152,19 @@ def bench_lif_gpu(repeats: int) -> dict:
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
     try:
-        from spikingjelly.activation_based import neuron, surrogate
+        ours, sj = _lif_pair()
     except ImportError as e:  # a GPU machine without it (benchmarks/gpu_check.sh installs it from .whl/)
         return {"skipped": f"spikingjelly not importable ({e})"}
-    from bestcompress.nn.lif import LIF
     from bestcompress.nn.lif_kernel import lif_backend
 
     x = torch.randn(4, 64, 384, 64, generator=torch.Generator().manual_seed(0)).cuda()
-    ours = LIF(tau=2.0, v_threshold=1.0, v_reset=0.0, detach_reset=True)
-    sj = neuron.LIFNode(tau=2.0, step_mode="m", surrogate_function=surrogate.Sigmoid(alpha=4.0), detach_reset=True)
     os.environ["BESTCOMPRESS_LIF"] = "auto"
     backend, why = lif_backend("cuda")
     with torch.no_grad():
         sj.reset()
         same = bool(torch.equal(ours(x), sj(x)))
-
-    def plain():
-        os.environ["BESTCOMPRESS_LIF"] = "reference"
-        try:
-            _lif_step(ours, x)()
-        finally:
-            os.environ["BESTCOMPRESS_LIF"] = "auto"
-
-    t = interleaved_cuda({"ours": _lif_step(ours, x), "spikingjelly": _lif_step(sj, x, sj.reset), "plain": plain},
-                         repeats)
+    t = interleaved_cuda({"ours": _lif_step(ours, x), "spikingjelly": _lif_step(sj, x, sj.reset),
+                          "plain": _plain_lif_step(ours, x)}, repeats)
     return {"shape": list(x.shape), "backend": backend, "why": why, "device": torch.cuda.get_device_name(x.device),
             "ms_per_call": t, "spikes_equal_spikingjelly": same, "lif_gpu": t["ours"] / t["spikingjelly"],
             "lif_gpu_fused_vs_plain": t["ours"] / t["plain"]}
