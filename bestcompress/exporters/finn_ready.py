@@ -20,6 +20,7 @@ from torch import fx, nn
 
 from ..errors import ExportError, short_reason
 from ..model_facts import model_time_steps
+from .finn_stream import threshold_out_dtype
 
 SPIKE_PREFIX = "spike/"
 
@@ -84,8 +85,7 @@ def _fold_shapes(model) -> bool:
 
 def _fires_spikes(node) -> bool:
     """A neuron's MultiThreshold: out_dtype BINARY (a quantized coupled stream's, nn/stream_quant.py, is INTn)."""
-    dtype = next((a.s.decode() for a in node.attribute if a.name == "out_dtype"), "FLOAT32")
-    return node.op_type == "MultiThreshold" and dtype == "BINARY"
+    return threshold_out_dtype(node) == "BINARY"
 
 
 def _name_spikes(proto, spikes: list[tuple[str, int, str]]) -> dict[str, tuple[list[str], str]]:

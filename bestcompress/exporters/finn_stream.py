@@ -13,12 +13,16 @@ import numpy as np
 from onnx import helper
 
 
-def _int_threshold(model, name: str) -> bool:
-    node = model.find_producer(name)
+def threshold_out_dtype(node) -> str | None:
+    """A MultiThreshold's out_dtype ('BINARY' for a neuron's spikes, 'INTn' for a quantized stream); None for
+    another node or when the attribute is absent."""
     if node is None or node.op_type != "MultiThreshold":
-        return False
-    dtype = next((a.s.decode() for a in node.attribute if a.name == "out_dtype"), "")
-    return dtype.startswith("INT")
+        return None
+    return next((a.s.decode() for a in node.attribute if a.name == "out_dtype"), None)
+
+
+def _int_threshold(model, name: str) -> bool:
+    return (threshold_out_dtype(model.find_producer(name)) or "").startswith("INT")
 
 
 class SplitStreamScale:
