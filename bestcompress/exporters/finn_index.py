@@ -12,9 +12,17 @@ position is used only when the element there still carries the name asked for; o
 the container (one O(N) pass, what qonnx pays on every call). Transforms may edit the graph directly (insert,
 remove, rename in place): a stale position fails the check, nothing is trusted blindly.
 
-A name that is not in a container cannot be checked that way, so absent answers are proven instead where ONNX's
-single-assignment rule allows it: a tensor held by an initializer or a graph input has no producer node, and a
-tensor a node produces (checked as above) is not an initializer. Other misses rebuild the map, as qonnx scans.
+A name that is not in a container cannot be checked that way. Absent answers are proven where ONNX's
+single-assignment rule allows it (a tensor held by an initializer or a graph input has no producer node, and a
+tensor a node produces, checked as above, is not an initializer), or from the map's stamp: the container's
+length, its last element's name and a rename count, taken when the map was built. Containers grow by appending
+(qonnx's set_tensor_datatype / set_tensor_shape / set_initializer), shrink by removal, and change names in place
+only through `ModelWrapper.rename_tensor` and this package's renamers (finn_names.py, finn_ready.rename_spikes),
+each of which counts a rename (`renamed()`); so an unchanged stamp means the names are the map's and the miss is
+true. A changed stamp rebuilds the map, as qonnx scans. (The misses were the rest of the quadratic cost: qonnx asks
+for the datatype of every un-annotated tensor, the value info of every initializer; at the default
+spikformer_seq FINN-ready graph 16 of its 20 CPU seconds were those rebuilds.) graph.input and graph.output are
+never answered from a stamp (FINN's insertion transforms rename their elements in place).
 On graphs that break ONNX's rules (one name on two elements, a tensor both produced and initialized) qonnx raises
 or returns the first match; these versions assume valid graphs there. tests/exporters/test_finn_index.py checks
 that FINN's transforms give the same graph with and without them.
@@ -33,6 +41,12 @@ class _Maps:
         self.maps: OrderedDict = OrderedDict()
         self.rebuilds = 0
         self.hits = 0
+        self.proven_absent = 0
+        self.renames = 0  # in-place renames so far (renamed()): a stamp taken before one is void
+        self.value_infos: dict = {}  # id -> graph.value_info containers seen (their misses may be stamped)
+
+    def _stamp(self, container, field: str) -> tuple:
+        return len(container), getattr(container[-1], field) if len(container) else None, self.renames
 
     def index(self, container, field: str, rebuild: bool = False) -> dict:
         key = (id(container), field)
@@ -45,15 +59,33 @@ class _Maps:
         for i, x in enumerate(container):
             n = getattr(x, field)
             names[n] = i if n not in names else -1  # -1: the name is on several elements (qonnx raises)
-        self.maps[key] = (container, names)
+        self.maps[key] = (container, names, self._stamp(container, field))
         self.maps.move_to_end(key)
         while len(self.maps) > _KEEP:
             self.maps.popitem(last=False)
         return names
 
-    def find(self, container, name: str, field: str = "name", rebuild: bool = True):
+    def _extended(self, container, field: str) -> bool:
+        """True when the map of `container` holds all its names by its stamp: unchanged, or only appended to
+        (the old last element still last of the old length, no rename since), in which case the appended
+        names are added and the stamp renewed; False when it needs a rebuild."""
+        key = (id(container), field)
+        _, names, (length, last, renames) = self.maps[key]
+        now = self._stamp(container, field)
+        if now == (length, last, renames):
+            return True
+        if renames != self.renames or now[0] < length or (length and getattr(container[length - 1], field) != last):
+            return False
+        for i in range(length, now[0]):  # appended: valid graphs hold each name once, so the prefix is intact
+            n = getattr(container[i], field)
+            names[n] = i if n not in names else -1
+        self.maps[key] = (container, names, now)
+        return True
+
+    def find(self, container, name: str, field: str = "name", rebuild: bool = True, stamped: bool = True):
         """(found, item): the element of `container` whose `field` is `name`, checked against the container;
-        without `rebuild`, (False, None) may also mean that the map was stale."""
+        a miss is trusted when the map's stamp still holds (unless not `stamped`); without `rebuild`, (False,
+        None) may also mean that the map was stale."""
         names = self.index(container, field)
         i = names.get(name)
         if i is not None and 0 <= i < len(container):
@@ -63,6 +95,14 @@ class _Maps:
                 return True, item
         if not rebuild:
             return False, None
+        if i is None and stamped and self._extended(container, field):
+            i = names.get(name)
+            if i is None:
+                self.proven_absent += 1
+                return False, None
+            if i >= 0:
+                self.hits += 1
+                return True, container[i]
         names = self.index(container, field, rebuild=True)
         i = names.get(name)
         if i is None:
@@ -94,10 +134,17 @@ class _Maps:
 MAPS = _Maps()
 
 
+_STAMPED_ELEMENTS = ("TensorProto", "TensorAnnotation")  # initializers, quantization annotations
+
+
 def _get_by_name(container, name, name_field="name"):
     if not _ACTIVE or len(container) < _SMALL:  # a module that imported it inside the block keeps it
         return _ORIGINAL["get_by_name"](container, name, name_field)
-    return MAPS.find(container, name, name_field)[1]
+    # stamped misses only for initializers, annotations and a graph's value_info (not nodes: node names change
+    # in place; not graph inputs/outputs)
+    stamped = (container[0].DESCRIPTOR.name in _STAMPED_ELEMENTS
+               or MAPS.value_infos.get(id(container)) is container)
+    return MAPS.find(container, name, name_field, stamped=stamped)[1]
 
 
 def _scan(container, name):
@@ -107,13 +154,26 @@ def _scan(container, name):
     return None
 
 
+def renamed() -> None:
+    """Say that an element of a container was renamed in place (stamped misses taken before are void)."""
+    MAPS.renames += 1
+
+
 def _valueinfo(graph, name):
     """The ValueInfoProto of `name` among the graph inputs, outputs and value_info, in qonnx's order."""
     for c in (graph.input, graph.output):
-        vi = _scan(c, name) if len(c) < _SMALL else MAPS.find(c, name)[1]
+        vi = _scan(c, name) if len(c) < _SMALL else MAPS.find(c, name, stamped=False)[1]
         if vi is not None:
             return vi
+    MAPS.value_infos[id(graph.value_info)] = graph.value_info
+    while len(MAPS.value_infos) > _KEEP:  # each holds its model alive
+        del MAPS.value_infos[next(iter(MAPS.value_infos))]
     return MAPS.find(graph.value_info, name)[1]
+
+
+def rename_tensor(self, old_name, new_name):
+    _ORIGINAL["rename_tensor"](self, old_name, new_name)
+    renamed()
 
 
 def get_tensor_valueinfo(self, tensor_name):
@@ -194,7 +254,7 @@ def indexed_lookups():
         yield MAPS
         return
     patched = {"get_tensor_valueinfo": get_tensor_valueinfo, "get_tensor_shape": get_tensor_shape,
-               "get_initializer": get_initializer, "find_producer": find_producer}
+               "get_initializer": get_initializer, "find_producer": find_producer, "rename_tensor": rename_tensor}
     if not _ORIGINAL:
         _ORIGINAL["get_by_name"] = util.get_by_name
         _ORIGINAL.update({name: getattr(ModelWrapper, name) for name in patched})
@@ -223,3 +283,4 @@ def indexed_lookups():
         for module, name, _ in classes:
             setattr(module, name, _ORIGINAL[(module.__name__, name)])
         MAPS.maps.clear()
+        MAPS.value_infos.clear()

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from .finn_index import renamed
+
 _FIELDS = (("input", "name"), ("output", "name"), ("value_info", "name"), ("initializer", "name"),
            ("quantization_annotation", "tensor_name"))
 
@@ -47,6 +49,7 @@ class Renamer:
     def rename(self, old: str, new: str) -> None:
         if old == new:
             return
+        renamed()  # finn_index's stamped misses
         for field, key in _FIELDS:
             found = self.where.get((field, old))
             if not found:

@@ -20,6 +20,7 @@ from torch import fx, nn
 
 from ..errors import ExportError, short_reason
 from ..model_facts import model_time_steps
+from .finn_index import renamed
 from .finn_stream import threshold_out_dtype
 
 SPIKE_PREFIX = "spike/"
@@ -296,4 +297,5 @@ def rename_spikes(model, ready, spikes: dict, x: np.ndarray) -> tuple[int, int]:
         vi.name = rename.get(vi.name, vi.name)
     for ann in model.graph.quantization_annotation:
         ann.tensor_name = rename.get(ann.tensor_name, ann.tensor_name)
+    renamed()  # in place: finn_index's stamped misses taken before are void
     return len(rename), len(names)

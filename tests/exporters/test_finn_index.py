@@ -93,35 +93,39 @@ def _answers(model, names):
 def test_lookups_follow_direct_edits_of_the_graph():
     from onnx import helper
 
-    from bestcompress.exporters.finn_index import indexed_lookups
+    from qonnx.core.datatype import DataType
 
-    model = _wide_graph()
-    names = [f"t{i}" for i in range(41)] + [f"c{i}" for i in range(40)] + ["new", "gone"]
-    g = model.graph
+    from bestcompress.exporters.finn_index import indexed_lookups, renamed
 
-    def edits():
+    names = [f"t{i}" for i in range(41)] + [f"c{i}" for i in range(40)] + ["new", "gone", "absent", "absent2", "t0b"]
+
+    def edits(model):
+        g = model.graph
         yield lambda: None
         yield lambda: model.rename_tensor("t5", "new")  # in place, every container
         yield lambda: g.initializer.remove(g.initializer[3])  # positions shift
         yield lambda: g.node.insert(0, helper.make_node("Relu", ["t0"], ["gone"], name="relu"))
         yield lambda: g.node.remove(g.node[0])
-        yield lambda: setattr(g.value_info[7], "name", "gone")  # a direct in-place rename
+        yield lambda: (setattr(g.value_info[7], "name", "gone"), renamed())  # a direct in-place rename, said
         yield lambda: g.quantization_annotation.remove(g.quantization_annotation[2])
         yield lambda: model.set_initializer("c7", np.zeros((1, 4), np.float32))  # replaced, moved to the end
+        yield lambda: model.set_tensor_datatype("new", DataType["INT4"])  # appended after a miss on "new"
+        yield lambda: (model.set_tensor_shape("t9", [2, 2]), model.set_tensor_shape("absent", [3]))  # moved, added
+        yield lambda: (g.value_info.remove(g.value_info[0]), model.set_tensor_shape("t0b", [1]))  # same length
+        yield lambda: model.rename_tensor("t12", "absent2")  # in place, in the middle of every container
 
-    with indexed_lookups() as maps:
-        ours = []
-        for edit in edits():
+    def run(order):
+        model, answers = _wide_graph(), []
+        for edit in edits(model):
             edit()
-            ours.append(_answers(model, names))
-        assert maps.hits > 0
-    model = _wide_graph()
-    g = model.graph
-    theirs = []
-    for edit in edits():
-        edit()
-        theirs.append(_answers(model, names))
-    assert ours == theirs
+            answers.append(_answers(model, order))  # each name's misses are stamped before the next edit
+        return answers
+
+    for order in (names, names[::-1]):  # a renamed element's new name asked before (or after) its old one
+        with indexed_lookups() as maps:
+            ours = run(order)
+            assert maps.hits > 0 and maps.proven_absent > 0
+        assert ours == run(order)
 
 
 def test_duplicate_names_raise_as_in_qonnx():
