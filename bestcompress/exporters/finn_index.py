@@ -248,7 +248,7 @@ def indexed_lookups():
     import qonnx.util.basic as util
     from qonnx.core.modelwrapper import ModelWrapper
 
-    from .finn_names import readable_tensor_names_class, sort_graph_class, unique_tensor_names_class
+    from .finn_names import Renamer, readable_tensor_names_class, sort_graph_class, unique_tensor_names_class
 
     if _ACTIVE:
         yield MAPS
@@ -272,6 +272,7 @@ def indexed_lookups():
     util.get_by_name = _get_by_name
     for module, name, cls in classes:
         setattr(module, name, cls)
+    Renamer.on_rename = staticmethod(renamed)
     _ACTIVE = True
     try:
         yield MAPS
@@ -282,5 +283,6 @@ def indexed_lookups():
             setattr(ModelWrapper, name, _ORIGINAL[name])
         for module, name, _ in classes:
             setattr(module, name, _ORIGINAL[(module.__name__, name)])
+        Renamer.on_rename = staticmethod(lambda: None)
         MAPS.maps.clear()
         MAPS.value_infos.clear()
