@@ -26,6 +26,7 @@ class WeightsConfig:
     binarize: bool = True
     quantizer: Literal["sign", "sign_scaled"] = "sign"  # sign: W_b in {-1,+1}; sign_scaled: alpha_c*sign
     keep_full_precision: tuple[str, ...] = ("first", "heads")  # 'first', 'heads' or fnmatch name patterns
+    channels_last: bool = True  # binary Conv2d train on channels-last memory on CPU (passes/channels_last.py)
 
 
 @dataclass(frozen=True)

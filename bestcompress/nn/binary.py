@@ -17,6 +17,7 @@ from torch import nn
 
 from .bf16 import bf16_active, bf16_conv, bf16_linear, plan
 from .int_forward import int_conv2d
+from .channels_last import channels_last_input
 
 EPS = 1e-8
 
@@ -78,6 +79,8 @@ class _BinaryWeightMixin:
         return cache[1]
 
     def forward(self, x):
+        if isinstance(self, QuantConv2d):
+            x = channels_last_input(self, x)  # CPU training, where set (nn/channels_last.py)
         w = self._cached_weight()
         if bf16_active():  # opt-in: the same numbers from bf16 GEMMs where exact (nn/bf16.py)
             wq = w if w is not None else self.quant_weight().value

@@ -9,8 +9,8 @@ the float32 layer's. Backward is untouched: the same `aten::convolution_backward
 weight that autograd would call, so gradients are equal bit for bit too (tests).
 
 Where it applies (`int_conv2d`): outside the opt-in bf16 mode (nn/bf16.py has its own), a BinaryConv2d in
-training (no cached weight) on a contiguous CPU float32 4-d input, zero padding, no bias, unscaled weights whose
-values are all ±1, no graph being traced/exported/compiled, and an input that is 0/1 by bits (checked while it is
+training (no cached weight) on a contiguous CPU float32 4-d input (or a channels-last one, nn/channels_last.py:
+the output is then channels-last too), zero padding, no bias, unscaled weights whose values are all ±1, no graph being traced/exported/compiled, and an input that is 0/1 by bits (checked while it is
 converted to uint8 in one pass: csrc/spike_u8.cpp, built on first use like the LIF kernel; without a compiler or
 with BESTCOMPRESS_INT_FORWARD=off, or where oneDNN's quantized convolution is missing, every call keeps the
 float32 path; `disabled()` switches it off within a block). Anything else (the image fed to the first convolution,
@@ -19,25 +19,20 @@ a residual sum of spikes) returns None and the layer runs its own float32 forwar
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
 
 import torch
 
 from .extensions import compiled_once
+from .layout import as_dense, restore
+from .local_flag import setting
 
 _state: dict = {}
 _local = threading.local()
 
 
-@contextmanager
 def disabled():
     """Within the block, binary convolutions keep their float32 forward (benchmarks compare the two paths)."""
-    outer = getattr(_local, "off", False)
-    _local.off = True
-    try:
-        yield
-    finally:
-        _local.off = outer
+    return setting(_local, "off", True)
 
 
 def _kernel():
@@ -53,14 +48,15 @@ def _onednn_qconv() -> None:
 
 
 def _int8_conv(xu: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups) -> torch.Tensor:
-    """Σ xu·w as float32 (contiguous), from uint8 spikes and ±1 weights, int32 accumulation."""
+    """Σ xu·w as float32 from uint8 spikes and ±1 weights, int32 accumulation: channels-last (oneDNN's own
+    layout) for a channels-last xu, else contiguous."""
     c_out = w.shape[0]
     ones = torch.ones(c_out)
     packed = torch.ops.onednn.qconv_prepack(w.to(torch.int8), ones, 1.0, 0, stride, padding, dilation, groups,
                                             tuple(xu.shape))
     y = torch.ops.onednn.qconv2d_pointwise(xu, 1.0, 0, packed, ones, torch.zeros(c_out, dtype=torch.long), None,
                                            stride, padding, dilation, groups, 1.0, 0, torch.float32, "none", [], "")
-    if y.is_contiguous():
+    if y.is_contiguous() or xu.is_contiguous(memory_format=torch.channels_last):
         return y
     if y.is_contiguous(memory_format=torch.channels_last):
         return _kernel().nhwc_to_nchw(y)
@@ -91,7 +87,8 @@ class _IntForwardConv(torch.autograd.Function):
 def _applies(layer, x) -> bool:
     from .bf16 import bf16_active
     return (type(x) is torch.Tensor and x.dim() == 4 and x.dtype == torch.float32 and x.device.type == "cpu"
-            and x.is_contiguous() and x.numel() > 0 and layer.bias is None
+            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+            and x.numel() > 0 and layer.bias is None
             and not getattr(layer, "binary_scaled", False) and layer.padding_mode == "zeros"
             and not isinstance(layer.padding, str) and not bf16_active()
             and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()))
@@ -104,8 +101,10 @@ def int_conv2d(layer, x: torch.Tensor) -> torch.Tensor | None:
     w = layer.quant_weight().value
     if type(w) is not torch.Tensor or w.dtype != torch.float32 or not bool((w.detach().abs() == 1).all()):
         return None
-    xu = _kernel().spikes_to_u8(x)
+    xd, order = as_dense(x)  # channels-last spikes are converted in their memory order and stay so
+    xu = _kernel().spikes_to_u8(xd)
     if xu.numel() == 0:
         return None
+    xu = restore(xu, order)
     return _IntForwardConv.apply(x, w, xu, list(layer.stride), list(layer.padding), list(layer.dilation),
                                    layer.groups)

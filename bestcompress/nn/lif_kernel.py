@@ -41,6 +41,7 @@ import torch
 
 from ..errors import short_reason
 from . import lif_triton
+from .layout import as_dense, restore
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCE, _BODY = _CSRC / "lif.cpp", _CSRC / "lif_body.h"
@@ -200,12 +201,12 @@ def fused_lif(x: torch.Tensor, params: tuple) -> torch.Tensor | None:
     backend, _ = lif_backend(x.device.type)
     if backend == "reference" or not can_fuse(x):
         return None
-    x = x.contiguous()
+    x, order = as_dense(x, lead=1)  # a channels-last input is run in its own memory order (nn/layout.py)
     if not (torch.is_grad_enabled() and x.requires_grad):  # inference: no graph, and H is not even written
         if backend == "cpp":
-            return _cpp().lif_forward(x, *params, False)[0]
+            return restore(_cpp().lif_forward(x, *params, False)[0], order)
         if backend == "triton":
-            return lif_triton.forward(x, params, False)[0]
+            return restore(lif_triton.forward(x, params, False)[0], order)
         with torch.no_grad():
-            return _torch_forward(x, *params)[0]
-    return _FusedLIF.apply(x, backend, params)
+            return restore(_torch_forward(x, *params)[0], order)
+    return restore(_FusedLIF.apply(x, backend, params), order)

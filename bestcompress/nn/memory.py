@@ -24,6 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .layout import as_dense, restore
+from .local_flag import setting
+
 _local = threading.local()
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
 MIN_PACKED = 64  # smaller tensors are kept as they are (the bookkeeping would cost more than it saves)
@@ -70,25 +73,20 @@ def spike_marks():
             _local.registry = None
 
 
-@contextmanager
 def spike_log(fn):
     """Within the block, every neuron output passes through `fn` (training/reversible.py records the forward's
     spikes and checks a recomputation's against them)."""
-    outer = getattr(_local, "spike_log", None)
-    _local.spike_log = fn
-    try:
-        yield
-    finally:
-        _local.spike_log = outer
+    return setting(_local, "spike_log", fn)
 
 
 @dataclass
 class PackedBits:
     """A tensor of 0s and 1s as 1 bit per element (little-endian within each byte)."""
 
-    bits: torch.Tensor  # uint8, ceil(numel / 8) bytes
-    shape: torch.Size
+    bits: torch.Tensor  # uint8, ceil(numel / 8) bytes, in the tensor's memory order
+    shape: torch.Size  # of the tensor in memory order
     dtype: torch.dtype
+    order: list[int] | None = None  # the permutation back to the packed tensor (nn/layout.py); None: as packed
 
     @property
     def nbytes(self) -> int:
@@ -103,21 +101,22 @@ def pack_bits(x: torch.Tensor) -> PackedBits:
 
     The 0/1 bytes of eight consecutive elements are read as one int64 v; v * 0x0102040810204080 puts byte i at
     bit 56 + i with no carries, so (v * M) >> 56 is the packed byte (three integer ops per 8 elements)."""
-    flat = (x != 0).reshape(-1)
+    xd, order = as_dense(x)  # in memory order: a channels-last tensor comes back channels-last
+    flat = (xd != 0).reshape(-1)
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     words = flat.view(torch.uint8).view(torch.int64)
-    return PackedBits(((words * _GATHER) >> 56).to(torch.uint8), x.shape, x.dtype)
+    return PackedBits(((words * _GATHER) >> 56).to(torch.uint8), xd.shape, x.dtype, order)
 
 
 def unpack_bits(p: PackedBits) -> torch.Tensor:
-    """The tensor `pack_bits` packed (contiguous, same shape, dtype and values)."""
+    """The tensor `pack_bits` packed (same shape, dtype and values; a dense tensor's strides too)."""
     n = 1
     for d in p.shape:
         n *= d
     bits = (p.bits.unsqueeze(1) >> _SHIFTS.to(p.bits.device)) & 1
-    return bits.reshape(-1)[:n].to(p.dtype).view(p.shape)
+    return restore(bits.reshape(-1)[:n].to(p.dtype).view(p.shape), p.order)
 
 
 def is_marked(x: torch.Tensor) -> bool:

@@ -87,7 +87,7 @@ class PassError(ModelError):
 
 # The binarization pipeline as data: pass names in the order they run (their switches say which a recipe runs).
 DEFAULT_PIPELINE = ("CanonicalizeNeurons", "TraceModel", "BinarizeAttention", "InsertReversibleCouplings",
-                    "BinarizeWeights")
+                    "BinarizeWeights", "ChannelsLastConvs")
 
 
 class Pipeline:

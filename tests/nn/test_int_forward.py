@@ -120,3 +120,18 @@ def test_bf16_mode_uses_its_own_path(kernel):
     conv = _conv(8, 8, 3)
     with binary_bf16():
         assert _run(conv, _spikes(2, 8, 9, 9))[3] != "_IntForwardConvBackward"
+
+
+def test_channels_last_spikes_give_the_same_output_channels_last(kernel):
+    """Fed channels-last spikes (nn/channels_last.py), the integer forward returns oneDNN's channels-last output
+    with the contiguous input's values bit for bit, and the same gradients up to float rounding (oneDNN sums the
+    weight gradient in another order on channels-last memory)."""
+    conv = _conv(16, 32, 3)
+    x = _spikes(4, 16, 12, 12)
+    y, gx, gw, fn = _run(conv, x)
+    y_cl, gx_cl, gw_cl, fn_cl = _run(conv, x.contiguous(memory_format=torch.channels_last))
+    assert fn == fn_cl == "_IntForwardConvBackward"
+    assert y_cl.is_contiguous(memory_format=torch.channels_last) and y.is_contiguous()
+    assert torch.equal(y, y_cl)
+    for a, b in ((gw, gw_cl), (gx, gx_cl)):
+        assert float((a - b).norm() / a.norm()) < 1e-6
