@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import struct
+import tokenize
 import zipfile
 import zlib
 from pathlib import Path
@@ -40,7 +41,7 @@ MAGIC = b"PK\x03\x04"
 
 # What a damaged archive raises while it is read (zip structure, deflate stream, CRC, .npy header, JSON).
 _DAMAGE = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError, struct.error, TypeError,
-           IndexError, UnicodeDecodeError)
+           IndexError, UnicodeDecodeError, SyntaxError, tokenize.TokenError)  # the last two: a damaged .npy header
 
 
 def _first_member(path: Path) -> str | None:
