@@ -84,6 +84,42 @@ def _fold_shapes(model) -> bool:
     return folded
 
 
+def fold_constants(model) -> int:
+    """Folds every standard-ONNX node whose inputs are all initializers, in one topological pass; the number
+    folded. qonnx's FoldConstants folds one node per pass and repeats, each pass allocating a zero tensor for every
+    tensor of the graph and re-inferring all shapes: on the Spikformer-4-384 FINN-ready graph (T = 4, integer
+    membranes with hundreds of constant subgraphs) that was most of the 700 CPU s the graph took to build. Each node
+    here runs as qonnx runs it (`execute_node`, onnxruntime), on a graph holding only its own value infos; qonnx's
+    FoldConstants still runs afterwards (once, nothing left for it but custom-domain nodes)."""
+    from onnx import helper
+    from qonnx.core.onnx_exec import execute_node
+    from qonnx.util.onnx import valueinfo_to_tensor
+
+    opset = model.model.opset_import[0].version
+    graph = model.graph
+    known = {t.name for t in graph.initializer}
+    folded = []
+    for node in graph.node:
+        if (node.domain not in ("", "ai.onnx") or not node.input or any(i not in known for i in node.input)
+                or len(node.output) != 1):
+            continue
+        context = {i: model.get_initializer(i) for i in node.input}
+        infos = [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+                 for i, v in context.items()]
+        out = model.get_tensor_valueinfo(node.output[0])
+        if out is None:
+            continue  # no inferred shape: left to FoldConstants
+        small = helper.make_graph([node], "fold", [], [], value_info=infos + [out])
+        context[out.name] = valueinfo_to_tensor(out)  # the buffer execute_node checks the result's shape against
+        execute_node(node, context, small, opset_version=opset)
+        model.set_initializer(node.output[0], context[node.output[0]])
+        known.add(node.output[0])
+        folded.append(node)
+    for node in folded:
+        graph.node.remove(node)
+    return len(folded)
+
+
 def _fires_spikes(node) -> bool:
     """A neuron's MultiThreshold: out_dtype BINARY (a quantized coupled stream's, nn/stream_quant.py, is INTn)."""
     return threshold_out_dtype(node) == "BINARY"
@@ -149,6 +185,8 @@ def finn_ready_graph(model: nn.Module, example_input: torch.Tensor):
     with indexed_lookups():  # qonnx's lookups from checked maps (finn_index.py): the same graph, O(1) lookups
         m = ModelWrapper(proto).transform(InferShapes())
         if _fold_shapes(m):
+            m = m.transform(InferShapes())
+        if fold_constants(m):
             m = m.transform(InferShapes())
         for t in (FoldConstants(), RemoveUnusedTensors()):
             m = m.transform(t)
