@@ -84,13 +84,20 @@ def _fold_shapes(model) -> bool:
     return folded
 
 
+def _static_shape(model, name: str):
+    shape = model.get_tensor_shape(name)
+    return shape if shape is not None and all(isinstance(d, int) and d > 0 for d in shape) else None
+
+
 def fold_constants(model) -> int:
-    """Folds every standard-ONNX node whose inputs are all initializers, in one topological pass; the number
-    folded. qonnx's FoldConstants folds one node per pass and repeats, each pass allocating a zero tensor for every
-    tensor of the graph and re-inferring all shapes: on the Spikformer-4-384 FINN-ready graph (T = 4, integer
-    membranes with hundreds of constant subgraphs) that was most of the 700 CPU s the graph took to build. Each node
-    here runs as qonnx runs it (`execute_node`, onnxruntime), on a graph holding only its own value infos; qonnx's
-    FoldConstants still runs afterwards (once, nothing left for it but custom-domain nodes)."""
+    """Folds, in one topological pass, every standard-ONNX node whose inputs are all initializers and every Shape
+    node of a tensor with a static shape (as qonnx's FoldConstants does); the number folded. FoldConstants folds one
+    node per pass and repeats, each pass allocating a zero tensor for every tensor of the graph and re-inferring
+    all shapes: the shape arithmetic of the full Spikformer-4-384 FINN-ready graph (T = 4, the quantized streams'
+    reshapes) made that most of the ~700 CPU s the graph took to build. Each node runs as qonnx runs it
+    (`execute_node`, onnxruntime) on a graph holding only its own value infos (a Shape node on zeros of its input's
+    shape). The caller repeats it after InferShapes while it folds (a folded shape lets the next reshape's shape be
+    inferred); qonnx's FoldConstants still runs afterwards, on what is left (custom-domain nodes)."""
     from onnx import helper
     from qonnx.core.onnx_exec import execute_node
     from qonnx.util.onnx import valueinfo_to_tensor
@@ -98,12 +105,20 @@ def fold_constants(model) -> int:
     opset = model.model.opset_import[0].version
     graph = model.graph
     known = {t.name for t in graph.initializer}
-    folded = []
-    for node in graph.node:
-        if (node.domain not in ("", "ai.onnx") or not node.input or any(i not in known for i in node.input)
-                or len(node.output) != 1):
+    folded = 0
+    for node in list(graph.node):
+        if node.domain not in ("", "ai.onnx") or not node.input or len(node.output) != 1:
             continue
-        context = {i: model.get_initializer(i) for i in node.input}
+        shape = _static_shape(model, node.input[0]) if node.op_type == "Shape" and len(node.input) == 1 else None
+        if shape is not None and node.input[0] not in known:
+            info = model.get_tensor_valueinfo(node.input[0])
+            if info is None:
+                continue
+            context = {node.input[0]: valueinfo_to_tensor(info)}  # Shape reads only the shape
+        elif all(i in known for i in node.input):
+            context = {i: model.get_initializer(i) for i in node.input}
+        else:
+            continue
         infos = [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
                  for i, v in context.items()]
         out = model.get_tensor_valueinfo(node.output[0])
@@ -112,12 +127,11 @@ def fold_constants(model) -> int:
         small = helper.make_graph([node], "fold", [], [], value_info=infos + [out])
         context[out.name] = valueinfo_to_tensor(out)  # the buffer execute_node checks the result's shape against
         execute_node(node, context, small, opset_version=opset)
+        graph.node.remove(node)  # first: a tensor is never both produced and initialized (finn_index relies on it)
         model.set_initializer(node.output[0], context[node.output[0]])
         known.add(node.output[0])
-        folded.append(node)
-    for node in folded:
-        graph.node.remove(node)
-    return len(folded)
+        folded += 1
+    return folded
 
 
 def _fires_spikes(node) -> bool:
@@ -186,7 +200,7 @@ def finn_ready_graph(model: nn.Module, example_input: torch.Tensor):
         m = ModelWrapper(proto).transform(InferShapes())
         if _fold_shapes(m):
             m = m.transform(InferShapes())
-        if fold_constants(m):
+        while fold_constants(m):  # in waves: a folded shape lets InferShapes resolve the next reshape
             m = m.transform(InferShapes())
         for t in (FoldConstants(), RemoveUnusedTensors()):
             m = m.transform(t)
