@@ -269,6 +269,25 @@ def _no_int_forward(step):
     return run
 
 
+def _add_official_channels_last(fns: dict, build, x, y):
+    """Adds the public model trained on channels-last memory (its 4-d weights and its input moved, as our binary
+    convolutions train: passes/channels_last.py) to `fns`; None, or why its code does not run so."""
+    import official_bestformer
+    torch.manual_seed(0)
+    model = build()
+    with torch.no_grad():  # its 4-d weights (Module.to(memory_format=...) refuses its 5-d parameters)
+        for p in model.parameters():
+            if p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+    step = _train_step(model, x.contiguous(memory_format=torch.channels_last), y, official_bestformer.reset)
+    try:
+        step()
+    except Exception as e:  # noqa: BLE001 - its code may need NCHW memory
+        return f"does not run channels-last ({type(e).__name__}: {str(e)[:120]})"
+    fns["official_channels_last"] = step
+    return None
+
+
 def bench_official(folder: Path, shim: bool, repeats: int, batch: int) -> dict:
     """One training step of our binary student vs the public BESTformer code, same configuration (dims 128,
     depth 2, 4 heads, T=4, CIFAR 32 px, 10 classes): {'skipped': reason} when that code cannot run here.
@@ -294,19 +313,26 @@ def bench_official(folder: Path, shim: bool, repeats: int, batch: int) -> dict:
     faults_before, faults = {}, {}
     before = interleaved({"binary": ours, "official": theirs}, repeats, faults_before)  # malloc as found
     malloc = reuse_freed_memory()  # what the trainer does for CPU runs (training/alloc.py): both sides share it
-    t = interleaved({"binary": ours, "binary_bf16": _bf16(ours), "official": theirs,
-                     "official_bf16": _autocast_bf16(theirs), "binary_no_int_forward": _no_int_forward(ours)},
-                    repeats, faults)
+    fns = {"binary": ours, "binary_bf16": _bf16(ours), "official": theirs, "official_bf16": _autocast_bf16(theirs),
+           "binary_no_int_forward": _no_int_forward(ours)}
+    cl_note = _add_official_channels_last(fns, build, x, y)
+    t = interleaved(fns, repeats, faults)
+    if "official_channels_last" in t:
+        cl_note = t["binary"] / t["official_channels_last"]
     params = {"binary": sum(p.numel() for p in student.parameters()),
               "official": sum(p.numel() for p in official.parameters())}
     return dict(info, batch=batch, seconds=t, parameters=params, step_vs_official=t["binary"] / t["official"],
                 step_vs_official_bf16=t["binary_bf16"] / t["official"],
                 step_vs_official_both_bf16=t["binary_bf16"] / t["official_bf16"],
                 step_vs_official_no_int_forward=t["binary_no_int_forward"] / t["official"],
+                step_vs_official_channels_last=cl_note,
                 precision={"binary": "float32 (default recipe)",
                            "binary_bf16": "train.precision bf16: binary layers on bf16 products (nn/bf16.py; "
                                           f"native bf16 on this CPU: {bf16_supported()})",
                            "official": "float32",
+                           "official_channels_last": "float32, the public model and input moved to channels-last "
+                                                     "memory (as our binary convolutions train, weights."
+                                                     "channels_last)",
                            "official_bf16": "the public code under torch.autocast('cpu', dtype=torch.bfloat16)",
                            "binary_no_int_forward": "float32 with nn/int_forward.py switched off (the step before "
                                                     "it: every convolution forward in float32)"},
@@ -463,6 +489,7 @@ def _step_rows(args, repeats: int) -> tuple[dict, dict]:
 def _step_keys(student: dict, off: dict) -> dict:
     return {"step_vs_official": off.get("step_vs_official"), "step_vs_official_bf16": off.get("step_vs_official_bf16"),
             "step_vs_official_both_bf16": off.get("step_vs_official_both_bf16"),
+            "step_vs_official_channels_last": off.get("step_vs_official_channels_last"),
             "student_vs_fp": student["student_vs_fp"], "student_bf16_vs_fp": student["student_bf16_vs_fp"]}
 
 
@@ -471,6 +498,9 @@ NOTES = ["memory_plain_over_best: saved-tensor bytes, plain autograd / the best 
          "*_bf16 keys: our student under the opt-in train.precision bf16 (binary layers on bf16 products, exact "
          "forward on spikes; nn/bf16.py), the public code and the FP model still float32; step_vs_official_both_bf16: "
          "the same bf16 student vs the public code under torch.autocast('cpu', bfloat16)",
+         "binary Conv2d train on channels-last memory (passes/channels_last.py, recipe weights.channels_last, "
+         "on by default); step_vs_official_channels_last: the public model moved to channels-last too "
+         "(a string where its code does not run so)",
          "float32 binary convolutions on spikes run their forward as exact int8 sums (nn/int_forward.py: bit for "
          "bit the float32 output; backward float32)",
          "step rows (student_vs_fp, step_vs_official*) run with large freed blocks reused, as the trainer sets for "
@@ -485,9 +515,11 @@ NOTES = ["memory_plain_over_best: saved-tensor bytes, plain autograd / the best 
 def _print_steps(result: dict, off: dict) -> None:
     for key, goal in (("student_vs_fp", "<= 1.1"), ("student_bf16_vs_fp", "(opt-in bf16)"),
                       ("step_vs_official", "<= 0.5"), ("step_vs_official_bf16", "<= 0.5 (opt-in bf16)"),
-                      ("step_vs_official_both_bf16", "(both bf16)")):
+                      ("step_vs_official_both_bf16", "(both bf16)"),
+                      ("step_vs_official_channels_last", "(public code channels-last too)")):
         v = result.get(key)
-        print(f"{key:<28}{('%.3f' % v) if v is not None else 'n/a':>10}   {goal}")
+        shown = ("%.3f" % v) if isinstance(v, float) else (v or "n/a")
+        print(f"{key:<28}{shown:>10}   {goal}")
     if "step_vs_official" in off:
         print(f"  official: {off['file']} {off['builds']}, batch {off['batch']}, seconds {off['seconds']}; "
               f"malloc as found: {off['step_vs_official_malloc_default']:.3f}; "
@@ -551,7 +583,8 @@ def main() -> None:
                       ("infer_binary_vs_fp_b1", "<= 1.0"), ("infer_binary_vs_fp_b32", "<= 1.0"),
                       ("memory_plain_over_best", ">= 4")):
         v = result[key]
-        print(f"{key:<28}{('%.3f' % v) if v is not None else 'n/a':>10}   {goal}")
+        shown = ("%.3f" % v) if isinstance(v, float) else (v or "n/a")
+        print(f"{key:<28}{shown:>10}   {goal}")
     _print_steps(result, off)
     for r in lif:
         print(f"  LIF {r['shape']}: ours/spikingjelly {r['lif_vs_spikingjelly']:.3f}, fused/plain "
