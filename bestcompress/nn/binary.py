@@ -16,8 +16,8 @@ from brevitas.quant import SignedBinaryWeightPerTensorConst
 from torch import nn
 
 from .bf16 import bf16_active, bf16_conv, bf16_linear, plan
-from .int_forward import int_conv2d
 from .channels_last import channels_last_input
+from .int_forward import int_conv2d
 
 EPS = 1e-8
 
