@@ -67,13 +67,18 @@ def constants_to_initializers(proto) -> None:
     graph.node.extend(keep)
 
 
+def _static_shape(model, name: str):
+    shape = model.get_tensor_shape(name)
+    return shape if shape is not None and all(isinstance(d, int) and d > 0 for d in shape) else None
+
+
 def _fold_shapes(model) -> bool:
     """Shape nodes of tensors whose shape is static become int64 initializers (the batch is fixed at 1), so that
     FoldConstants can fold the Slice/Concat arithmetic a model's reshapes traced into."""
     keep, folded = [], False
     for node in model.graph.node:
-        shape = model.get_tensor_shape(node.input[0]) if node.op_type == "Shape" and not node.attribute else None
-        if shape and all(isinstance(d, int) and d > 0 for d in shape):
+        shape = _static_shape(model, node.input[0]) if node.op_type == "Shape" and not node.attribute else None
+        if shape:
             model.set_initializer(node.output[0], np.asarray(shape, dtype=np.int64))
             folded = True
         else:
@@ -82,11 +87,6 @@ def _fold_shapes(model) -> bool:
         del model.graph.node[:]
         model.graph.node.extend(keep)
     return folded
-
-
-def _static_shape(model, name: str):
-    shape = model.get_tensor_shape(name)
-    return shape if shape is not None and all(isinstance(d, int) and d > 0 for d in shape) else None
 
 
 def fold_constants(model) -> int:

@@ -10,9 +10,10 @@ weight that autograd would call, so gradients are equal bit for bit too (tests).
 
 Where it applies (`int_conv2d`): outside the opt-in bf16 mode (nn/bf16.py has its own), a BinaryConv2d in
 training (no cached weight) on a contiguous CPU float32 4-d input (or a channels-last one, nn/channels_last.py:
-the output is then channels-last too), zero padding, no bias, unscaled weights whose values are all ±1, no graph being traced/exported/compiled, and an input that is 0/1 by bits (checked while it is
-converted to uint8 in one pass: csrc/spike_u8.cpp, built on first use like the LIF kernel; without a compiler or
-with BESTCOMPRESS_INT_FORWARD=off, or where oneDNN's quantized convolution is missing, every call keeps the
+the output is then channels-last too), zero padding, no bias, unscaled weights whose values are all ±1, no graph
+being traced/exported/compiled, and an input that is 0/1 by bits (checked while it is converted to uint8 in one
+pass: csrc/spike_u8.cpp, built on first use like the LIF kernel; without a compiler or with
+BESTCOMPRESS_INT_FORWARD=off, or where oneDNN's quantized convolution is missing, every call keeps the
 float32 path; `disabled()` switches it off within a block). Anything else (the image fed to the first convolution,
 a residual sum of spikes) returns None and the layer runs its own float32 forward.
 """

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from ..errors import short_reason
 from ..nn.binary import BinaryConv2d
@@ -20,22 +21,12 @@ from ..nn.channels_last import everywhere
 from .base import Pass, PassError, register_pass
 
 
-def _shapes(out) -> list:
-    if isinstance(out, torch.Tensor):
-        return [tuple(out.shape)]
-    if isinstance(out, (tuple, list)):
-        return [s for o in out for s in _shapes(o)]
-    if isinstance(out, dict):
-        return [s for o in out.values() for s in _shapes(o)]
-    return []
-
-
 def _run(model: nn.Module, x) -> list:
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
-            return _shapes(model(x))
+            return [tuple(t.shape) for t in pytree.tree_leaves(model(x)) if isinstance(t, torch.Tensor)]
     finally:
         for m, mode in modes.items():
             m.training = mode
